@@ -1,0 +1,162 @@
+"""The ``cvmkd`` command: run, check and plugins.
+
+Errors a user can fix print one line each on stderr and exit with status 2; ``--debug`` shows
+the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+import warnings
+from typing import Any, Sequence
+
+from cvmkd_core import __version__
+from cvmkd_core.errors import CvmkdError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("cvmkd")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a TOML recipe")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe key (value read as TOML, else as a string); repeatable",
+    )
+    parser.add_argument(
+        "--plugin",
+        dest="hook_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="load a Python file of @hookimpl functions as a plugin; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmkd", description="Knowledge distillation of translation models, with proof."
+    )
+    parser.add_argument("--version", action="version", version=f"cvmkd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run a recipe")
+    _recipe_args(run)
+    run.add_argument("--run-dir", metavar="DIR", help="write the run here (default: run.output_dir/run.name)")
+    run.add_argument("--resume", action="store_true", help="continue the run in its run directory from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    _common(run)
+
+    check = sub.add_parser("check", help="validate a recipe and its components; runs nothing")
+    _recipe_args(check)
+    _common(check)
+
+    plugins = sub.add_parser("plugins", help="list plugins, their hooks and components")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
+    _common(plugins)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("cvmkd").setLevel(level)
+    if not debug:
+        # a failed plugin is reported once, as a one-line warning
+        warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"  # type: ignore[assignment]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cvmkd_core.session import open_session, run_session
+
+    session = open_session(args.recipe, args.overrides, args.hook_files)
+    summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
+    log.info(
+        "run %s: %s at step %d (%d iterations, %d rollbacks) in %.1fs; outputs in %s",
+        session.recipe.run.name, summary.status, summary.final_step,
+        summary.iterations_executed, summary.rollbacks, summary.wall_seconds, run_dir,
+    )
+    print(f"{summary.status}: {run_dir}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cvmkd_core.session import open_session
+
+    session = open_session(args.recipe, args.overrides, args.hook_files)
+    refs = session.recipe.component_refs()
+    chosen = ", ".join(f"{path}={ref.name}" for path, ref in refs)
+    print(f"ok: {args.recipe}: {len(refs)} components ({chosen})")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from cvmkd_core.plugins import build_plugins
+
+    plugins = build_plugins(args.hook_files)
+    described = plugins.describe()
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return EXIT_OK
+    for plugin in described:
+        version = f" {plugin['version']}" if plugin["version"] else ""
+        dist = f" [{plugin['distribution']}{version}]" if plugin["distribution"] else f" [{plugin['source']}]"
+        print(f"{plugin['name']}{dist}")
+        if plugin["error"]:
+            print(f"  failed to load: {plugin['error']}")
+            continue
+        print(f"  hooks: {', '.join(plugin['hooks']) or '-'}")
+        for comp in plugin["components"]:
+            desc = f" - {comp['description']}" if comp["description"] else ""
+            print(f"  {comp['kind']} {comp['name']}{desc}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Any] = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    _setup_logging(debug, getattr(args, "quiet", False))
+    try:
+        return COMMANDS[args.command](args)
+    except CvmkdError as exc:
+        if debug:
+            traceback.print_exc()
+        for line in exc.lines():
+            print(f"error: {line}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug or a plugin's failure: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        at = f" (at {where.filename}:{where.lineno})" if where else ""
+        print(f"error: {type(exc).__name__}: {exc}{at}; rerun with --debug for the traceback", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

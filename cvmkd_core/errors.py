@@ -1,0 +1,58 @@
+"""The project's own error types: each carries a message a user can act on.
+
+The CLI turns any :class:`CvmkdError` into one line per problem on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+
+class CvmkdError(Exception):
+    """Base of every error cvmkd reports to a user as-is (no traceback unless --debug)."""
+
+    exit_status = 2
+
+    def lines(self) -> list[str]:
+        """The message as the lines the CLI prints, one problem per line."""
+        return [str(self)]
+
+
+class RecipeError(CvmkdError):
+    """A recipe is malformed, has unknown keys, wrong types or out-of-range values.
+
+    Holds every problem found, one per line, each starting with its path.
+    """
+
+    def __init__(self, problems: list[str] | str, source: str | None = None) -> None:
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        prefix = f"{self.source}: " if self.source else ""
+        return [f"{prefix}{p}" for p in self.problems]
+
+
+class ComponentError(CvmkdError):
+    """A named component is unknown, or two plugins registered the same name."""
+
+
+class PluginLoadError(CvmkdError):
+    """A plugin failed to import or register, or a hook file is invalid."""
+
+
+class CorpusError(CvmkdError):
+    """A corpus is missing, empty, misaligned or not valid UTF-8; the message names file and line."""
+
+
+class RunDirError(CvmkdError):
+    """The run directory exists already, or cannot be written."""
+
+
+class CheckpointError(CvmkdError):
+    """A checkpoint is missing, corrupted or incompatible."""
+
+
+class ModelError(CvmkdError):
+    """A model or its package is incompatible or damaged (for example a vocabulary mismatch)."""

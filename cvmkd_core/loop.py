@@ -1,0 +1,271 @@
+"""The event loop. Every hook it fires, in order (``pm.hook.`` omitted)::
+
+    cvmkd_configure(recipe, pm)                          # historic, once
+    try:
+        cvmkd_run_start(state)                           # trainer first: models, optimizer, batches
+        if resuming:
+            cvmkd_restore(state, payload, "resume")      # from the last good checkpoint
+        event("run_start")
+        while state.step < run.steps and not state.stop_requested:
+            batch = next(state.batches)
+            result = cvmkd_step(state, batch)            # firstresult; built-in trainer is trylast
+            state.step += 1; state.iterations += 1
+            cvmkd_step_end(state, result)
+            if state.step % run.validate_every == 0 or state.step == run.steps:
+                scores = merge(cvmkd_validate(state))    # duplicate keys are an error
+                record = ValidationRecord(state.step, scores)
+                event("validation", record)
+                decision = cvmkd_check_degradation(state, record, history)   # firstresult
+                if decision is a Rollback:
+                    payload = load(decision.target)      # best or last checkpoint
+                    cvmkd_restore(state, payload, "rollback")
+                    event("rollback")
+                else:
+                    payload = {"core": ...}
+                    cvmkd_checkpoint(state, record, payload)   # each plugin adds its state
+                    write payload atomically; event("checkpoint")
+    except BaseException as error:
+        cvmkd_run_error(state, error)
+        raise
+    finally:
+        event("run_end")
+        cvmkd_finalize(state, summary)                   # always, also after an error
+
+``state.step`` is the training step of the current weights (a rollback sets it back);
+``state.iterations`` counts every iteration executed and never decreases. The loop ends when
+``state.step`` reaches ``run.steps``: a rollback therefore makes the run execute more
+iterations than ``run.steps``, and the summary reports both numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+
+from cvmkd_core.checkpoint import CheckpointStore
+from cvmkd_core.errors import CheckpointError, CvmkdError, PluginLoadError
+from cvmkd_core.files import append_jsonl, atomic_write_json
+from cvmkd_core.plugins import Plugins
+from cvmkd_core.recipe import ComponentRef, Recipe
+from cvmkd_core.state import Rollback, RunState, RunSummary, ValidationRecord
+
+log = logging.getLogger("cvmkd")
+
+
+class PluginError(CvmkdError):
+    """A plugin broke the hook contract (no step result, duplicate metric keys...)."""
+
+
+def instantiate_components(plugins: Plugins, state: RunState) -> None:
+    """Build every component the recipe selected; those with hook implementations join the run
+    as plugins, so only selected components take part, whatever is installed."""
+    for path, ref in state.recipe.component_refs():
+        component = plugins.registry.get(ref.kind, ref.name)
+        obj = component.factory(ref.config) if component.config is not None else component.factory()
+        state.components[path] = obj
+        if _has_hookimpls(obj):
+            plugins.add_plugin(obj, name=f"{ref.kind}:{ref.name}@{path}")
+
+
+def _has_hookimpls(obj: Any) -> bool:
+    return any(
+        getattr(getattr(obj, attr, None), "cvmkd_impl", None) is not None
+        for attr in dir(obj)
+        if attr.startswith("cvmkd_")
+    )
+
+
+def _merge_scores(results: list[dict[str, float] | None]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for result in results:
+        for key, value in (result or {}).items():
+            if key in merged:
+                raise PluginError(f"two plugins returned the validation score {key!r}")
+            merged[key] = value
+    return merged
+
+
+def _core_payload(state: RunState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "iterations": state.iterations,
+        "rollbacks": state.rollbacks,
+        "lr_scale": state.lr_scale,
+        "history": [r.to_dict() for r in state.history],
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()[1]),
+        "python_rng_version": random.getstate()[0],
+    }
+
+
+def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
+    state.step = int(core["step"])
+    state.lr_scale = float(core.get("lr_scale", 1.0))
+    if reason == "resume":
+        state.iterations = int(core["iterations"])
+        state.rollbacks = int(core["rollbacks"])
+        state.history = [ValidationRecord(**r) for r in core["history"]]
+        torch.set_rng_state(core["torch_rng"])
+        random.setstate((core["python_rng_version"], tuple(core["python_rng"]), None))
+
+
+class Loop:
+    """Runs one recipe in one run directory."""
+
+    def __init__(self, recipe: Recipe, plugins: Plugins, state: RunState) -> None:
+        self.recipe = recipe
+        self.plugins = plugins
+        self.pm = plugins.pm
+        self.state = state
+        self.checkpoints = CheckpointStore(state.run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
+
+    def run(self, *, resume: bool = False) -> RunSummary:
+        state, hook = self.state, self.pm.hook
+        summary = RunSummary()
+        hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
+        failed: BaseException | None = None
+        try:
+            hook.cvmkd_run_start(state=state)
+            if state.batches is None:
+                raise PluginError(
+                    f"trainer {self.recipe.distill.name!r} set up no batch stream in cvmkd_run_start"
+                )
+            if resume:
+                self._resume()
+            state.emit("run_start", step=state.step, total_steps=state.total_steps)
+            self._train()
+            if state.stop_requested:
+                summary.status = "stopped"
+            else:
+                summary.status = "completed"
+        except KeyboardInterrupt as error:
+            failed = error
+            summary.status = "interrupted"
+            summary.error = "interrupted"
+            hook.cvmkd_run_error(state=state, error=error)
+            raise
+        except BaseException as error:
+            failed = error
+            summary.status = "failed"
+            summary.error = f"{type(error).__name__}: {error}"
+            hook.cvmkd_run_error(state=state, error=error)
+            raise
+        finally:
+            self._finalize(summary, failed)
+        return summary
+
+    # --- the parts ------------------------------------------------------------------------------
+
+    def _train(self) -> None:
+        state, hook, run = self.state, self.pm.hook, self.recipe.run
+        while state.step < run.steps and not state.stop_requested:
+            batch = next(state.batches)  # type: ignore[arg-type]
+            result = hook.cvmkd_step(state=state, batch=batch)
+            if result is None:
+                raise PluginError("no plugin performed the training step (cvmkd_step returned nothing)")
+            state.step += 1
+            state.iterations += 1
+            hook.cvmkd_step_end(state=state, result=result)
+            if state.step % run.validate_every == 0 or state.step == run.steps:
+                self._validate()
+
+    def _validate(self) -> None:
+        state, hook = self.state, self.pm.hook
+        started = time.perf_counter()
+        scores = _merge_scores(hook.cvmkd_validate(state=state))
+        record = ValidationRecord(
+            step=state.step,
+            iteration=state.iterations,
+            scores=scores,
+            seconds=time.perf_counter() - started,
+        )
+        history = list(state.history)
+        decision = hook.cvmkd_check_degradation(state=state, record=record, history=history)
+        if isinstance(decision, Rollback):
+            record = ValidationRecord(**{**record.to_dict(), "rolled_back": True})
+            self._store_record(record)
+            state.history.append(record)
+            state.emit("validation", **record.to_dict())
+            self._rollback(decision)
+            return
+        self._store_record(record)
+        state.history.append(record)
+        state.emit("validation", **record.to_dict())
+        payload: dict[str, Any] = {"core": _core_payload(state)}
+        hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
+        entry = self.checkpoints.save(
+            state.step, state.iterations, payload, score=record.scores.get("composite")
+        )
+        state.emit("checkpoint", step=state.step, file=entry.file, sha256=entry.sha256)
+
+    def _store_record(self, record: ValidationRecord) -> None:
+        directory = self.state.run_dir / "validation"
+        suffix = "_rolled_back" if record.rolled_back else ""
+        atomic_write_json(directory / f"step_{record.step:08d}_it{record.iteration:08d}{suffix}.json", record.to_dict())
+        with open(directory / "history.jsonl", "a", encoding="utf-8") as handle:
+            append_jsonl(handle, record.to_dict())
+
+    def _rollback(self, decision: Rollback) -> None:
+        state = self.state
+        try:
+            entry, payload = self.checkpoints.load(decision.target)
+        except CheckpointError as exc:
+            log.warning("degradation detected (%s) but no checkpoint to roll back to: %s", decision.reason, exc)
+            state.emit("rollback_skipped", step=state.step, reason=decision.reason, error=str(exc))
+            return
+        from_step = state.step
+        _restore_core(state, payload["core"], "rollback")
+        state.rollbacks += 1
+        state.lr_scale *= decision.lr_factor
+        self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="rollback")
+        log.warning(
+            "rollback %d: %s; restored step %d (%s), learning-rate scale now %g",
+            state.rollbacks, decision.reason, state.step, entry.file, state.lr_scale,
+        )
+        state.emit(
+            "rollback",
+            from_step=from_step,
+            to_step=state.step,
+            iteration=state.iterations,
+            reason=decision.reason,
+            checkpoint=entry.file,
+            lr_scale=state.lr_scale,
+            rollbacks=state.rollbacks,
+        )
+
+    def _resume(self) -> None:
+        state = self.state
+        entry, payload = self.checkpoints.load("last")
+        _restore_core(state, payload["core"], "resume")
+        self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
+        log.info("resumed from %s at step %d", entry.file, state.step)
+        state.emit("resume", step=state.step, checkpoint=entry.file)
+
+    def _finalize(self, summary: RunSummary, failed: BaseException | None) -> None:
+        state = self.state
+        summary.final_step = state.step
+        summary.iterations_executed = state.iterations
+        summary.rollbacks = state.rollbacks
+        summary.wall_seconds = round(time.time() - state.started_at, 3)
+        if state.stop_reason:
+            summary.extra["stop_reason"] = state.stop_reason
+        if state.history:
+            summary.last_validation = state.history[-1].to_dict()
+        try:
+            state.emit("run_end", status=summary.status, step=state.step, iterations=state.iterations)
+            self.pm.hook.cvmkd_finalize(state=state, summary=summary)
+        except BaseException as exc:
+            if failed is None:
+                raise
+            # the original error matters more; finalize's own failure is still reported
+            log.error("finalize failed after the run failed: %s: %s", type(exc).__name__, exc)
+            summary.extra["finalize_error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            atomic_write_json(state.run_dir / "summary.json", summary.to_dict())
+
+
+__all__ = ["Loop", "PluginError", "instantiate_components", "PluginLoadError"]

@@ -1,0 +1,74 @@
+"""From a recipe file to a ready run: plugins loaded, recipe resolved, run directory prepared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import attrs
+
+from cvmkd_core.errors import RecipeError
+from cvmkd_core.loop import Loop, instantiate_components
+from cvmkd_core.plugins import Plugins, build_plugins
+from cvmkd_core.recipe import (
+    RECIPE_HOOK_FILES_KEY,
+    Recipe,
+    apply_overrides,
+    read_recipe_tables,
+    structure_recipe,
+)
+from cvmkd_core.rundir import RECIPE_FILE, prepare_run_dir, run_dir_for
+from cvmkd_core.state import RunState, RunSummary
+
+
+@attrs.define
+class Session:
+    recipe: Recipe
+    plugins: Plugins
+    recipe_path: Path
+
+
+def _hook_files_from(data: dict, recipe_path: Path) -> list[Path]:
+    """``run.hook_files`` are read before the recipe is structured: the hooks they hold may
+    register the components the recipe names. Paths are relative to the recipe file."""
+    files = data.get("run", {}).get(RECIPE_HOOK_FILES_KEY, []) if isinstance(data.get("run"), dict) else []
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return []  # structuring reports the wrong type with its path
+    return [(recipe_path.parent / f) for f in files]
+
+
+def open_session(
+    recipe_path: str | Path,
+    overrides: Iterable[str] = (),
+    hook_files: Iterable[str | Path] = (),
+    *,
+    entry_points: bool = True,
+) -> Session:
+    """Load plugins and the recipe; raise RecipeError/PluginLoadError before anything is written."""
+    recipe_path = Path(recipe_path)
+    data = apply_overrides(read_recipe_tables(recipe_path), list(overrides))
+    files = [*_hook_files_from(data, recipe_path), *map(Path, hook_files)]
+    plugins = build_plugins(files, entry_points=entry_points)
+    try:
+        recipe = structure_recipe(data, plugins.registry)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, source=str(recipe_path)) from None
+    return Session(recipe=recipe, plugins=plugins, recipe_path=recipe_path)
+
+
+def run_session(session: Session, run_dir: str | Path | None = None, *, resume: bool = False) -> tuple[RunSummary, Path]:
+    """Run the recipe; returns the summary and the run directory."""
+    path = run_dir_for(session.recipe, run_dir)
+    prepare_run_dir(path, session.recipe, resume=resume)
+    state = RunState(
+        recipe=session.recipe,
+        pm=session.plugins.pm,
+        registry=session.plugins.registry,
+        run_dir=path,
+    )
+    instantiate_components(session.plugins, state)
+    summary = Loop(session.recipe, session.plugins, state).run(resume=resume)
+    return summary, path
+
+
+__all__ = ["Session", "open_session", "run_session", "RECIPE_FILE"]

@@ -1,0 +1,118 @@
+"""The run's mutable state, owned by the loop, and the small frozen records passed between hooks."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import attrs
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from cvmkd_core.recipe import Recipe
+    from cvmkd_core.registry import Registry
+
+
+@attrs.frozen
+class StepResult:
+    """What one training iteration produced. ``metrics`` holds whatever the trainer logs
+    (kd and ce losses, token accuracy, learning rate, gradient norm, tokens/s...)."""
+
+    loss: float
+    metrics: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ValidationRecord:
+    """The scores of one validation, with where in the run it happened."""
+
+    step: int
+    iteration: int
+    scores: dict[str, float]
+    seconds: float = 0.0
+    extra: dict[str, Any] = attrs.field(factory=dict)
+    rolled_back: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Rollback:
+    """A detector's decision to go back to an earlier checkpoint.
+
+    ``target`` is ``"best"`` (the best-scoring checkpoint) or ``"last"`` (the last one written).
+    ``lr_factor`` multiplies the learning rate after restoring, so the run changes course.
+    """
+
+    reason: str
+    target: str = attrs.field(default="best", validator=attrs.validators.in_(("best", "last")))
+    lr_factor: float = 1.0
+
+
+@attrs.define
+class RunSummary:
+    """How a run ended. Written to ``summary.json``; finalize implementations may add to it."""
+
+    status: str = "running"  # running | completed | stopped | interrupted | failed
+    final_step: int = 0
+    iterations_executed: int = 0
+    rollbacks: int = 0
+    wall_seconds: float = 0.0
+    error: str | None = None
+    last_validation: dict[str, Any] | None = None
+    outputs: dict[str, str] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define(eq=False)
+class RunState:
+    """Everything a hook may need about the run in progress.
+
+    ``step`` counts the iterations the current weights have been trained for: a rollback sets it
+    back to the restored checkpoint's step. ``iterations`` counts every iteration executed,
+    rolled back ones included, and never decreases.
+    """
+
+    recipe: Recipe
+    pm: pluggy.PluginManager
+    registry: Registry
+    run_dir: Path
+    step: int = 0
+    iterations: int = 0
+    rollbacks: int = 0
+    #: multiplies the trainer's learning rate; a rollback may lower it to change course
+    lr_scale: float = 1.0
+    stop_requested: bool = False
+    stop_reason: str | None = None
+    history: list[ValidationRecord] = attrs.field(factory=list)
+    #: instantiated components by recipe path ("distill", "validation.metrics[0]", ...)
+    components: dict[str, Any] = attrs.field(factory=dict)
+    #: the stream of training batches; the trainer sets it in cvmkd_run_start
+    batches: Iterator[Any] | None = None
+    #: the trainer's objects (models, optimizer, tokenizer...), by name
+    objects: dict[str, Any] = attrs.field(factory=dict)
+    #: free space for plugins, keyed by plugin name
+    scratch: dict[str, Any] = attrs.field(factory=dict)
+    started_at: float = attrs.field(factory=time.time)
+
+    @property
+    def total_steps(self) -> int:
+        return self.recipe.run.steps
+
+    def component(self, path: str) -> Any:
+        return self.components[path]
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step (finalize still runs)."""
+        self.stop_requested = True
+        self.stop_reason = reason
+
+    def emit(self, name: str, **data: Any) -> None:
+        """Tell every plugin about a run event (validation, rollback, checkpoint...)."""
+        self.pm.hook.cvmkd_event(state=self, name=name, data=data)

@@ -1,0 +1,103 @@
+"""Small components for testing plugins and the loop without a translation model.
+
+``ToyPlugin`` registers a trainer ``toy`` (fits one weight by SGD; its "translation" is exact
+while the weight is near its target and garbage otherwise) and a metric ``exact`` (share of
+hypotheses equal to their reference). Register it for one test and unregister it after::
+
+    plugins = build_plugins()
+    plugins.add_plugin(ToyPlugin(), name="toy")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import attrs
+import torch
+
+from cvmkd_core.config import ge, gt
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.registry import Registrar
+from cvmkd_core.state import RunState, StepResult
+
+TOY_SENTENCES = ["in the beginning", "god created", "the heavens and the earth", "and the earth was"]
+
+
+@attrs.frozen
+class ToyConfig:
+    learning_rate: float = attrs.field(default=0.05, validator=gt(0))
+    target: float = 3.0
+    sabotage_at_step: int = attrs.field(default=0, validator=ge(0))
+    """when > 0, the weight is thrown far off after this step (for rollback tests)"""
+
+
+class ToyTrainer:
+    """Fit ``w`` to ``target`` on random inputs; translate exactly while ``|w - target| < 0.5``."""
+
+    def __init__(self, config: ToyConfig) -> None:
+        self.config = config
+        self.weight = torch.zeros(1)
+        self.position = 0
+        self.sabotaged = False
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        while True:
+            generator = torch.Generator().manual_seed(self.position)
+            self.position += 1
+            yield torch.randn(8, generator=generator)
+
+    @hookimpl(tryfirst=True)
+    def cvmkd_run_start(self, state: RunState) -> None:
+        torch.manual_seed(state.recipe.run.seed)
+        self.weight = torch.zeros(1)
+        state.batches = self._batches()
+        state.objects["weight"] = self.weight
+
+    @hookimpl(trylast=True)
+    def cvmkd_step(self, state: RunState, batch: torch.Tensor) -> StepResult:
+        w = self.weight.clone().requires_grad_(True)
+        loss = ((w * batch - self.config.target * batch) ** 2).mean()
+        loss.backward()
+        lr = self.config.learning_rate * state.lr_scale
+        with torch.no_grad():
+            self.weight -= lr * w.grad  # type: ignore[operator]
+        if self.config.sabotage_at_step and state.step + 1 == self.config.sabotage_at_step and not self.sabotaged:
+            self.sabotaged = True
+            self.weight += 100.0
+        return StepResult(loss=loss.item(), metrics={"weight": float(self.weight), "lr": lr})
+
+    @hookimpl
+    def cvmkd_checkpoint(self, state: RunState, payload: dict[str, Any]) -> None:
+        payload["toy"] = {"weight": self.weight.clone(), "position": self.position}
+
+    @hookimpl
+    def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
+        self.weight.copy_(payload["toy"]["weight"])
+        self.position = int(payload["toy"]["position"])
+        state.batches = self._batches()
+
+    def validation_data(self, state: RunState) -> tuple[list[str], list[str]]:
+        return list(TOY_SENTENCES), list(TOY_SENTENCES)
+
+    def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]:
+        good = abs(float(self.weight) - self.config.target) < 0.5
+        return [s if good else "garbage" for s in sources]
+
+
+class ExactMatch:
+    """Share of hypotheses identical to their reference, in percent."""
+
+    higher_is_better = {"exact": True}
+
+    def score(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
+        same = sum(h == r for h, r in zip(hypotheses, references))
+        return {"exact": 100.0 * same / max(len(references), 1)}
+
+
+class ToyPlugin:
+    """Registers the ``toy`` trainer and the ``exact`` metric."""
+
+    @hookimpl
+    def cvmkd_register(self, register: Registrar) -> None:
+        register.trainer("toy", ToyTrainer, config=ToyConfig)
+        register.metric("exact", ExactMatch)
