@@ -11,6 +11,7 @@ Environment switches (in the spirit of pytest and llm):
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.metadata
 import importlib.util
 import os
@@ -80,7 +81,7 @@ class Plugins:
         try:
             self.pm.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"plugin {info.label}: {exc}") from None
+            raise PluginLoadError(f"plugin {info.label}: {_explain(plugin, exc)}") from None
         except ValueError as exc:  # the same name registered twice
             raise PluginLoadError(f"plugin {info.label}: {exc}") from None
         self.infos[info.name] = info
@@ -155,7 +156,7 @@ class Plugins:
             plugin_name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
             info = self.infos.get(plugin_name)
             label = info.label if info else plugin_name
-            raise PluginLoadError(f"plugin {label}: {exc}") from None
+            raise PluginLoadError(f"plugin {label}: {_explain(exc.plugin, exc)}") from None
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -220,6 +221,28 @@ class Plugins:
                 }
             )
         return out
+
+
+def _explain(plugin: Any, exc: pluggy.PluginValidationError) -> str:
+    """pluggy's validation messages span several lines; say the same in one."""
+    for attr in dir(plugin):
+        if not attr.startswith("cvmkd_"):
+            continue
+        function = getattr(plugin, attr, None)
+        if getattr(function, "cvmkd_impl", None) is None:
+            continue
+        spec = getattr(hookspecs, attr, None)
+        if spec is None:
+            return f"unknown hook {attr!r} (a misspelt name?); hooks are listed in docs/hooks.md"
+        accepted = list(inspect.signature(spec).parameters)
+        given = list(inspect.signature(function).parameters)
+        extra = [a for a in given if a not in accepted]
+        if extra:
+            return (
+                f"hook {attr}() declares {', '.join(repr(a) for a in extra)}, which the hook does not "
+                f"provide; it provides: {', '.join(accepted)}"
+            )
+    return " ".join(str(exc).split())
 
 
 def build_plugins(hook_files: Iterable[str | Path] = (), *, entry_points: bool = True) -> Plugins:

@@ -71,7 +71,8 @@ class ComponentRef:
 
     kind: ClassVar[str] = ""
     name: str
-    options: dict[str, Any] = attrs.field(factory=dict)
+    #: the settings as written in the recipe; ``config`` is what counts once resolved
+    options: dict[str, Any] = attrs.field(factory=dict, eq=False)
     config: Any = None
 
     def to_table(self) -> dict[str, Any]:
@@ -246,7 +247,11 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not valid UTF-8 (byte offset {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise RecipeError(
+            f"{path}: line {line}, column {column}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

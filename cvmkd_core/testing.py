@@ -20,6 +20,33 @@ from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.registry import Registrar
 from cvmkd_core.state import RunState, StepResult
 
+#: A recipe for the toy trainer: six steps, validated every three.
+TOY_RECIPE = """
+[run]
+name = "toy"
+steps = 6
+validate_every = 3
+
+[distill]
+name = "toy"
+
+[validation]
+metrics = ["exact"]
+"""
+
+#: A hook file that registers the toy components, for ``--plugin``.
+TOY_HOOK_FILE = """
+from cvmkd_core import hookimpl
+from cvmkd_core.testing import ToyPlugin
+
+_toy = ToyPlugin()
+
+
+@hookimpl
+def cvmkd_register(register):
+    _toy.cvmkd_register(register)
+"""
+
 TOY_SENTENCES = ["in the beginning", "god created", "the heavens and the earth", "and the earth was"]
 
 

@@ -1,0 +1,173 @@
+"""The plugin manager: built-ins, entry points, hook files, registration rules, env switches."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from cvmkd_core import hookimpl
+from cvmkd_core.errors import ComponentError, PluginLoadError
+from cvmkd_core.plugins import DEFAULT_PLUGINS, build_plugins
+from cvmkd_core.testing import ExactMatch
+
+
+class OneMetric:
+    def __init__(self, name: str = "same") -> None:
+        self.name = name
+
+    @hookimpl
+    def cvmkd_register(self, register: Any) -> None:
+        register.metric(self.name, ExactMatch)
+
+
+def test_builtins_are_plugins_like_any_other() -> None:
+    plugins = build_plugins(entry_points=False)
+    described = {p["name"]: p for p in plugins.describe()}
+    for name, module in DEFAULT_PLUGINS:
+        assert described[name]["source"] == "builtin"
+        assert described[name]["module"] == module
+        assert described[name]["distribution"] == "cvmkd"
+    assert {"kind": "logger", "name": "jsonl"}.items() <= described["cvmkd.jsonl"]["components"][0].items()
+    assert "cvmkd_validate" in described["cvmkd.validation"]["hooks"]
+
+
+def test_a_plugin_registered_for_one_test_and_unregistered_after() -> None:
+    plugins = build_plugins(entry_points=False)
+    plugins.add_plugin(OneMetric(), name="one", source="test")
+    try:
+        assert plugins.registry.get("metric", "same").plugin == "one"
+        assert any(p["name"] == "one" for p in plugins.describe())
+    finally:
+        plugins.remove_plugin("one")
+    assert plugins.pm.get_plugin("one") is None
+    assert all(p["name"] != "one" for p in plugins.describe())
+
+
+def test_a_duplicate_component_name_names_both_plugins() -> None:
+    plugins = build_plugins(entry_points=False)
+    plugins.add_plugin(OneMetric(), name="first", source="test")
+    with pytest.raises(ComponentError, match="metric 'same' is registered twice: by plugin 'first' and by plugin 'second'"):
+        plugins.add_plugin(OneMetric(), name="second", source="test")
+
+
+def test_an_unknown_component_lists_the_available_ones() -> None:
+    plugins = build_plugins(entry_points=False)
+    plugins.add_plugin(OneMetric("zeta"), name="z", source="test")
+    plugins.add_plugin(OneMetric("alpha"), name="a", source="test")
+    with pytest.raises(ComponentError, match=r"unknown metric 'beta'; available: alpha, zeta"):
+        plugins.registry.get("metric", "beta")
+
+
+def test_a_misspelt_hook_fails_at_start(write) -> None:
+    path = write(
+        "typo.py",
+        """
+        from cvmkd_core import hookimpl
+
+        @hookimpl
+        def cvmkd_stpe_end(state, result):
+            pass
+        """,
+    )
+    with pytest.raises(PluginLoadError, match=r"plugin file:.*typo.py: unknown hook 'cvmkd_stpe_end' \(a misspelt name\?\); hooks are listed in docs/hooks.md$"):
+        build_plugins([path], entry_points=False)
+
+
+def test_a_hook_with_an_unknown_argument_is_refused(write) -> None:
+    path = write(
+        "badarg.py",
+        """
+        from cvmkd_core import hookimpl
+
+        @hookimpl
+        def cvmkd_step_end(state, reslt):
+            pass
+        """,
+    )
+    with pytest.raises(PluginLoadError, match=r"badarg.py: hook cvmkd_step_end\(\) declares .reslt., which the hook does not provide; it provides: state, result$"):
+        build_plugins([path], entry_points=False)
+
+
+def test_hook_file_errors(write, tmp_path) -> None:
+    with pytest.raises(PluginLoadError, match="no such hook file: .*missing.py"):
+        build_plugins([tmp_path / "missing.py"], entry_points=False)
+    broken = write("broken.py", "import no_such_module_here\n")
+    with pytest.raises(PluginLoadError, match=r"hook file .*broken.py failed to import: ModuleNotFoundError"):
+        build_plugins([broken], entry_points=False)
+
+
+def test_a_hook_file_may_register_components(write) -> None:
+    path = write(
+        "mine.py",
+        """
+        from cvmkd_core import hookimpl
+        from cvmkd_core.testing import ExactMatch
+
+        @hookimpl
+        def cvmkd_register(register):
+            register.metric("mine", ExactMatch)
+        """,
+    )
+    plugins = build_plugins([path], entry_points=False)
+    assert plugins.registry.get("metric", "mine").plugin.endswith("mine.py")
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+class FakeEntryPoint:
+    def __init__(self, name: str, dist: str, version: str, obj: Any = None, error: Exception | None = None) -> None:
+        self.name, self.value = name, f"{dist.replace('-', '_')}:plugin"
+        self.dist = types.SimpleNamespace(name=dist, version=version)
+        self._obj, self._error = obj, error
+
+    def load(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._obj
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch):
+    points: list[FakeEntryPoint] = []
+    monkeypatch.setattr(
+        "cvmkd_core.plugins.importlib.metadata.entry_points",
+        lambda group: [p for p in points if group == "cvmkd"],
+    )
+    return points
+
+
+def test_entry_point_plugins_are_loaded_with_their_distribution(fake_entry_points) -> None:
+    fake_entry_points.append(FakeEntryPoint("good", "cvmkd-good", "1.2.3", obj=OneMetric("good")))
+    plugins = build_plugins()
+    info = plugins.infos["good"]
+    assert (info.source, info.distribution, info.version) == ("entrypoint", "cvmkd-good", "1.2.3")
+    assert plugins.registry.get("metric", "good").plugin == "good"
+
+
+def test_a_plugin_that_fails_to_import_is_reported_with_its_distribution(fake_entry_points) -> None:
+    fake_entry_points.append(FakeEntryPoint("bad", "cvmkd-bad", "0.4.0", error=ImportError("no module named 'sacrebleu'")))
+    with pytest.warns(UserWarning, match=r"cvmkd plugin bad \(cvmkd-bad 0.4.0\) failed to load: ImportError"):
+        plugins = build_plugins()
+    (described,) = [p for p in plugins.describe() if p["name"] == "bad"]
+    assert described["error"] == "ImportError: no module named 'sacrebleu'"
+    # once a recipe needs a component, the failure is part of the error
+    with pytest.raises(ComponentError, match=r"unknown metric 'bleu'.*failed to load: bad \(cvmkd-bad 0.4.0\)"):
+        plugins.registry.get("metric", "bleu")
+
+
+def test_autoload_can_be_disabled_and_plugins_blocked(fake_entry_points, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_entry_points.append(FakeEntryPoint("one", "cvmkd-one", "1.0", obj=OneMetric("one")))
+    fake_entry_points.append(FakeEntryPoint("two", "cvmkd-two", "1.0", obj=OneMetric("two")))
+    monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert {"one", "two"}.isdisjoint(build_plugins().infos)
+    monkeypatch.setenv("CVMKD_PLUGINS", "cvmkd-two")
+    assert "two" in build_plugins().infos and "one" not in build_plugins().infos
+    monkeypatch.delenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.delenv("CVMKD_PLUGINS")
+    monkeypatch.setenv("CVMKD_BLOCK_PLUGINS", "one, cvmkd.validation")
+    infos = build_plugins().infos
+    assert "one" not in infos and "two" in infos
+    assert "cvmkd.validation" not in infos and "cvmkd.jsonl" in infos
