@@ -4,7 +4,31 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import attrs
+
 from cvmkd_core.state import RunState
+
+
+@attrs.frozen
+class CorpusSplits:
+    """A corpus, split. Pairs are ``(source, target)`` tuples of detokenised text."""
+
+    name: str
+    source_lang: str
+    target_lang: str
+    train: list[Any]
+    valid: list[Any]
+    test: list[Any]
+    #: sha256 over every pair of every split: ties cached tokenizers and teachers to the data
+    fingerprint: str
+    notes: dict[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class Corpus(Protocol):
+    """A corpus component: ``load()`` returns the train/valid/test splits."""
+
+    def load(self) -> CorpusSplits: ...
 
 
 @runtime_checkable
@@ -26,6 +50,3 @@ class Translator(Protocol):
 
     def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
 
-
-def describe_component(obj: Any) -> str:
-    return type(obj).__name__

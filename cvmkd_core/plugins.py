@@ -34,6 +34,7 @@ ENV_BLOCK = "CVMKD_BLOCK_PLUGINS"
 
 #: The core's own plugins, registered exactly like third-party ones, in this order.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("cvmkd.components", "cvmkd_core.builtins.components"),
     ("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),
     ("cvmkd.validation", "cvmkd_core.builtins.validation"),
 )
@@ -74,6 +75,10 @@ class Plugins:
         self.registry = Registry()
         self.infos: dict[str, PluginInfo] = {}
         self._blocked = _split_env(ENV_BLOCK)
+        #: how this manager was built, so :meth:`fresh` can build another like it
+        self.hook_files: list[Path] = []
+        self.entry_points = True
+        self.extra: list[tuple[str, Any]] = []
 
     # --- loading --------------------------------------------------------------------------------
 
@@ -183,15 +188,27 @@ class Plugins:
 
     def add_plugin(self, plugin: Any, name: str, source: str = "component") -> None:
         """Register a plugin object after start-up (component instances, tests); its components
-        are registered too."""
+        are registered too. Plugins added from outside a run (``source != "component"``) are
+        carried over by :meth:`fresh`."""
         self._register(plugin, PluginInfo(name=name, source=source, module=type(plugin).__module__))
+        if source != "component":
+            self.extra.append((name, plugin))
         self._call_register(name, plugin)
+
+    def fresh(self) -> Plugins:
+        """A new manager with the same plugins and none of this run's component instances
+        (used to run a stage, such as training the teacher, through the same hooks)."""
+        other = build_plugins(self.hook_files, entry_points=self.entry_points)
+        for name, plugin in self.extra:
+            other.add_plugin(plugin, name=name, source="extra")
+        return other
 
     def remove_plugin(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
         self.infos.pop(name, None)
+        self.extra = [(n, p) for n, p in self.extra if n != name]
 
     # --- description ----------------------------------------------------------------------------
 
@@ -248,6 +265,8 @@ def _explain(plugin: Any, exc: pluggy.PluginValidationError) -> str:
 def build_plugins(hook_files: Iterable[str | Path] = (), *, entry_points: bool = True) -> Plugins:
     """Built-ins, then entry points, then hook files; then check_pending and registration."""
     plugins = Plugins()
+    plugins.hook_files = [Path(p) for p in hook_files]
+    plugins.entry_points = entry_points
     plugins.load_builtins()
     if entry_points:
         plugins.load_entry_points()

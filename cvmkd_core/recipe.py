@@ -23,6 +23,7 @@ import tomli_w
 
 from cvmkd_core.config import (
     ConfigValueError,
+    between,
     converter,
     describe,
     error_lines,
@@ -77,7 +78,7 @@ class ComponentRef:
 
     def to_table(self) -> dict[str, Any]:
         """The reference as a recipe table, with the component's defaults made explicit."""
-        settings = converter.unstructure(self.config) if self.config is not None else dict(self.options)
+        settings = _unstructure_recipe(self.config) if self.config is not None else dict(self.options)
         return {"name": self.name, **_drop_none(settings)}
 
 
@@ -161,6 +162,46 @@ class RunConfig:
     log_every: int = attrs.field(default=1, validator=gt(0))
     keep_checkpoints: int = attrs.field(default=2, validator=ge(1))
     hook_files: list[str] = attrs.field(factory=list)
+    cache_dir: str = ""
+    """where tokenizers, trained teachers and teacher outputs are cached; empty: <output_dir>/.cache"""
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / ".cache"
+
+
+@attrs.frozen
+class TokenizerConfig:
+    """``[tokenizer]``: the joint SentencePiece vocabulary shared by teacher and student."""
+
+    vocab_size: int = attrs.field(default=8000, validator=gt(4))
+    model_type: str = attrs.field(default="unigram", validator=one_of("unigram", "bpe"))
+
+
+@attrs.frozen
+class TeacherConfig:
+    """``[teacher]``: load a teacher, or train one (cached, so later runs reuse it)."""
+
+    checkpoint: str = ""
+    """a teacher model package (a run's ``model/`` folder); empty: train a teacher or reuse the cached one"""
+    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "teacher-cpu"}))  # type: ignore[valid-type]
+    steps: int = attrs.field(default=2000, validator=gt(0))
+    validate_every: int = attrs.field(default=1000, validator=gt(0))
+    batch_size: int = attrs.field(default=64, validator=gt(0))
+    max_tokens: int = attrs.field(default=0, validator=ge(0))
+    learning_rate: float = attrs.field(default=1e-3, validator=gt(0))
+    warmup_steps: int = attrs.field(default=1000, validator=ge(0))
+    schedule: str = attrs.field(default="inverse_sqrt", validator=one_of("inverse_sqrt", "linear", "constant"))
+    label_smoothing: float = attrs.field(default=0.1, validator=between(0.0, 1.0, high_open=True))
+    weight_decay: float = attrs.field(default=0.0, validator=ge(0))
+    clip_norm: float = attrs.field(default=1.0, validator=ge(0))
+    max_len: int = attrs.field(default=128, validator=gt(0))
+
+
+@attrs.frozen
+class StudentConfig:
+    """``[student]``: the model being distilled."""
+
+    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "student-cpu"}))  # type: ignore[valid-type]
 
 
 @attrs.frozen
@@ -177,6 +218,10 @@ class Recipe:
     """A whole recipe. Sections not given take the defaults shown in ``docs/recipes.md``."""
 
     run: RunConfig = attrs.field(factory=RunConfig)
+    corpus: CorpusRef | None = None  # type: ignore[valid-type]
+    tokenizer: TokenizerConfig = attrs.field(factory=TokenizerConfig)
+    teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
+    student: StudentConfig = attrs.field(factory=StudentConfig)
     distill: TrainerRef = attrs.field(factory=lambda: TrainerRef(name="kd"))  # type: ignore[valid-type]
     validation: ValidationConfig = attrs.field(factory=ValidationConfig)
     guard: DetectorRef | None = None  # type: ignore[valid-type]

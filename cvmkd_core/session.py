@@ -65,10 +65,29 @@ def run_session(session: Session, run_dir: str | Path | None = None, *, resume: 
         pm=session.plugins.pm,
         registry=session.plugins.registry,
         run_dir=path,
+        plugins=session.plugins,
     )
     instantiate_components(session.plugins, state)
     summary = Loop(session.recipe, session.plugins, state).run(resume=resume)
     return summary, path
 
 
-__all__ = ["Session", "open_session", "run_session", "RECIPE_FILE"]
+def run_stage(parent: RunState, recipe: Recipe, run_dir: Path) -> RunSummary:
+    """Run ``recipe`` as a stage of ``parent`` (the teacher before the student) through the same
+    loop and the same plugins, with fresh component instances, in ``run_dir``.
+
+    An interrupted stage whose folder holds checkpoints is resumed; one without is started anew.
+    """
+    plugins = parent.plugins.fresh() if parent.plugins is not None else build_plugins()
+    resume = (run_dir / "checkpoints" / "manifest.json").is_file() and (run_dir / RECIPE_FILE).is_file()
+    if not resume and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    prepare_run_dir(run_dir, recipe, resume=resume)
+    state = RunState(recipe=recipe, pm=plugins.pm, registry=plugins.registry, run_dir=run_dir, plugins=plugins)
+    instantiate_components(plugins, state)
+    return Loop(recipe, plugins, state).run(resume=resume)
+
+
+__all__ = ["Session", "open_session", "run_session", "run_stage", "RECIPE_FILE"]

@@ -83,6 +83,8 @@ class RunState:
     pm: pluggy.PluginManager
     registry: Registry
     run_dir: Path
+    #: the Plugins object that built ``pm``; a stage (the teacher) builds a fresh one from it
+    plugins: Any = None
     step: int = 0
     iterations: int = 0
     rollbacks: int = 0

@@ -25,6 +25,12 @@ def cvmkd_step_end(state, result):
 """
 
 
+@pytest.fixture(autouse=True)
+def _only_builtins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core's CLI behaviour, whatever plugins this environment has installed."""
+    monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
 def _cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     status = main(list(args))
     out, err = capsys.readouterr()
@@ -35,7 +41,7 @@ def test_check_accepts_a_correct_recipe(write, toy_hook_file, capsys) -> None:
     recipe = write("r.toml", TOY_RECIPE)
     status, out, err = _cli("check", str(recipe), "--plugin", str(toy_hook_file), capsys=capsys)
     assert status == 0, err
-    assert out.startswith(f"ok: {recipe}: 3 components (distill=toy, validation.metrics[0]=exact, loggers[0]=jsonl)")
+    assert out.startswith(f"ok: {recipe}: 5 components (teacher.model=cvm, student.model=cvm, distill=toy, validation.metrics[0]=exact, loggers[0]=jsonl)")
     assert not Path("runs").exists()
 
 
@@ -55,7 +61,7 @@ def test_check_prints_one_line_per_mistake_and_exits_2(write, toy_hook_file, cap
     assert out == ""
     assert err.splitlines() == [
         f"error: {recipe}: run.steps: must be > 0, got -5",
-        f"error: {recipe}: run: unknown key 'precison'; known keys: device, hook_files, keep_checkpoints, "
+        f"error: {recipe}: run: unknown key 'precison'; known keys: cache_dir, device, hook_files, keep_checkpoints, "
         "log_every, name, output_dir, precision, seed, steps, validate_every",
         f"error: {recipe}: validation.metrics[1]: unknown metric 'blue'; available: exact",
     ]
@@ -182,12 +188,13 @@ def test_a_pip_installed_plugin_is_listed_and_usable(tmp_path: Path, write, toy_
     subprocess.run([*pip, "install", "--no-build-isolation", "--no-deps", str(package)], check=True)
     try:
         cvmkd = [sys.executable, "-m", "cvmkd_core.cli"]
-        listed = subprocess.run([*cvmkd, "plugins", "--json"], capture_output=True, text=True, check=True)
+        env = {k: v for k, v in os.environ.items() if k != "CVMKD_DISABLE_PLUGIN_AUTOLOAD"}
+        env["PYTHONWARNINGS"] = "ignore"
+        listed = subprocess.run([*cvmkd, "plugins", "--json"], capture_output=True, text=True, check=True, env=env)
         (plugin,) = [p for p in json.loads(listed.stdout) if p["name"] == "tmp-metric"]
         assert (plugin["distribution"], plugin["version"]) == ("cvmkd-tmp-metric", "0.0.7")
         assert plugin["components"] == [{"kind": "metric", "name": "words", "description": "Mean hypothesis length in words."}]
         recipe = write("r.toml", TOY_RECIPE.replace('metrics = ["exact"]', 'metrics = ["exact", "words"]'))
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         done = subprocess.run(
             [*cvmkd, "run", str(recipe), "--plugin", str(toy_hook_file), "--quiet"],
             capture_output=True, text=True, cwd=tmp_path, env=env,

@@ -116,13 +116,13 @@ CATALOGUE = [
     (
         "unknown key in a section",
         "[run]\nstep = 10\n",
-        ["run: unknown key 'step'; known keys: device, hook_files, keep_checkpoints, log_every, name, "
+        ["run: unknown key 'step'; known keys: cache_dir, device, hook_files, keep_checkpoints, log_every, name, "
          "output_dir, precision, seed, steps, validate_every"],
     ),
     (
         "unknown top-level section",
         "[trainning]\nsteps = 10\n",
-        ["recipe: unknown key 'trainning'; known keys: distill, guard, loggers, quantize, reports, run, validation"],
+        ["recipe: unknown key 'trainning'; known keys: corpus, distill, guard, loggers, quantize, reports, run, student, teacher, tokenizer, validation"],
     ),
     (
         "value not among the choices",

@@ -1,0 +1,65 @@
+"""Device and precision: what ``run.device`` and ``run.precision = "auto"`` resolve to, and autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from typing import Any, ContextManager
+
+import torch
+
+from cvmkd_core.errors import CvmkdError
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            flags = handle.read()
+    except OSError:
+        return platform.machine() == "arm64"  # Apple silicon runs bf16 natively
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CvmkdError("run.device: 'cuda' was asked for but no CUDA device is available")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA that supports it and on CPUs with native bf16, else fp32."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise CvmkdError("run.precision: 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CvmkdError("run.precision: this CUDA device does not support bf16; use 'fp16' or 'fp32'")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+    """Mixed precision for forward passes; a no-op in fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def describe_hardware(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_fast_bf16": cpu_has_fast_bf16(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

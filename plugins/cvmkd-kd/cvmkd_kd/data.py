@@ -1,0 +1,81 @@
+"""The data a translation run needs: corpus splits, the joint tokenizer, encoded training pairs.
+
+Prepared once per process and corpus: the teacher stage and the student run share it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cvmkd_core.components import Corpus, CorpusSplits
+from cvmkd_core.errors import CvmkdError
+from cvmkd_core.state import RunState
+
+log = logging.getLogger("cvmkd")
+
+
+@attrs.define
+class RunData:
+    splits: CorpusSplits
+    tokenizer: Any
+    train_src: list[list[int]]
+    train_tgt: list[list[int]]
+    seconds: float = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        return self.splits.fingerprint
+
+
+_prepared: dict[tuple[str, str], RunData] = {}
+
+
+def corpus_of(state: RunState) -> Corpus:
+    corpus = state.components.get("corpus")
+    if corpus is None:
+        raise CvmkdError(
+            'the recipe names no corpus: add [corpus] with name = "bible" (the embedded default) '
+            'or name = "files"'
+        )
+    return corpus
+
+
+def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> RunData:
+    """Load the corpus, train (or reuse) the tokenizer, encode the training pairs.
+
+    ``tokenizer_path``: use this SentencePiece model (a loaded teacher's) instead of training one,
+    so teacher and student share a vocabulary.
+    """
+    from cvmkd_core.data.tokenizer import Tokenizer, train_tokenizer
+
+    started = time.perf_counter()
+    recipe = state.recipe
+    splits = corpus_of(state).load()
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    else:
+        tokenizer = train_tokenizer(
+            [(p[0], p[1]) for p in splits.train],
+            vocab_size=recipe.tokenizer.vocab_size,
+            cache_dir=recipe.run.cache_path() / "tokenizers",
+            model_type=recipe.tokenizer.model_type,
+        )
+    key = (splits.fingerprint, tokenizer.sha256)
+    if key in _prepared:
+        return _prepared[key]
+    train_src = tokenizer.encode([p[0] for p in splits.train])
+    train_tgt = tokenizer.encode([p[1] for p in splits.train])
+    data = RunData(splits, tokenizer, train_src, train_tgt, seconds=time.perf_counter() - started)
+    log.info(
+        "corpus %s: %d train, %d valid, %d test pairs; tokenizer %d pieces%s (%.1fs)",
+        splits.name, len(splits.train), len(splits.valid), len(splits.test), tokenizer.vocab_size,
+        " (cached)" if getattr(tokenizer, "from_cache", False) else "", data.seconds,
+    )
+    _prepared.clear()  # one corpus at a time: encoded corpora can be large
+    _prepared[key] = data
+    return data

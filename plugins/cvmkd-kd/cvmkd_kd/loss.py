@@ -1,0 +1,230 @@
+"""Word-level knowledge-distillation loss with temperature (Hinton et al., 2015; Kim & Rush, 2016).
+
+The teacher is given either as full logits or as cached top-k log-probabilities (see teacher_cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from cvmkd_core.config import ConfigValueError, between, ge, gt
+from cvmkd_core.errors import ModelError
+
+__all__ = ["KDConfig", "KDLossOutput", "check_vocab", "kd_loss", "label_smoothed_ce"]
+
+
+@attrs.frozen
+class KDConfig:
+    """Weights of the distillation loss: ``alpha * T**2 * KL + beta * CE`` at temperature ``T``.
+
+    ``label_smoothing`` applies to the cross-entropy term only.
+    """
+
+    temperature: float = attrs.field(default=6.0, validator=gt(0))
+    alpha: float = attrs.field(default=0.8, validator=ge(0))
+    beta: float = attrs.field(default=0.2, validator=ge(0))
+    label_smoothing: float = attrs.field(default=0.0, validator=between(0.0, 1.0, high_open=True))
+
+    def __attrs_post_init__(self) -> None:
+        if self.alpha == 0 and self.beta == 0:
+            raise ConfigValueError(
+                "alpha and beta must not both be zero, "
+                f"got alpha={self.alpha!r}, beta={self.beta!r}"
+            )
+
+
+@attrs.frozen(eq=False)
+class KDLossOutput:
+    """Result of :func:`kd_loss`.
+
+    Only ``loss`` carries gradients. ``kd``, ``ce`` and the two shares are detached 0-dim float32
+    tensors on the logits' device: call ``float()`` on them when logging.
+    """
+
+    loss: torch.Tensor
+    """``alpha * T**2 * kd + beta * ce``: the scalar to backpropagate."""
+    kd: torch.Tensor
+    """KL(teacher_T || student_T) per non-pad token, without ``T**2``; 0 if no teacher."""
+    ce: torch.Tensor
+    """(Label-smoothed) cross-entropy with the reference per non-pad token, at temperature 1."""
+    n_tokens: int
+    """Number of non-pad target tokens that the two terms are averaged over."""
+    token_accuracy: torch.Tensor
+    """Share of non-pad tokens where the student's argmax is the reference token."""
+    teacher_agreement: torch.Tensor | None
+    """Share of non-pad tokens where the student's argmax is the teacher's; None if no teacher."""
+
+
+def check_vocab(teacher_vocab: int, student_vocab: int, *, at_least: bool = False) -> None:
+    """Raise :class:`ModelError` unless teacher and student share a vocabulary size.
+
+    ``at_least`` words the message for a teacher known only through its largest token id.
+    """
+    if teacher_vocab != student_vocab:
+        size = f"at least {teacher_vocab} ids" if at_least else str(teacher_vocab)
+        raise ModelError(
+            f"teacher vocabulary ({size}) differs from the student's ({student_vocab}): "
+            "distil with the teacher's tokenizer"
+        )
+
+
+def _smoothed_nll(logp: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Per-token loss from fp32 log-probs ``(N, V)``; torch's definition (uniform over all V)."""
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if epsilon == 0:
+        return nll
+    return (1 - epsilon) * nll - epsilon * logp.mean(-1)
+
+
+def label_smoothed_ce(
+    logits: torch.Tensor, targets: torch.Tensor, pad_id: int, epsilon: float
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy averaged over the non-pad tokens (used to train the teacher).
+
+    Equals ``F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=pad_id,
+    label_smoothing=epsilon)``: the smoothing mass is spread over the whole vocabulary, the
+    reference included. The log-softmax runs in fp32 so bf16 logits lose no precision. Returns
+    0 (still differentiable) when there is no non-pad token.
+    """
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}"
+        )
+    mask = targets != pad_id
+    # Selecting the non-pad rows first keeps inf/NaN logits at pad positions out of the sum.
+    logp = F.log_softmax(logits[mask].float(), dim=-1)
+    per_token = _smoothed_nll(logp, targets[mask], epsilon)
+    return per_token.sum() / max(per_token.numel(), 1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    pad_id: int,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    config: KDConfig,
+) -> KDLossOutput:
+    r"""Word-level distillation loss over the non-pad target tokens.
+
+    With ``z_s``, ``z_t`` the student's and teacher's logits, ``y`` the reference and ``T`` the
+    temperature, and ``N`` the number of tokens with ``y != pad_id``::
+
+        loss = alpha * T**2 * KD + beta * CE
+        KD   = 1/N * sum_{tokens} sum_{v in V} p_t(v) * (log p_t(v) - log p_s(v))
+               with p_t = softmax(z_t / T), p_s = softmax(z_s / T)
+        CE   = 1/N * sum_{tokens} -log softmax(z_s)[y]     (label-smoothed if configured)
+
+    i.e. the per-token KL is summed over the vocabulary and averaged over tokens (not over the
+    vocabulary). ``T**2`` keeps the KD gradients' magnitude independent of ``T``, whose softening
+    otherwise shrinks them by ``1/T**2``. Pad positions are dropped before any arithmetic, so their
+    logits (even inf/NaN) cannot affect the loss or its gradients. Every log-softmax runs in fp32.
+
+    The teacher is given as exactly one of:
+
+    * ``teacher_logits`` ``(B, T, V)``;
+    * ``teacher_topk = (logprobs, ids)``, each ``(B, T, k)``: the teacher's top-k log-probabilities
+      at temperature 1 and their token ids, as stored by the teacher cache. The teacher's
+      distribution is then approximated by renormalising it over those k ids at temperature ``T``,
+      ``q = softmax(logprobs / T)`` (exact up to the mass outside the top-k), and
+      ``KD = sum_{i<k} q_i * (log q_i - log p_s(id_i))`` -- cross-entropy minus entropy over the
+      k-id support, with ``p_s`` normalised over the full vocabulary. The student's mass outside
+      the support is not penalised directly, only through its normalisation; the term is still
+      >= 0, and equals the full KL when ``k == V``.
+
+    Teacher inputs are detached: no gradient reaches the teacher. The teacher may be omitted only
+    when ``config.alpha == 0``. A term whose weight is 0 is computed without gradient, for logging.
+    With no non-pad token the loss is 0 (differentiable), not NaN.
+
+    Raises :class:`ModelError` if teacher and student vocabularies differ, ``ValueError`` on other
+    shape mismatches.
+    """
+    if student_logits.dim() != 3 or student_logits.shape[:2] != targets.shape:
+        raise ValueError(
+            f"student logits must be (B, T, V) matching targets (B, T), got "
+            f"{tuple(student_logits.shape)} and {tuple(targets.shape)}"
+        )
+    if teacher_logits is not None and teacher_topk is not None:
+        raise ValueError("give the teacher as teacher_logits or teacher_topk, not both")
+    has_teacher = teacher_logits is not None or teacher_topk is not None
+    if not has_teacher and config.alpha > 0:
+        raise ValueError(
+            f"alpha={config.alpha} needs a teacher: pass teacher_logits or teacher_topk"
+        )
+    vocab = student_logits.shape[-1]
+    if teacher_logits is not None:
+        if teacher_logits.shape[:2] != targets.shape:
+            raise ValueError(
+                f"teacher logits {tuple(teacher_logits.shape)} do not match targets "
+                f"{tuple(targets.shape)}"
+            )
+        check_vocab(teacher_logits.shape[-1], vocab)
+    if teacher_topk is not None:
+        topk_logprobs, topk_ids = teacher_topk
+        if topk_logprobs.shape != topk_ids.shape or topk_ids.shape[:2] != targets.shape:
+            raise ValueError(
+                f"teacher top-k log-probs {tuple(topk_logprobs.shape)} and ids "
+                f"{tuple(topk_ids.shape)} must both be (B, T, k) with (B, T) = "
+                f"{tuple(targets.shape)}"
+            )
+        if topk_ids.numel():
+            if int(topk_ids.min()) < 0:
+                raise ValueError(f"teacher top-k ids must be >= 0, got {int(topk_ids.min())}")
+            if int(topk_ids.max()) >= vocab:
+                check_vocab(int(topk_ids.max()) + 1, vocab, at_least=True)
+
+    mask = targets != pad_id
+    n_tokens = int(mask.sum())
+    denom = max(n_tokens, 1)
+    temperature = config.temperature
+    # (N, V) rows of the non-pad tokens only: pad rows never enter the graph.
+    z_s = student_logits[mask]
+    zf_s = z_s.float()  # bf16 under autocast: log-softmax over V needs fp32's range/precision
+    y = targets[mask]
+
+    with torch.set_grad_enabled(torch.is_grad_enabled() and config.beta > 0):
+        logp = F.log_softmax(zf_s, dim=-1)
+        ce = _smoothed_nll(logp, y, config.label_smoothing).sum() / denom
+
+    kd = ce.new_zeros(())
+    teacher_top1: torch.Tensor | None = None
+    if has_teacher:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and config.alpha > 0):
+            logp_s = F.log_softmax(zf_s / temperature, dim=-1)
+            if teacher_logits is not None:
+                z_t = teacher_logits.detach()[mask]
+                logp_t = F.log_softmax(z_t.float() / temperature, dim=-1)
+                teacher_top1 = z_t.argmax(-1)
+                # sum_v p_t (log p_t - log p_s); kl_div's argument order is (input=student, target).
+                kd_tok = F.kl_div(logp_s, logp_t, reduction="none", log_target=True).sum(-1)
+            else:
+                lp_k = topk_logprobs.detach()[mask].float()
+                ids_k = topk_ids.detach()[mask].long()
+                logq = F.log_softmax(lp_k / temperature, dim=-1)
+                teacher_top1 = ids_k.gather(-1, lp_k.argmax(-1, keepdim=True)).squeeze(-1)
+                kd_tok = (logq.exp() * (logq - logp_s.gather(-1, ids_k))).sum(-1)
+            kd = kd_tok.sum() / denom
+
+    loss = config.alpha * temperature**2 * kd + config.beta * ce
+
+    with torch.no_grad():
+        pred = z_s.argmax(-1)
+        token_accuracy = (pred == y).float().sum() / denom
+        agreement = None
+        if teacher_top1 is not None:
+            agreement = (pred == teacher_top1).float().sum() / denom
+    return KDLossOutput(
+        loss=loss,
+        kd=kd.detach(),
+        ce=ce.detach(),
+        n_tokens=n_tokens,
+        token_accuracy=token_accuracy,
+        teacher_agreement=agreement,
+    )

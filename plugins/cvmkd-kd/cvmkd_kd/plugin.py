@@ -1,0 +1,55 @@
+"""Registers the distillation components: trainers ``kd`` and ``teacher``, losses ``kd`` and ``ce``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from cvmkd_core.config import between
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.recipe import TeacherConfig
+from cvmkd_kd.loss import KDConfig, KDLossOutput, kd_loss
+from cvmkd_kd.student import KDTrainer
+from cvmkd_kd.trainer import KDTrainerConfig, TeacherTrainer
+
+
+class KDLoss:
+    """Word-level KD: alpha·T²·KL(teacher_T ‖ student_T) + beta·CE, averaged over target tokens."""
+
+    def __init__(self, config: KDConfig) -> None:
+        self.config = config
+        self.needs_teacher = config.alpha > 0
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        pad_id: int,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> KDLossOutput:
+        return kd_loss(logits, targets, pad_id, teacher_logits, teacher_topk=teacher_topk, config=self.config)
+
+
+@attrs.frozen
+class CEConfig:
+    """``loss = {name = "ce", label_smoothing = 0.1}``."""
+
+    label_smoothing: float = attrs.field(default=0.1, validator=between(0.0, 1.0, high_open=True))
+
+
+class CELoss(KDLoss):
+    """Plain (label-smoothed) cross-entropy with the reference: a student without a teacher."""
+
+    def __init__(self, config: CEConfig) -> None:
+        super().__init__(KDConfig(alpha=0.0, beta=1.0, label_smoothing=config.label_smoothing))
+
+
+@hookimpl
+def cvmkd_register(register: Any) -> None:
+    register.trainer("kd", KDTrainer, config=KDTrainerConfig)
+    register.trainer("teacher", TeacherTrainer, config=TeacherConfig)
+    register.loss("kd", KDLoss, config=KDConfig)
+    register.loss("ce", CELoss, config=CEConfig)

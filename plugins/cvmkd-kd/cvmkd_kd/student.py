@@ -1,0 +1,276 @@
+"""The ``kd`` trainer: the student, distilled from a teacher with the recipe's loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from cvmkd_core.data.batching import Batch, batches_once
+from cvmkd_core.errors import ModelError
+from cvmkd_core.hardware import autocast
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.model.package import load_package, read_metadata
+from cvmkd_core.recipe import TrainerRef
+from cvmkd_core.state import RunState
+from cvmkd_kd.data import prepare_data
+from cvmkd_kd.trainer import KDTrainerConfig, Seq2SeqTrainer
+
+log = logging.getLogger("cvmkd")
+
+#: bump when a cached teacher can no longer be trusted to match (training code changed meaning)
+TEACHER_CACHE_VERSION = "1"
+
+
+def teacher_key(state: RunState, data: Any) -> str:
+    """What a trained teacher depends on: corpus, tokenizer, teacher settings, seed, precision."""
+    recipe = state.recipe
+    settings = attrs.asdict(recipe.teacher, recurse=False)
+    settings.pop("checkpoint")
+    settings.pop("validate_every")  # validating more often does not change the weights
+    settings["model"] = recipe.teacher.model.to_table()
+    blob = json.dumps(
+        {
+            "version": TEACHER_CACHE_VERSION,
+            "corpus": data.fingerprint,
+            "tokenizer": data.tokenizer.sha256,
+            "teacher": settings,
+            "seed": recipe.run.seed,
+            "device": recipe.run.device,
+            "precision": recipe.run.precision,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class KDTrainer(Seq2SeqTrainer):
+    """Distil the student from the teacher: load it, reuse the cached one, or train it first."""
+
+    role = "student"
+
+    def __init__(self, config: KDTrainerConfig) -> None:
+        super().__init__(config)
+
+    # --- the teacher ----------------------------------------------------------------------------
+
+    def _prepare(self, state: RunState) -> None:
+        recipe = state.recipe
+        checkpoint = recipe.teacher.checkpoint
+        if checkpoint:
+            # the student must speak the teacher's vocabulary: use the teacher's tokenizer
+            from cvmkd_core.model.package import TOKENIZER
+
+            self.data = prepare_data(state, tokenizer_path=Path(checkpoint) / TOKENIZER)
+            self.teacher, _, metadata = load_package(checkpoint)
+            self.teacher_info = {"source": "loaded", "path": str(checkpoint), "weights_sha256": metadata.get("weights_sha256")}
+            log.info("teacher loaded from %s", checkpoint)
+        else:
+            self.data = prepare_data(state)
+            self.teacher = self._cached_or_trained_teacher(state)
+        self.teacher.to(self.device).eval()
+        for parameter in self.teacher.parameters():
+            parameter.requires_grad_(False)
+        if self.teacher.config.vocab_size != self.data.tokenizer.vocab_size:
+            raise ModelError(
+                f"teacher vocabulary ({self.teacher.config.vocab_size}) differs from the tokenizer's "
+                f"({self.data.tokenizer.vocab_size}): distil with the teacher's tokenizer"
+            )
+        self.teacher_info["parameters"] = sum(p.numel() for p in {id(p): p for p in self.teacher.parameters()}.values())
+        self.loss_fn = state.components["distill.loss"]
+        self.uses_teacher = getattr(self.loss_fn, "needs_teacher", True)
+        if self.uses_teacher and self.config.teacher_outputs == "cached":
+            self.cache = self._teacher_outputs(state)
+
+    def _cached_or_trained_teacher(self, state: RunState) -> Any:
+        from cvmkd_core.session import run_stage
+
+        assert self.data is not None
+        key = teacher_key(state, self.data)
+        cached = state.recipe.run.cache_path() / "teachers" / key[:20]
+        if (cached / "metadata.json").is_file():
+            model, _, metadata = load_package(cached)
+            self.teacher_info = {
+                "source": "cache",
+                "path": str(cached),
+                "key": key,
+                "trained_in": metadata.get("trained_in"),
+                "weights_sha256": metadata.get("weights_sha256"),
+            }
+            log.info("reusing the cached teacher %s (trained in %s)", cached, metadata.get("trained_in"))
+            return model
+        recipe = state.recipe
+        stage = attrs.evolve(
+            recipe,
+            run=attrs.evolve(recipe.run, steps=recipe.teacher.steps, validate_every=recipe.teacher.validate_every),
+            distill=TrainerRef(name="teacher", config=recipe.teacher),
+            guard=None,
+            quantize=[],
+            reports=[],
+        )
+        stage_dir = state.run_dir / "teacher"
+        log.info("training the teacher: %d steps in %s (cached afterwards as %s)", recipe.teacher.steps, stage_dir, cached)
+        started = time.perf_counter()
+        summary = run_stage(state, stage, stage_dir)
+        if summary.status != "completed":
+            raise ModelError(f"teacher training ended {summary.status}; see {stage_dir}")
+        tmp = cached.with_name(f".{cached.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(stage_dir / "model", tmp)
+        metadata = read_metadata(tmp)
+        metadata.update(trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1))
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+        model, _, _ = load_package(cached)
+        self.teacher_info = {
+            "source": "trained",
+            "path": str(cached),
+            "key": key,
+            "trained_in": str(stage_dir),
+            "training_seconds": round(time.perf_counter() - started, 1),
+            "weights_sha256": metadata.get("weights_sha256"),
+        }
+        return model
+
+    def _teacher_outputs(self, state: RunState) -> Any:
+        """The teacher's top-k log-probabilities over the training set, computed once and cached."""
+        from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
+
+        assert self.data is not None
+        tokenizer = self.data.tokenizer
+        max_len = min(self.config.max_len, self.teacher.config.max_len)
+        weights = self.teacher_info.get("weights_sha256") or "unknown"
+        fingerprint = hashlib.sha256(
+            f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{max_len}|{self.config.topk}|{self.precision}".encode()
+        ).hexdigest()
+        path = state.recipe.run.cache_path() / "teacher-outputs" / f"{fingerprint[:20]}.safetensors"
+        if path.is_file():
+            cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size)
+            log.info("reusing cached teacher outputs %s", path)
+            self.teacher_info["outputs"] = {"path": str(path), "reused": True, **cache.stats()}
+            return cache
+        started = time.perf_counter()
+
+        def forward(src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, self.precision):
+                return self.teacher(src.to(self.device), tgt_in.to(self.device)).float().cpu()
+
+        batches = batches_once(
+            self.data.train_src,
+            self.data.train_tgt,
+            pad_id=tokenizer.pad_id,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            batch_size=None,
+            max_tokens=6000,
+            max_len=max_len,
+        )
+        cache = build_teacher_cache(
+            forward, batches, len(self.data.train_src), self.config.topk, path,
+            fingerprint=fingerprint, pad_id=tokenizer.pad_id,
+        )
+        seconds = time.perf_counter() - started
+        log.info(
+            "teacher outputs cached in %.0fs: top-%d over %d positions hold %.0f%% of the mass",
+            seconds, self.config.topk, cache.n_positions, 100 * cache.mean_topk_mass,
+        )
+        self.teacher_info["outputs"] = {"path": str(path), "reused": False, "seconds": round(seconds, 1), **cache.stats()}
+        return cache
+
+    # --- the loss -------------------------------------------------------------------------------
+
+    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor) -> Any:
+        assert self.data is not None
+        pad = self.data.tokenizer.pad_id
+        if not self.uses_teacher:
+            return self.loss_fn(logits, batch.tgt_out, pad)
+        if self.cache is not None:
+            lp, ids = self.cache.lookup(batch.indices, batch.tgt_out.cpu(), pad)
+            return self.loss_fn(logits, batch.tgt_out, pad, teacher_topk=(lp.to(self.device), ids.to(self.device)))
+        with torch.no_grad(), autocast(self.device, self.precision):
+            teacher_logits = self.teacher(batch.src, batch.tgt_in)
+        return self.loss_fn(logits, batch.tgt_out, pad, teacher_logits=teacher_logits)
+
+    @hookimpl
+    def cvmkd_finalize(self, state: RunState, summary: Any) -> None:
+        from cvmkd_core.files import atomic_write_json
+
+        Seq2SeqTrainer.cvmkd_finalize(self, state, summary)  # export the model package
+        if self.model is None or self.teacher is None or summary.status not in ("completed", "stopped"):
+            return
+        evaluation = evaluate_on_test(self, state)
+        atomic_write_json(state.run_dir / "evaluation.json", evaluation)
+        summary.extra["evaluation"] = {k: v for k, v in evaluation.items() if k not in ("student", "teacher")} | {
+            "student": evaluation["student"]["scores"],
+            "teacher": evaluation["teacher"]["scores"],
+        }
+        summary.outputs["evaluation"] = str(state.run_dir / "evaluation.json")
+        for key, share in evaluation["retention"].items():
+            if share is not None:
+                log.info(
+                    "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
+                    key, evaluation["student"]["scores"][key], evaluation["teacher"]["scores"][key], 100 * share,
+                )
+
+    def translate_with_teacher(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]:
+        return self.translate(state, sources, beam_size=beam_size, model=self.teacher)
+
+
+def score_with_metrics(state: RunState, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
+    from cvmkd_core.builtins.validation import selected_metrics
+
+    scores: dict[str, float] = {}
+    for _, metric in selected_metrics(state):
+        scores.update({k: float(v) for k, v in metric.score(hypotheses, references, sources).items()})
+    return scores
+
+
+def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
+    """Score the student and the teacher on the test split with every selected metric."""
+    assert trainer.data is not None
+    test = trainer.data.splits.test or trainer.data.splits.valid
+    split = "test" if trainer.data.splits.test else "valid"
+    sources, references = [p[0] for p in test], [p[1] for p in test]
+    beam = state.recipe.validation.beam_size
+    result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
+    for who, model in (("student", trainer.model), ("teacher", trainer.teacher)):
+        started = time.perf_counter()
+        hypotheses = trainer.translate(state, sources, beam_size=beam, model=model)
+        seconds = time.perf_counter() - started
+        result[who] = {
+            "scores": score_with_metrics(state, hypotheses, references, sources),
+            "decode_seconds": round(seconds, 2),
+            "examples": [
+                {"source": s, "reference": r, "hypothesis": h}
+                for s, r, h in list(zip(sources, references, hypotheses))[:5]
+            ],
+        }
+    result["retention"] = retention(state, result["student"]["scores"], result["teacher"]["scores"])
+    return result
+
+
+def retention(state: RunState, student: dict[str, float], teacher: dict[str, float]) -> dict[str, float | None]:
+    """The student's share of the teacher's score per metric; for a lower-is-better metric (TER)
+    the share is teacher / student, so 1.0 means "as good as the teacher" either way."""
+    from cvmkd_core.builtins.validation import selected_metrics
+
+    higher: dict[str, bool] = {}
+    for _, metric in selected_metrics(state):
+        higher.update(getattr(metric, "higher_is_better", {}))
+    shares: dict[str, float | None] = {}
+    for key, value in student.items():
+        reference = teacher.get(key)
+        if higher.get(key, True):
+            shares[key] = value / reference if reference else None
+        else:
+            shares[key] = reference / value if value else None
+    return shares

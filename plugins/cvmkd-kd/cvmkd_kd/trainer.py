@@ -1,0 +1,271 @@
+"""The sequence-to-sequence trainers: ``teacher`` (label-smoothed cross-entropy) and ``kd`` (the
+student, distilled with the recipe's loss from a teacher that is loaded, reused or trained first).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import attrs
+import torch
+
+from cvmkd_core.config import ge, gt, one_of
+from cvmkd_core.data.batching import Batch, BatchStream
+from cvmkd_core.errors import CvmkdError
+from cvmkd_core.hardware import autocast, describe_hardware, resolve_device, resolve_precision
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.model.presets import count_parameters
+from cvmkd_core.recipe import LossRef, TeacherConfig
+from cvmkd_core.state import RunState, RunSummary, StepResult
+from cvmkd_kd.data import RunData, prepare_data
+from cvmkd_kd.translate import translate
+
+log = logging.getLogger("cvmkd")
+
+
+@attrs.frozen
+class KDTrainerConfig:
+    """``[distill]`` with ``name = "kd"``: how the student is trained."""
+
+    batch_size: int = attrs.field(default=32, validator=gt(0))
+    max_tokens: int = attrs.field(default=0, validator=ge(0))
+    learning_rate: float = attrs.field(default=1e-3, validator=gt(0))
+    warmup_steps: int = attrs.field(default=1000, validator=ge(0))
+    schedule: str = attrs.field(default="inverse_sqrt", validator=one_of("inverse_sqrt", "linear", "constant"))
+    weight_decay: float = attrs.field(default=0.0, validator=ge(0))
+    clip_norm: float = attrs.field(default=1.0, validator=ge(0))
+    max_len: int = attrs.field(default=128, validator=gt(0))
+    loss: LossRef = attrs.field(factory=lambda: LossRef(name="kd"))  # type: ignore[valid-type]
+    teacher_outputs: str = attrs.field(default="cached", validator=one_of("cached", "live"))
+    """cached: run the teacher once over the training set and keep its top-k; live: every step"""
+    topk: int = attrs.field(default=16, validator=gt(0))
+
+
+def learning_rate_at(step: int, base: float, warmup: int, schedule: str, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then the schedule's decay."""
+    s = step + 1
+    if warmup and s <= warmup:
+        return base * s / warmup
+    if schedule == "inverse_sqrt":
+        return base * math.sqrt(max(warmup, 1) / s)
+    if schedule == "linear":
+        return base * max(0.0, (total - step) / max(total - warmup, 1))
+    return base
+
+
+class Seq2SeqTrainer:
+    """Trains a cvm model on the corpus; validation and test scoring translate with it."""
+
+    role = "student"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.model: Any = None
+        self.teacher: Any = None
+        self.data: RunData | None = None
+        self.stream: BatchStream | None = None
+        self.cache: Any = None
+        self.teacher_info: dict[str, Any] = {}
+        self.scaler: Any = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def _model_component(self, state: RunState) -> Any:
+        return state.components[f"{self.role}.model"]
+
+    def _prepare(self, state: RunState) -> None:
+        """Models, tokenizer and data; subclasses add the teacher."""
+        self.data = prepare_data(state)
+
+    @hookimpl(tryfirst=True)
+    def cvmkd_run_start(self, state: RunState) -> None:
+        recipe = state.recipe
+        self.device = resolve_device(recipe.run.device)
+        self.precision = resolve_precision(recipe.run.precision, self.device)
+        self._prepare(state)
+        assert self.data is not None
+        # seeded after preparing: training a teacher first must not change the student's start
+        torch.manual_seed(recipe.run.seed)
+        random.seed(recipe.run.seed)
+        tokenizer = self.data.tokenizer
+        self.model = self._model_component(state).build(tokenizer.vocab_size).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.config.learning_rate,
+            betas=(0.9, 0.98),
+            eps=1e-9,
+            weight_decay=self.config.weight_decay,
+        )
+        if self.precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.stream = BatchStream(
+            self.data.train_src,
+            self.data.train_tgt,
+            pad_id=tokenizer.pad_id,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            batch_size=self.config.batch_size,
+            max_tokens=self.config.max_tokens or None,
+            max_len=min(self.config.max_len, self.model.config.max_len),
+            seed=recipe.run.seed,
+        )
+        state.batches = self.stream
+        state.objects.update(model=self.model, tokenizer=tokenizer, data=self.data)
+        parameters = count_parameters(self.model)
+        state.scratch["trainer"] = {
+            "role": self.role,
+            "parameters": parameters,
+            "device": str(self.device),
+            "precision": self.precision,
+            "hardware": describe_hardware(self.device),
+            "model_config": self.model.config.to_dict(),
+            **({"teacher": self.teacher_info} if self.teacher_info else {}),
+        }
+        log.info(
+            "%s: %s parameters, %s on %s, %d steps of %s",
+            self.role, f"{parameters:,}", self.precision, self.device, recipe.run.steps,
+            f"{self.config.batch_size} sentences" if not self.config.max_tokens else f"≤{self.config.max_tokens} tokens",
+        )
+
+    # --- the step -------------------------------------------------------------------------------
+
+    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor) -> Any:
+        from cvmkd_kd.loss import KDConfig, kd_loss
+
+        config = KDConfig(alpha=0.0, beta=1.0, label_smoothing=self.config.label_smoothing)
+        return kd_loss(logits, batch.tgt_out, self.data.tokenizer.pad_id, config=config)  # type: ignore[union-attr]
+
+    @hookimpl(trylast=True)
+    def cvmkd_step(self, state: RunState, batch: Batch) -> StepResult:
+        started = time.perf_counter()
+        lr = learning_rate_at(
+            state.step, self.config.learning_rate, self.config.warmup_steps, self.config.schedule, state.total_steps
+        ) * state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        on_device = batch.to(self.device)
+        with autocast(self.device, self.precision):
+            logits = self.model(on_device.src, on_device.tgt_in)
+        out = self._loss(state, on_device, logits)
+        if self.scaler is not None:
+            self.scaler.scale(out.loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            out.loss.backward()
+        clip = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "ce": float(out.ce),
+            "token_accuracy": float(out.token_accuracy),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": out.n_tokens,
+            "tokens_per_s": out.n_tokens / seconds if seconds > 0 else 0.0,
+            "seconds_per_step": seconds,
+            "epoch": self.stream.epoch if self.stream is not None else 0,
+        }
+        if self.role == "student":
+            metrics["kd"] = float(out.kd)
+            if out.teacher_agreement is not None:
+                metrics["teacher_agreement"] = float(out.teacher_agreement)
+        return StepResult(loss=float(out.loss.detach()), metrics=metrics)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    @hookimpl
+    def cvmkd_checkpoint(self, state: RunState, payload: dict[str, Any]) -> None:
+        payload["trainer"] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.stream.state_dict() if self.stream is not None else {},
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+        }
+
+    @hookimpl
+    def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
+        saved = payload["trainer"]
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.stream is not None and saved.get("batches"):
+            self.stream.load_state_dict(saved["batches"])
+        if self.scaler is not None and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
+
+    # --- translation, for validation and reports ------------------------------------------------
+
+    def validation_data(self, state: RunState) -> tuple[list[str], list[str]]:
+        assert self.data is not None
+        valid = self.data.splits.valid
+        return [p[0] for p in valid], [p[1] for p in valid]
+
+    def translate(self, state: RunState, sources: list[str], beam_size: int = 1, model: Any = None) -> list[str]:
+        assert self.data is not None
+        return translate(
+            model if model is not None else self.model,
+            self.data.tokenizer,
+            sources,
+            beam_size=beam_size,
+            device=self.device,
+            precision=self.precision,
+        )
+
+    # --- the end --------------------------------------------------------------------------------
+
+    def _metadata(self, state: RunState, summary: RunSummary) -> dict[str, Any]:
+        from cvmkd_core import __version__
+
+        assert self.data is not None
+        return {
+            "role": self.role,
+            "cvmkd_version": __version__,
+            "recipe": state.recipe.to_dict(),
+            "recipe_sha256": state.recipe.sha256(),
+            "corpus": {
+                "name": self.data.splits.name,
+                "source_lang": self.data.splits.source_lang,
+                "target_lang": self.data.splits.target_lang,
+                "fingerprint": self.data.fingerprint,
+            },
+            "parameters": count_parameters(self.model),
+            "final_step": state.step,
+            "iterations_executed": state.iterations,
+            "status": summary.status,
+            "hardware": describe_hardware(self.device),
+            "wall_seconds": round(time.time() - state.started_at, 1),
+            **({"teacher": self.teacher_info} if self.teacher_info else {}),
+        }
+
+    @hookimpl
+    def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
+        from cvmkd_core.model.package import save_package
+
+        if self.model is None or summary.status not in ("completed", "stopped"):
+            return
+        summary.extra.setdefault("trainer", state.scratch.get("trainer", {}))
+        path = save_package(state.run_dir / "model", self.model, self.data.tokenizer, self._metadata(state, summary))  # type: ignore[union-attr]
+        summary.outputs["model"] = str(path)
+
+
+class TeacherTrainer(Seq2SeqTrainer):
+    """Trains a teacher with label-smoothed cross-entropy (the ``[teacher]`` section's settings)."""
+
+    role = "teacher"
+
+    def __init__(self, config: TeacherConfig) -> None:
+        super().__init__(config)
+
+
+def teacher_config_error(message: str) -> CvmkdError:
+    return CvmkdError(f"teacher: {message}")

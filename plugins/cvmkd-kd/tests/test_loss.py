@@ -1,0 +1,289 @@
+"""Tests of the word-level KD loss: reduction, temperature scaling, masking, precision, top-k."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvmkd_core.config import structure
+from cvmkd_core.errors import ModelError, RecipeError
+from cvmkd_kd.loss import KDConfig, kd_loss, label_smoothed_ce
+
+PAD = 0
+
+
+def _batch(b: int = 2, t: int = 3, v: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(b, t, v, generator=g) * 2
+    zt = torch.randn(b, t, v, generator=g) * 2
+    y = torch.randint(1, v, (b, t), generator=g)
+    return zs, zt, y
+
+
+def _plain_kl(zs: torch.Tensor, zt: torch.Tensor, y: torch.Tensor, temp: float) -> torch.Tensor:
+    """KL(p_t || p_s) at temperature ``temp``, summed over vocab and non-pad tokens, / tokens."""
+    mask = y != PAD
+    logp_s = F.log_softmax(zs[mask] / temp, -1)
+    logp_t = F.log_softmax(zt[mask] / temp, -1)
+    return F.kl_div(logp_s, logp_t, reduction="sum", log_target=True) / mask.sum()
+
+
+def _softmax(row: list[float], temp: float) -> list[float]:
+    m = max(row)
+    e = [math.exp((x - m) / temp) for x in row]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def test_reduction_matches_hand_computation() -> None:
+    zs, zt, y = _batch(2, 3, 5)
+    y[1, 2] = PAD  # 5 real tokens
+    cfg = KDConfig(temperature=2.0, alpha=0.7, beta=0.3)
+
+    kl_total, ce_total, n = 0.0, 0.0, 0
+    for b in range(2):
+        for t in range(3):
+            if int(y[b, t]) == PAD:
+                continue
+            n += 1
+            ps = _softmax(zs[b, t].tolist(), 2.0)
+            pt = _softmax(zt[b, t].tolist(), 2.0)
+            kl_total += sum(pt[v] * (math.log(pt[v]) - math.log(ps[v])) for v in range(5))
+            ce_total += -math.log(_softmax(zs[b, t].tolist(), 1.0)[int(y[b, t])])
+    kl, ce = kl_total / n, ce_total / n
+    expected = 0.7 * 2.0**2 * kl + 0.3 * ce
+
+    out = kd_loss(zs, y, PAD, zt, config=cfg)
+    assert out.n_tokens == 5
+    assert float(out.kd) == pytest.approx(kl, rel=1e-5)
+    assert float(out.ce) == pytest.approx(ce, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 6.0])
+def test_temperature_squared_factor(temp: float) -> None:
+    zs, zt, y = _batch(3, 4, 7, seed=1)
+    zs.requires_grad_(True)
+    out = kd_loss(zs, y, PAD, zt, config=KDConfig(temperature=temp, alpha=1.0, beta=0.0))
+    (g_loss,) = torch.autograd.grad(out.loss, zs)
+
+    zs2 = zs.detach().clone().requires_grad_(True)
+    plain = _plain_kl(zs2, zt, y, temp)
+    (g_plain,) = torch.autograd.grad(plain, zs2)
+
+    torch.testing.assert_close(out.loss, temp**2 * plain)
+    torch.testing.assert_close(g_loss, temp**2 * g_plain)
+
+
+def test_padding_positions_are_ignored() -> None:
+    zs, zt, y = _batch(2, 4, 6, seed=2)
+    y[0, 3] = PAD
+    y[1, 2:] = PAD
+    cfg = KDConfig(temperature=3.0, alpha=0.6, beta=0.4, label_smoothing=0.1)
+    pad = y == PAD
+
+    zs_a = zs.clone().requires_grad_(True)
+    out_a = kd_loss(zs_a, y, PAD, zt, config=cfg)
+    out_a.loss.backward()
+
+    zs_b = zs.clone()
+    zs_b[pad] = torch.randn(int(pad.sum()), 6) * 50
+    zs_b[1, 3, 0] = float("inf")  # not even inf/NaN at a pad position may leak in
+    zs_b[0, 3, 1] = float("nan")
+    zt_b = zt.clone()
+    zt_b[pad] = torch.randn(int(pad.sum()), 6) * 50
+    zs_b.requires_grad_(True)
+    out_b = kd_loss(zs_b, y, PAD, zt_b, config=cfg)
+    out_b.loss.backward()
+
+    torch.testing.assert_close(out_a.loss, out_b.loss)
+    torch.testing.assert_close(zs_a.grad, zs_b.grad)
+    assert torch.all(zs_b.grad[pad] == 0)
+
+    # Same as the loss over the real tokens alone, packed into one unpadded row.
+    real = ~pad
+    out_c = kd_loss(zs[real][None], y[real][None], PAD, zt[real][None], config=cfg)
+    assert out_c.n_tokens == out_a.n_tokens == 5
+    torch.testing.assert_close(out_a.loss, out_c.loss)
+    torch.testing.assert_close(out_a.token_accuracy, out_c.token_accuracy)
+    torch.testing.assert_close(out_a.teacher_agreement, out_c.teacher_agreement)
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_alpha_zero_gradient_is_beta_times_cross_entropy(with_teacher: bool) -> None:
+    zs, zt, y = _batch(2, 5, 9, seed=3)
+    y[1, 3:] = PAD
+    beta = 0.35
+    cfg = KDConfig(temperature=4.0, alpha=0.0, beta=beta)
+    zs1 = zs.clone().requires_grad_(True)
+    out = kd_loss(zs1, y, PAD, zt if with_teacher else None, config=cfg)
+    out.loss.backward()
+
+    zs2 = zs.clone().requires_grad_(True)
+    ref = F.cross_entropy(zs2.reshape(-1, 9), y.reshape(-1), ignore_index=PAD)
+    ref.backward()
+    torch.testing.assert_close(zs1.grad, beta * zs2.grad)
+    torch.testing.assert_close(out.loss.detach(), beta * ref.detach())
+    if with_teacher:  # still logged
+        assert float(out.kd) > 0 and out.teacher_agreement is not None
+    else:
+        assert float(out.kd) == 0 and out.teacher_agreement is None
+
+
+def test_label_smoothed_ce_matches_torch() -> None:
+    zs, _, y = _batch(3, 4, 11, seed=4)
+    y[2, 1:] = PAD
+    for eps in (0.0, 0.1, 0.5):
+        ours = label_smoothed_ce(zs, y, PAD, eps)
+        ref = F.cross_entropy(
+            zs.reshape(-1, 11), y.reshape(-1), ignore_index=PAD, label_smoothing=eps
+        )
+        torch.testing.assert_close(ours, ref)
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\), got 1.0"):
+        label_smoothed_ce(zs, y, PAD, 1.0)
+    # kd_loss's CE term uses the same smoothing.
+    out = kd_loss(zs, y, PAD, config=KDConfig(alpha=0.0, beta=1.0, label_smoothing=0.1))
+    torch.testing.assert_close(out.loss, label_smoothed_ce(zs, y, PAD, 0.1))
+
+
+def test_vocabulary_mismatch_raises_model_error() -> None:
+    y = torch.ones(1, 2, dtype=torch.long)
+    zs = torch.randn(1, 2, 6000)
+    zt = torch.randn(1, 2, 8000)
+    msg = (
+        "teacher vocabulary (8000) differs from the student's (6000): "
+        "distil with the teacher's tokenizer"
+    )
+    with pytest.raises(ModelError) as err:
+        kd_loss(zs, y, PAD, zt, config=KDConfig())
+    assert str(err.value) == msg
+
+    ids = torch.tensor([[[7999, 3]] * 2])
+    lp = torch.log(torch.tensor([[[0.6, 0.4]] * 2]))
+    with pytest.raises(
+        ModelError,
+        match=r"teacher vocabulary \(at least 8000 ids\) differs from the student's \(6000\)",
+    ):
+        kd_loss(zs, y, PAD, teacher_topk=(lp, ids), config=KDConfig())
+
+
+def test_bf16_logits_match_fp32() -> None:
+    zs, zt, y = _batch(4, 6, 50, seed=5)
+    y[0, 4:] = PAD
+    cfg = KDConfig(temperature=2.0, alpha=0.5, beta=0.5)
+    ref = kd_loss(zs, y, PAD, zt, config=cfg)
+    zs16 = zs.bfloat16().requires_grad_(True)
+    out = kd_loss(zs16, y, PAD, zt.bfloat16(), config=cfg)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=1e-3)
+    out.loss.backward()
+    assert zs16.grad.dtype == torch.bfloat16 and torch.isfinite(zs16.grad.float()).all()
+    # And under CPU autocast, as the trainer may run it.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac = kd_loss(zs16, y, PAD, zt.bfloat16(), config=cfg)
+    assert out_ac.loss.dtype == torch.float32
+    torch.testing.assert_close(out_ac.loss, out.loss)
+
+
+def test_topk_with_k_equal_vocab_equals_full() -> None:
+    zs, zt, y = _batch(2, 4, 13, seed=6)
+    y[1, 3] = PAD
+    cfg = KDConfig(temperature=3.0, alpha=0.8, beta=0.2)
+    zs_full = zs.clone().requires_grad_(True)
+    full = kd_loss(zs_full, y, PAD, zt, config=cfg)
+    full.loss.backward()
+
+    lp, ids = F.log_softmax(zt, -1).topk(13, dim=-1)  # every id, in teacher-rank order
+    zs_k = zs.clone().requires_grad_(True)
+    topk = kd_loss(zs_k, y, PAD, teacher_topk=(lp, ids), config=cfg)
+    topk.loss.backward()
+
+    torch.testing.assert_close(topk.loss, full.loss)
+    torch.testing.assert_close(topk.kd, full.kd)
+    torch.testing.assert_close(zs_k.grad, zs_full.grad)
+    torch.testing.assert_close(topk.teacher_agreement, full.teacher_agreement)
+
+
+def test_topk_approximation_is_non_negative_and_close_for_peaked_teacher() -> None:
+    zs, zt, y = _batch(2, 4, 40, seed=7)
+    zt[..., :3] += 12  # nearly all teacher mass on ids 0..2
+    cfg = KDConfig(temperature=1.0, alpha=1.0, beta=0.0)
+    full = kd_loss(zs, y, PAD, zt, config=cfg)
+    lp, ids = F.log_softmax(zt, -1).topk(4, dim=-1)
+    approx = kd_loss(zs, y, PAD, teacher_topk=(lp, ids), config=cfg)
+    assert float(approx.kd) >= 0
+    assert float(approx.kd) == pytest.approx(float(full.kd), rel=1e-2)
+
+
+def test_diagnostics() -> None:
+    v = 4
+    y = torch.tensor([[1, 2, 3, PAD]])
+    zs = torch.full((1, 4, v), -5.0)
+    zt = torch.full((1, 4, v), -5.0)
+    for t, (s_arg, t_arg) in enumerate([(1, 1), (2, 3), (1, 3), (0, 0)]):
+        zs[0, t, s_arg] = 5.0
+        zt[0, t, t_arg] = 5.0
+    out = kd_loss(zs, y, PAD, zt, config=KDConfig())
+    # Student right at positions 0 and 1; agrees with the teacher at 0 only (3 is pad).
+    assert float(out.token_accuracy) == pytest.approx(2 / 3)
+    assert float(out.teacher_agreement) == pytest.approx(1 / 3)
+    lp, ids = F.log_softmax(zt, -1).topk(2, dim=-1)
+    out_k = kd_loss(zs, y, PAD, teacher_topk=(lp, ids), config=KDConfig())
+    assert float(out_k.teacher_agreement) == pytest.approx(1 / 3)
+    assert not out.kd.requires_grad and not out.ce.requires_grad
+
+
+def test_all_pad_batch_gives_zero_not_nan() -> None:
+    zs, zt, _ = _batch(2, 3, 5)
+    y = torch.zeros(2, 3, dtype=torch.long)
+    zs.requires_grad_(True)
+    out = kd_loss(zs, y, PAD, zt, config=KDConfig())
+    assert out.n_tokens == 0 and out.loss.item() == 0.0
+    out.loss.backward()
+    assert torch.all(zs.grad == 0)
+
+
+def test_teacher_argument_errors() -> None:
+    zs, zt, y = _batch()
+    lp, ids = F.log_softmax(zt, -1).topk(2, dim=-1)
+    with pytest.raises(ValueError, match="not both"):
+        kd_loss(zs, y, PAD, zt, teacher_topk=(lp, ids), config=KDConfig())
+    with pytest.raises(ValueError, match="needs a teacher"):
+        kd_loss(zs, y, PAD, config=KDConfig())
+    with pytest.raises(ValueError, match="do not match targets"):
+        kd_loss(zs, y, PAD, zt[:, :2], config=KDConfig())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": -1.0}, "distill.loss.temperature: must be > 0, got -1.0"),
+        ({"temperature": 0}, "distill.loss.temperature: must be > 0, got 0.0"),
+        ({"alpha": -0.5}, "distill.loss.alpha: must be >= 0, got -0.5"),
+        ({"beta": -2.0}, "distill.loss.beta: must be >= 0, got -2.0"),
+        (
+            {"alpha": 0.0, "beta": 0.0},
+            "distill.loss: alpha and beta must not both be zero, got alpha=0.0, beta=0.0",
+        ),
+        ({"label_smoothing": 1.0}, "distill.loss.label_smoothing: must be in [0.0, 1.0), got 1.0"),
+        ({"label_smoothing": -0.1}, "distill.loss.label_smoothing: must be in [0.0, 1.0), got -0.1"),
+        ({"temperature": float("nan")}, "distill.loss.temperature: must be > 0, got nan"),
+        ({"alpha": True}, "distill.loss.alpha: expected a number, got boolean true"),
+        ({"temperature": "6"}, "distill.loss.temperature: expected a number, got string '6'"),
+    ],
+)
+def test_config_validation_messages(options: dict[str, float], message: str) -> None:
+    """The recipe section [distill.loss] is structured by KDConfig; each mistake names its path."""
+    with pytest.raises(RecipeError) as err:
+        structure(options, KDConfig, "distill.loss")
+    assert err.value.problems == [message]
+
+
+def test_config_defaults_and_frozen() -> None:
+    cfg = KDConfig()
+    assert (cfg.temperature, cfg.alpha, cfg.beta, cfg.label_smoothing) == (6.0, 0.8, 0.2, 0.0)
+    with pytest.raises(AttributeError):
+        cfg.alpha = 0.5  # type: ignore[misc]

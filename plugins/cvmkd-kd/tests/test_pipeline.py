@@ -1,0 +1,155 @@
+"""The whole distillation pipeline on a tiny corpus made here: teacher trained through the loop
+and cached, student distilled, model package written, test split scored for both."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvmkd_core.errors import ModelError
+from cvmkd_core.model.package import load_package
+from cvmkd_core.session import open_session, run_session
+
+WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small", "grand": "big",
+         "oiseau": "bird", "poisson": "fish", "un": "a"}
+
+RECIPE = """
+[run]
+name = "tiny"
+steps = 12
+validate_every = 6
+seed = 3
+cache_dir = "cache"
+
+[corpus]
+name = "files"
+train = "corpus.tsv"
+valid_size = 8
+test_size = 8
+
+[tokenizer]
+vocab_size = 40
+
+[teacher]
+steps = 10
+validate_every = 10
+batch_size = 16
+learning_rate = 3e-3
+warmup_steps = 2
+
+[teacher.model]
+name = "cvm"
+preset = "tiny"
+
+[student.model]
+name = "cvm"
+preset = "tiny"
+d_model = 16
+n_heads = 2
+
+[distill]
+name = "kd"
+batch_size = 8
+warmup_steps = 2
+topk = 4
+
+[distill.loss]
+name = "kd"
+temperature = 2.0
+
+[validation]
+metrics = ["bleu", "chrf", "ter"]
+"""
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(120):
+        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
+        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
+    (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    torch.set_num_threads(1)  # tiny models run faster on one thread
+    return tmp_path
+
+
+def _run(path: Path, *overrides: str) -> tuple[dict, Path]:
+    summary, run_dir = run_session(open_session(path / "recipe.toml", list(overrides)))
+    assert summary.status == "completed"
+    return json.loads((run_dir / "summary.json").read_text()), run_dir
+
+
+def test_teacher_is_trained_cached_and_reused(tiny_corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cvmkd")
+    summary, run_dir = _run(tiny_corpus)
+    teacher = summary["extra"]["trainer"]["teacher"]
+    assert teacher["source"] == "trained"
+    # the teacher ran through the same loop: its own run folder, log, checkpoints and model
+    stage = run_dir / "teacher"
+    steps = [json.loads(line)["step"] for line in (stage / "train.jsonl").read_text().splitlines() if '"event"' not in line]
+    assert steps == list(range(1, 11))
+    assert (stage / "checkpoints" / "manifest.json").is_file()
+    cached = Path(teacher["path"])
+    assert (cached / "model.safetensors").is_file()
+
+    caplog.clear()
+    summary2, _ = _run(tiny_corpus, "run.name=again")
+    assert summary2["extra"]["trainer"]["teacher"]["source"] == "cache"
+    assert summary2["extra"]["trainer"]["teacher"]["path"] == str(cached)
+    assert any("reusing the cached teacher" in r.getMessage() for r in caplog.records)
+    assert any("reusing cached teacher outputs" in r.getMessage() for r in caplog.records)
+    assert not (tiny_corpus / "runs/again/teacher").exists()
+
+
+def test_student_logs_every_step_and_is_packaged_and_scored(tiny_corpus: Path) -> None:
+    summary, run_dir = _run(tiny_corpus)
+    rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for key in ("loss", "kd", "ce", "token_accuracy", "teacher_agreement", "lr", "grad_norm", "tokens_per_s", "seconds_per_step"):
+        assert all(isinstance(r[key], float) for r in steps), key
+    assert steps[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup of 2 steps
+    history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [6, 12]
+    assert set(history[-1]["scores"]) == {"bleu", "chrf", "ter"}
+
+    model, tokenizer, metadata = load_package(run_dir / "model")
+    assert metadata["role"] == "student" and metadata["final_step"] == 12
+    assert metadata["teacher"]["source"] == "trained"
+    assert tokenizer.vocab_size == model.config.vocab_size == 40
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["split"] == "test" and evaluation["sentences"] == 8
+    assert set(evaluation["student"]["scores"]) == set(evaluation["teacher"]["scores"]) == {"bleu", "chrf", "ter"}
+    ter = evaluation["retention"]["ter"]
+    assert ter == pytest.approx(evaluation["teacher"]["scores"]["ter"] / evaluation["student"]["scores"]["ter"])
+
+
+def test_a_teacher_can_be_loaded_from_a_package(tiny_corpus: Path) -> None:
+    _, first = _run(tiny_corpus)
+    summary, _ = _run(tiny_corpus, "run.name=loaded", f"teacher.checkpoint={first / 'teacher' / 'model'}")
+    assert summary["extra"]["trainer"]["teacher"]["source"] == "loaded"
+
+
+def test_a_damaged_teacher_package_is_refused(tiny_corpus: Path) -> None:
+    _, first = _run(tiny_corpus)
+    package = first / "teacher" / "model"
+    weights = package / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelError, match="model.safetensors is damaged"):
+        run_session(open_session(tiny_corpus / "recipe.toml", ["run.name=bad", f"teacher.checkpoint={package}"]))
+
+
+def test_same_seed_same_student(tiny_corpus: Path) -> None:
+    _, a = _run(tiny_corpus, "run.name=a")
+    _, b = _run(tiny_corpus, "run.name=b")
+    la = [json.loads(x).get("loss") for x in (a / "train.jsonl").read_text().splitlines()]
+    lb = [json.loads(x).get("loss") for x in (b / "train.jsonl").read_text().splitlines()]
+    assert la == lb
