@@ -5,13 +5,15 @@ The teacher is given either as full logits or as cached top-k log-probabilities 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
 
-from cvmkd_core.config import ConfigValueError, between, ge, gt
+from cvmkd_core.config import ConfigValueError, between, ge, gt, one_of
 from cvmkd_core.errors import ModelError
 
 __all__ = ["KDConfig", "KDLossOutput", "check_vocab", "kd_loss", "label_smoothed_ce"]
@@ -28,6 +30,9 @@ class KDConfig:
     alpha: float = attrs.field(default=0.8, validator=ge(0))
     beta: float = attrs.field(default=0.2, validator=ge(0))
     label_smoothing: float = attrs.field(default=0.0, validator=between(0.0, 1.0, high_open=True))
+    topk_tail: str = attrs.field(default="bucket", validator=one_of("bucket", "renormalize"))
+    """with cached top-k teacher outputs: ``bucket`` keeps the teacher's mass outside the top k as
+    one extra class (spread evenly over the other tokens), ``renormalize`` drops it"""
 
     def __attrs_post_init__(self) -> None:
         if self.alpha == 0 and self.beta == 0:
@@ -103,6 +108,29 @@ def label_smoothed_ce(
     return per_token.sum() / max(per_token.numel(), 1)
 
 
+def _bucket_kl(
+    lp_k: torch.Tensor, ids_k: torch.Tensor, logp_s: torch.Tensor, temperature: float, tail: int
+) -> torch.Tensor:
+    """Per-token KL over k + 1 classes: the teacher's top-k tokens, and "everything else".
+
+    The teacher's remaining mass ``r = 1 - sum(top-k)`` (known at T=1) is taken as spread evenly
+    over the ``tail`` other tokens, so at temperature ``T`` each gets ``(r / tail) ** (1/T)``
+    before normalisation: a high temperature moves much of the softened mass there, as it does
+    with the full distribution. The student's "everything else" is its own mass outside the
+    top-k. This is the KL between the two distributions coarsened to those k + 1 classes: a lower
+    bound of the full KL, equal to it when both spread their tail mass evenly.
+    """
+    log_r = torch.log1p(-lp_k.exp().sum(-1).clamp(max=1.0 - 1e-6))  # (N,)
+    logits_k = lp_k / temperature
+    log_tail_mass = math.log(tail) + (log_r - math.log(tail)) / temperature
+    log_z = torch.logaddexp(torch.logsumexp(logits_k, dim=-1), log_tail_mass)
+    logq = logits_k - log_z.unsqueeze(-1)
+    log_rest_t = log_tail_mass - log_z
+    logp_s_k = logp_s.gather(-1, ids_k)
+    logp_s_rest = torch.logsumexp(logp_s.scatter(-1, ids_k, float("-inf")), dim=-1)
+    return (logq.exp() * (logq - logp_s_k)).sum(-1) + log_rest_t.exp() * (log_rest_t - logp_s_rest)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -133,11 +161,14 @@ def kd_loss(
     * ``teacher_topk = (logprobs, ids)``, each ``(B, T, k)``: the teacher's top-k log-probabilities
       at temperature 1 and their token ids, as stored by the teacher cache. The teacher's
       distribution is then approximated by renormalising it over those k ids at temperature ``T``,
-      ``q = softmax(logprobs / T)`` (exact up to the mass outside the top-k), and
-      ``KD = sum_{i<k} q_i * (log q_i - log p_s(id_i))`` -- cross-entropy minus entropy over the
-      k-id support, with ``p_s`` normalised over the full vocabulary. The student's mass outside
-      the support is not penalised directly, only through its normalisation; the term is still
-      >= 0, and equals the full KL when ``k == V``.
+      with ``config.topk_tail = "bucket"`` (the default) the KL is taken over k + 1 classes, the
+      top-k tokens and "the rest", the teacher's rest mass spread evenly over the other tokens
+      before softening (see :func:`_bucket_kl`); with ``"renormalize"`` the teacher's
+      distribution is renormalised over the k ids, ``q = softmax(logprobs / T)``, and
+      ``KD = sum_{i<k} q_i * (log q_i - log p_s(id_i))``. Both are >= 0 and equal the full KL
+      when ``k == V``. Renormalising flattens the target at a high temperature and pushes all of
+      the student's softened mass into k tokens; the bucket keeps the share a high temperature
+      gives to the tail.
 
     Teacher inputs are detached: no gradient reaches the teacher. The teacher may be omitted only
     when ``config.alpha == 0``. A term whose weight is 0 is computed without gradient, for logging.
@@ -207,9 +238,13 @@ def kd_loss(
             else:
                 lp_k = topk_logprobs.detach()[mask].float()
                 ids_k = topk_ids.detach()[mask].long()
-                logq = F.log_softmax(lp_k / temperature, dim=-1)
                 teacher_top1 = ids_k.gather(-1, lp_k.argmax(-1, keepdim=True)).squeeze(-1)
-                kd_tok = (logq.exp() * (logq - logp_s.gather(-1, ids_k))).sum(-1)
+                tail = vocab - ids_k.shape[-1]
+                if config.topk_tail == "bucket" and tail > 0:
+                    kd_tok = _bucket_kl(lp_k, ids_k, logp_s, temperature, tail)
+                else:
+                    logq = F.log_softmax(lp_k / temperature, dim=-1)
+                    kd_tok = (logq.exp() * (logq - logp_s.gather(-1, ids_k))).sum(-1)
             kd = kd_tok.sum() / denom
 
     loss = config.alpha * temperature**2 * kd + config.beta * ce

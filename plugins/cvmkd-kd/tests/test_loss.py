@@ -287,3 +287,56 @@ def test_config_defaults_and_frozen() -> None:
     assert (cfg.temperature, cfg.alpha, cfg.beta, cfg.label_smoothing) == (6.0, 0.8, 0.2, 0.0)
     with pytest.raises(AttributeError):
         cfg.alpha = 0.5  # type: ignore[misc]
+
+
+def _uniform_tail_teacher(n: int, vocab: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Teacher logits whose top-k are distinct and whose other tokens all share one logit."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.full((n, vocab), -1.0)
+    for row in range(n):
+        ids = torch.randperm(vocab, generator=g)[:k]
+        z[row, ids] = torch.rand(k, generator=g) * 4 + 1.0
+    return z
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 6.0])
+def test_bucket_topk_is_exact_when_both_tails_are_uniform(temperature: float) -> None:
+    vocab, k = 12, 3
+    z_t = _uniform_tail_teacher(5, vocab, k).view(1, 5, vocab)
+    tail = z_t == -1.0
+    z_s = torch.randn(1, 5, vocab, generator=torch.Generator().manual_seed(1))
+    z_s = torch.where(tail, torch.full_like(z_s, 0.3), z_s)  # the student's tail is even too
+    y = torch.randint(1, vocab, (1, 5), generator=torch.Generator().manual_seed(2))
+    cfg = KDConfig(temperature=temperature, alpha=1.0, beta=0.0)
+    full = kd_loss(z_s, y, PAD, z_t, config=cfg)
+    lp, ids = F.log_softmax(z_t, -1).topk(k, dim=-1)
+    bucket = kd_loss(z_s, y, PAD, teacher_topk=(lp, ids), config=cfg)
+    assert float(bucket.kd) == pytest.approx(float(full.kd), rel=1e-5, abs=1e-6)
+
+
+def test_bucket_topk_is_a_lower_bound_of_the_full_kl_and_renormalize_differs() -> None:
+    vocab, k = 20, 4
+    g = torch.Generator().manual_seed(3)
+    z_t = torch.randn(2, 6, vocab, generator=g) * 3
+    z_s = torch.randn(2, 6, vocab, generator=g)
+    y = torch.randint(1, vocab, (2, 6), generator=g)
+    lp, ids = F.log_softmax(z_t, -1).topk(k, dim=-1)
+    for temperature in (1.0, 6.0):
+        full = kd_loss(z_s, y, PAD, z_t, config=KDConfig(temperature=temperature))
+        bucket = kd_loss(z_s, y, PAD, teacher_topk=(lp, ids), config=KDConfig(temperature=temperature))
+        renorm = kd_loss(
+            z_s, y, PAD, teacher_topk=(lp, ids), config=KDConfig(temperature=temperature, topk_tail="renormalize")
+        )
+        assert 0 <= float(bucket.kd) <= float(full.kd) + 1e-6
+        assert float(renorm.kd) != pytest.approx(float(bucket.kd))
+
+
+def test_bucket_topk_gradient_flows_to_tail_logits() -> None:
+    vocab, k = 10, 2
+    z_t = _uniform_tail_teacher(4, vocab, k).view(1, 4, vocab)
+    lp, ids = F.log_softmax(z_t, -1).topk(k, dim=-1)
+    z_s = torch.zeros(1, 4, vocab, requires_grad=True)
+    y = torch.ones(1, 4, dtype=torch.long)
+    kd_loss(z_s, y, PAD, teacher_topk=(lp, ids), config=KDConfig(temperature=6.0, alpha=1.0, beta=0.0)).loss.backward()
+    tail_mask = torch.ones(1, 4, vocab, dtype=torch.bool).scatter(-1, ids, False)
+    assert z_s.grad is not None and z_s.grad[tail_mask].abs().sum() > 0
