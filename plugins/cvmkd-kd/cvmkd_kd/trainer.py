@@ -99,6 +99,7 @@ class Seq2SeqTrainer:
             betas=(0.9, 0.98),
             eps=1e-9,
             weight_decay=self.config.weight_decay,
+            fused=True,  # one kernel for all parameters, on CPU and CUDA alike
         )
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler("cuda")
