@@ -6,6 +6,8 @@ exactly how the score was computed (tokenizer, smoothing, version), so scores ar
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any
 
 import attrs
@@ -38,7 +40,7 @@ class TerConfig:
     case_sensitive: bool = False
 
 
-class _Sacrebleu:
+class _Sacrebleu(abc.ABC):
     key = ""
     higher: bool = True
 
@@ -47,8 +49,9 @@ class _Sacrebleu:
         self.signature = ""
         self.higher_is_better = {self.key: self.higher}
 
+    @abc.abstractmethod
     def _metric(self) -> Any:
-        raise NotImplementedError  # each metric below builds its sacrebleu object
+        """The sacrebleu metric object, built from the config."""
 
     def score(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
         metric = self._metric()
