@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from cvmkd_core.checkpoint import CheckpointStore
-from cvmkd_core.errors import CheckpointError, CvmkdError, PluginLoadError
+from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import ComponentRef, Recipe
@@ -268,4 +268,4 @@ class Loop:
             atomic_write_json(state.run_dir / "summary.json", summary.to_dict())
 
 
-__all__ = ["Loop", "PluginError", "instantiate_components", "PluginLoadError"]
+__all__ = ["Loop", "PluginError", "instantiate_components"]

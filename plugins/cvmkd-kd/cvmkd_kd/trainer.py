@@ -15,7 +15,6 @@ import torch
 
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.data.batching import Batch, BatchStream
-from cvmkd_core.errors import CvmkdError
 from cvmkd_core.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.model.presets import count_parameters
@@ -266,7 +265,3 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     def __init__(self, config: TeacherConfig) -> None:
         super().__init__(config)
-
-
-def teacher_config_error(message: str) -> CvmkdError:
-    return CvmkdError(f"teacher: {message}")
