@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import torch
 
+from cvmkd_core.builtins.validation import higher_is_better, score_all
 from cvmkd_core.data.batching import Batch, batches_once
 from cvmkd_core.errors import ModelError
 from cvmkd_core.hardware import autocast
@@ -225,15 +226,6 @@ class KDTrainer(Seq2SeqTrainer):
         return self.translate(state, sources, beam_size=beam_size, model=self.teacher)
 
 
-def score_with_metrics(state: RunState, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
-    from cvmkd_core.builtins.validation import selected_metrics
-
-    scores: dict[str, float] = {}
-    for _, metric in selected_metrics(state):
-        scores.update({k: float(v) for k, v in metric.score(hypotheses, references, sources).items()})
-    return scores
-
-
 def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
     """Score the student and the teacher on the test split with every selected metric."""
     assert trainer.data is not None
@@ -247,7 +239,7 @@ def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
         hypotheses = trainer.translate(state, sources, beam_size=beam, model=model)
         seconds = time.perf_counter() - started
         result[who] = {
-            "scores": score_with_metrics(state, hypotheses, references, sources),
+            "scores": score_all(state, hypotheses, references, sources),
             "decode_seconds": round(seconds, 2),
             "examples": [
                 {"source": s, "reference": r, "hypothesis": h}
@@ -261,11 +253,7 @@ def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
 def retention(state: RunState, student: dict[str, float], teacher: dict[str, float]) -> dict[str, float | None]:
     """The student's share of the teacher's score per metric; for a lower-is-better metric (TER)
     the share is teacher / student, so 1.0 means "as good as the teacher" either way."""
-    from cvmkd_core.builtins.validation import selected_metrics
-
-    higher: dict[str, bool] = {}
-    for _, metric in selected_metrics(state):
-        higher.update(getattr(metric, "higher_is_better", {}))
+    higher = higher_is_better(state)
     shares: dict[str, float | None] = {}
     for key, value in student.items():
         reference = teacher.get(key)

@@ -70,6 +70,7 @@ class Seq2SeqTrainer:
         self.cache: Any = None
         self.teacher_info: dict[str, Any] = {}
         self.scaler: Any = None
+        self._ce_config: Any = None
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -136,8 +137,9 @@ class Seq2SeqTrainer:
     def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor) -> Any:
         from cvmkd_kd.loss import KDConfig, kd_loss
 
-        config = KDConfig(alpha=0.0, beta=1.0, label_smoothing=self.config.label_smoothing)
-        return kd_loss(logits, batch.tgt_out, self.data.tokenizer.pad_id, config=config)  # type: ignore[union-attr]
+        if self._ce_config is None:
+            self._ce_config = KDConfig(alpha=0.0, beta=1.0, label_smoothing=self.config.label_smoothing)
+        return kd_loss(logits, batch.tgt_out, self.data.tokenizer.pad_id, config=self._ce_config)  # type: ignore[union-attr]
 
     @hookimpl(trylast=True)
     def cvmkd_step(self, state: RunState, batch: Batch) -> StepResult:
