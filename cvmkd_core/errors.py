@@ -56,3 +56,7 @@ class CheckpointError(CvmkdError):
 
 class ModelError(CvmkdError):
     """A model or its package is incompatible or damaged (for example a vocabulary mismatch)."""
+
+
+class MetricError(CvmkdError):
+    """A metric is misconfigured (unknown composite key...) or returned something unusable."""

@@ -15,7 +15,15 @@ import pluggy
 if TYPE_CHECKING:
     from cvmkd_core.recipe import Recipe
     from cvmkd_core.registry import Registrar
-    from cvmkd_core.state import Rollback, RunState, RunSummary, StepResult, ValidationRecord
+    from cvmkd_core.state import (
+        Rollback,
+        RunState,
+        RunSummary,
+        StepResult,
+        TranslationSample,
+        ValidationRecord,
+        ValidationResult,
+    )
 
 PROJECT = "cvmkd"
 
@@ -74,11 +82,26 @@ def cvmkd_step_end(state: RunState, result: StepResult) -> None:
 
 
 @hookspec
-def cvmkd_validate(state: RunState) -> dict[str, float] | None:
-    """Score the current student; return ``{metric_name: value}``.
+def cvmkd_validate(state: RunState) -> dict[str, float] | ValidationResult | None:
+    """Score the current student; return ``{score_name: value}`` or a :class:`ValidationResult`
+    (scores plus details for the record).
 
-    Every implementation's dictionary is merged into one record; the same key from two
-    implementations is an error.
+    Every implementation's scores and details are merged into one record; the same key from two
+    implementations is an error. The built-in validation translates the held-out set, scores it
+    with every selected metric, compares with the teacher and the previous validation, and asks
+    ``cvmkd_analyze`` for an error analysis.
+    """
+
+
+@hookspec
+def cvmkd_analyze(state: RunState, sample: TranslationSample) -> dict[str, Any] | None:
+    """Analyse one validation's translations; return ``{name: findings}`` (JSON-serialisable).
+
+    Called by the built-in validation after scoring. ``sample`` holds the sources, references and
+    hypotheses, and the previous validation's hypotheses when there was one. Each
+    implementation's findings are stored under ``details["analysis"]`` in the record; the same
+    name from two implementations is an error. The built-in ``cvmkd.analysis`` returns
+    ``{"errors": ...}`` (length, worst sentences, loops, copies, empty output, regressions).
     """
 
 

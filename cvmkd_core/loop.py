@@ -12,8 +12,8 @@
             state.step += 1; state.iterations += 1
             cvmkd_step_end(state, result)
             if state.step % run.validate_every == 0 or state.step == run.steps:
-                scores = merge(cvmkd_validate(state))    # duplicate keys are an error
-                record = ValidationRecord(state.step, scores)
+                scores, details = merge(cvmkd_validate(state))   # duplicate keys are an error
+                record = ValidationRecord(state.step, scores, details)
                 event("validation", record)
                 decision = cvmkd_check_degradation(state, record, history)   # firstresult
                 if decision is a Rollback:
@@ -51,7 +51,7 @@ from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import ComponentRef, Recipe
-from cvmkd_core.state import Rollback, RunState, RunSummary, ValidationRecord
+from cvmkd_core.state import Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
 
 log = logging.getLogger("cvmkd")
 
@@ -79,14 +79,28 @@ def _has_hookimpls(obj: Any) -> bool:
     )
 
 
-def _merge_scores(results: list[dict[str, float] | None]) -> dict[str, float]:
-    merged: dict[str, float] = {}
+def _merge_validation(results: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """One record's scores and details from every ``cvmkd_validate`` result."""
+    scores: dict[str, float] = {}
+    details: dict[str, Any] = {}
     for result in results:
-        for key, value in (result or {}).items():
-            if key in merged:
+        if result is None:
+            continue
+        if isinstance(result, ValidationResult):
+            part_scores, part_details = result.scores, result.details
+        elif isinstance(result, dict):
+            part_scores, part_details = result, {}
+        else:
+            raise PluginError(f"cvmkd_validate returned {type(result).__name__}; expected a dict or ValidationResult")
+        for key, value in part_scores.items():
+            if key in scores:
                 raise PluginError(f"two plugins returned the validation score {key!r}")
-            merged[key] = value
-    return merged
+            scores[key] = float(value)
+        for key, value in part_details.items():
+            if key in details:
+                raise PluginError(f"two plugins returned the validation detail {key!r}")
+            details[key] = value
+    return scores, details
 
 
 def _core_payload(state: RunState) -> dict[str, Any]:
@@ -96,6 +110,7 @@ def _core_payload(state: RunState) -> dict[str, Any]:
         "rollbacks": state.rollbacks,
         "lr_scale": state.lr_scale,
         "history": [r.to_dict() for r in state.history],
+        "validation_seconds": state.validation_seconds,
         "torch_rng": torch.get_rng_state(),
         "python_rng": list(random.getstate()[1]),
         "python_rng_version": random.getstate()[0],
@@ -109,6 +124,7 @@ def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
         state.iterations = int(core["iterations"])
         state.rollbacks = int(core["rollbacks"])
         state.history = [ValidationRecord(**r) for r in core["history"]]
+        state.validation_seconds = float(core.get("validation_seconds", 0.0))
         torch.set_rng_state(core["torch_rng"])
         random.setstate((core["python_rng_version"], tuple(core["python_rng"]), None))
 
@@ -176,12 +192,20 @@ class Loop:
     def _validate(self) -> None:
         state, hook = self.state, self.pm.hook
         started = time.perf_counter()
-        scores = _merge_scores(hook.cvmkd_validate(state=state))
+        scores, details = _merge_validation(hook.cvmkd_validate(state=state))
+        seconds = time.perf_counter() - started
+        state.validation_seconds += seconds
+        elapsed = max(time.time() - state.started_at, 1e-9)
+        log.info(
+            "validation at step %d took %.1fs; validation so far: %.0fs, %.1f%% of the run's %.0fs",
+            state.step, seconds, state.validation_seconds, 100 * state.validation_seconds / elapsed, elapsed,
+        )
         record = ValidationRecord(
             step=state.step,
             iteration=state.iterations,
             scores=scores,
-            seconds=time.perf_counter() - started,
+            seconds=round(seconds, 3),
+            details=details,
         )
         history = list(state.history)
         decision = hook.cvmkd_check_degradation(state=state, record=record, history=history)
@@ -254,7 +278,14 @@ class Loop:
         if state.stop_reason:
             summary.extra["stop_reason"] = state.stop_reason
         if state.history:
-            summary.last_validation = state.history[-1].to_dict()
+            last = state.history[-1].to_dict()
+            summary.last_validation = {k: v for k, v in last.items() if k != "details"}
+        wall = max(time.time() - state.started_at, 1e-9)
+        summary.extra["validation"] = {
+            "count": len(state.history),
+            "seconds": round(state.validation_seconds, 2),
+            "share_of_wall_time": round(state.validation_seconds / wall, 4),
+        }
         try:
             state.emit("run_end", status=summary.status, step=state.step, iterations=state.iterations)
             self.pm.hook.cvmkd_finalize(state=state, summary=summary)

@@ -37,6 +37,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("cvmkd.components", "cvmkd_core.builtins.components"),
     ("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),
     ("cvmkd.validation", "cvmkd_core.builtins.validation"),
+    ("cvmkd.analysis", "cvmkd_core.builtins.analysis"),
     ("cvmkd.progress", "cvmkd_core.builtins.progress"),
 )
 

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import attrs
 
-from cvmkd_core.errors import RecipeError
+from cvmkd_core.errors import MetricError, RecipeError
 from cvmkd_core.loop import Loop, instantiate_components
 from cvmkd_core.plugins import Plugins, build_plugins
 from cvmkd_core.recipe import (
@@ -53,7 +53,26 @@ def open_session(
         recipe = structure_recipe(data, plugins.registry)
     except RecipeError as exc:
         raise RecipeError(exc.problems, source=str(recipe_path)) from None
+    try:
+        check_composite(recipe, plugins)
+    except MetricError as exc:
+        raise RecipeError(str(exc), source=str(recipe_path)) from None
     return Session(recipe=recipe, plugins=plugins, recipe_path=recipe_path)
+
+
+def check_composite(recipe: Recipe, plugins: Plugins) -> None:
+    """The composite's weights must name scores the selected metrics declare: checked before a
+    run starts, with metric instances made only to read their declarations."""
+    from cvmkd_core.metrics import all_specs, composite_weights
+
+    metrics = []
+    for path, ref in recipe.component_refs():
+        if path.startswith("validation.metrics["):
+            component = plugins.registry.get(ref.kind, ref.name)
+            obj = component.factory(ref.config) if component.config is not None else component.factory()
+            metrics.append((path, obj))
+    if metrics:
+        composite_weights(recipe.validation.composite, all_specs(metrics), "validation.composite")
 
 
 def run_session(session: Session, run_dir: str | Path | None = None, *, resume: bool = False) -> tuple[RunSummary, Path]:

@@ -25,14 +25,38 @@ class StepResult:
 
 
 @attrs.frozen
+class ValidationResult:
+    """What a ``cvmkd_validate`` implementation may return instead of a bare score dict:
+    the scores, plus details stored in the record (deltas, retention, significance, analysis...).
+    """
+
+    scores: dict[str, float]
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class TranslationSample:
+    """One validation's translations, as ``cvmkd_analyze`` sees them (all lists aligned)."""
+
+    step: int
+    sources: list[str]
+    references: list[str]
+    hypotheses: list[str]
+    #: the previous validation's hypotheses of the same sentences, or None at the first one
+    previous: list[str] | None = None
+    previous_step: int | None = None
+
+
+@attrs.frozen
 class ValidationRecord:
-    """The scores of one validation, with where in the run it happened."""
+    """One validation: where in the run it happened, its scores, and the details that explain
+    them (see ``docs/validation.md`` for the keys the built-in validation writes)."""
 
     step: int
     iteration: int
     scores: dict[str, float]
     seconds: float = 0.0
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    details: dict[str, Any] = attrs.field(factory=dict)
     rolled_back: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +117,8 @@ class RunState:
     stop_requested: bool = False
     stop_reason: str | None = None
     history: list[ValidationRecord] = attrs.field(factory=list)
+    #: wall-clock seconds spent in validation so far (its share of the run is logged)
+    validation_seconds: float = 0.0
     #: instantiated components by recipe path ("distill", "validation.metrics[0]", ...)
     components: dict[str, Any] = attrs.field(factory=dict)
     #: the stream of training batches; the trainer sets it in cvmkd_run_start

@@ -17,6 +17,7 @@ import torch
 
 from cvmkd_core.config import ge, gt
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.metrics import ScoreSpec
 from cvmkd_core.registry import Registrar
 from cvmkd_core.state import RunState, StepResult
 
@@ -110,11 +111,15 @@ class ToyTrainer:
         good = abs(float(self.weight) - self.config.target) < 0.5
         return [s if good else "garbage" for s in sources]
 
+    def teacher_translations(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]:
+        """The toy's teacher is perfect."""
+        return list(sources)
+
 
 class ExactMatch:
     """Share of hypotheses identical to their reference, in percent."""
 
-    higher_is_better = {"exact": True}
+    scores = {"exact": ScoreSpec(True, 0.0, 100.0, "share of hypotheses equal to their reference")}
 
     def score(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
         same = sum(h == r for h, r in zip(hypotheses, references))

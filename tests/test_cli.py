@@ -143,7 +143,8 @@ def test_plugins_lists_builtins_in_text_and_json(capsys) -> None:
     status, out, _ = _cli("plugins", "--json", capsys=capsys)
     listed = {p["name"]: p for p in json.loads(out)}
     assert listed["cvmkd.jsonl"]["components"][0]["name"] == "jsonl"
-    assert listed["cvmkd.validation"]["hooks"] == ["cvmkd_validate"]
+    assert listed["cvmkd.validation"]["hooks"] == ["cvmkd_run_start", "cvmkd_validate"]
+    assert listed["cvmkd.analysis"]["hooks"] == ["cvmkd_analyze"]
 
 
 PLUGIN_PYPROJECT = """
@@ -201,7 +202,7 @@ def test_a_pip_installed_plugin_is_listed_and_usable(tmp_path: Path, write, toy_
         )
         assert done.returncode == 0, done.stderr
         last = json.loads((tmp_path / "runs/toy/validation/history.jsonl").read_text().splitlines()[-1])
-        assert set(last["scores"]) == {"exact", "words"}
+        assert set(last["scores"]) == {"exact", "words", "composite"}
         assert last["scores"]["words"] > 0
     finally:
         subprocess.run([*pip, "uninstall", "-y", "cvmkd-tmp-metric"], check=True)

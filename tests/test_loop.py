@@ -121,7 +121,7 @@ def test_runs_exactly_the_recipe_steps_and_validates_every_n_and_at_the_end(writ
     assert all(isinstance(line["loss"], float) for line in lines if "event" not in line)
     history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [3, 6, 7]
-    assert history[-1]["scores"] == {"exact": 100.0}
+    assert history[-1]["scores"] == {"exact": 100.0, "composite": 100.0}
     assert summary.final_step == summary.iterations_executed == 7
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == [6, 7]  # keep_checkpoints = 2

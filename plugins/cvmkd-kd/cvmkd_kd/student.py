@@ -13,11 +13,12 @@ from typing import Any
 import attrs
 import torch
 
-from cvmkd_core.builtins.validation import higher_is_better, score_all
+from cvmkd_core.builtins.validation import score_all, score_specs
 from cvmkd_core.data.batching import Batch, batches_once
 from cvmkd_core.errors import ModelError
 from cvmkd_core.hardware import autocast
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.metrics import retention
 from cvmkd_core.model.package import load_package, read_metadata
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
@@ -225,19 +226,49 @@ class KDTrainer(Seq2SeqTrainer):
     def translate_with_teacher(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]:
         return self.translate(state, sources, beam_size=beam_size, model=self.teacher)
 
+    def teacher_translations(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str] | None:
+        """The teacher's translations of ``sources``, cached on disk: the teacher does not change,
+        so validation scores it once, and later runs with the same teacher reuse them."""
+        from cvmkd_core.files import atomic_write_text
+
+        if self.teacher is None or self.data is None:
+            return None
+        weights = self.teacher_info.get("weights_sha256") or "unknown"
+        key = hashlib.sha256(
+            "\n".join([weights, self.data.tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]).encode()
+        ).hexdigest()
+        path = state.recipe.run.cache_path() / "teacher-translations" / f"{key[:24]}.txt"
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+            if len(lines) == len(sources):
+                log.info("reusing the teacher's cached translations %s", path)
+                return lines
+        hypotheses = self.translate_with_teacher(state, sources, beam_size=beam_size)
+        atomic_write_text(path, "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
+        return hypotheses
+
 
 def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
-    """Score the student and the teacher on the test split with every selected metric."""
+    """Score the student and the teacher on the test split with every selected metric, and
+    analyse the student's errors there."""
+    from cvmkd_core.builtins.analysis import analyse
+    from cvmkd_core.state import TranslationSample
+
     assert trainer.data is not None
     test = trainer.data.splits.test or trainer.data.splits.valid
     split = "test" if trainer.data.splits.test else "valid"
     sources, references = [p[0] for p in test], [p[1] for p in test]
     beam = state.recipe.validation.beam_size
     result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
-    for who, model in (("student", trainer.model), ("teacher", trainer.teacher)):
+    outputs: dict[str, list[str]] = {}
+    for who in ("student", "teacher"):
         started = time.perf_counter()
-        hypotheses = trainer.translate(state, sources, beam_size=beam, model=model)
+        if who == "student":
+            hypotheses = trainer.translate(state, sources, beam_size=beam)
+        else:  # the teacher's are cached: the same teacher is scored once on the same sentences
+            hypotheses = trainer.teacher_translations(state, sources, beam_size=beam) or []
         seconds = time.perf_counter() - started
+        outputs[who] = hypotheses
         result[who] = {
             "scores": score_all(state, hypotheses, references, sources),
             "decode_seconds": round(seconds, 2),
@@ -246,19 +277,9 @@ def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
                 for s, r, h in list(zip(sources, references, hypotheses))[:5]
             ],
         }
-    result["retention"] = retention(state, result["student"]["scores"], result["teacher"]["scores"])
+    result["retention"] = retention(result["student"]["scores"], result["teacher"]["scores"], score_specs(state))
+    config = state.recipe.validation.analysis
+    if config.enabled:
+        sample = TranslationSample(step=state.step, sources=sources, references=references, hypotheses=outputs["student"])
+        result["student"]["analysis"] = analyse(sample, worst=config.worst, examples=config.examples)
     return result
-
-
-def retention(state: RunState, student: dict[str, float], teacher: dict[str, float]) -> dict[str, float | None]:
-    """The student's share of the teacher's score per metric; for a lower-is-better metric (TER)
-    the share is teacher / student, so 1.0 means "as good as the teacher" either way."""
-    higher = higher_is_better(state)
-    shares: dict[str, float | None] = {}
-    for key, value in student.items():
-        reference = teacher.get(key)
-        if higher.get(key, True):
-            shares[key] = value / reference if reference else None
-        else:
-            shares[key] = reference / value if value else None
-    return shares

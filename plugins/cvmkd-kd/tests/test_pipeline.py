@@ -119,7 +119,7 @@ def test_student_logs_every_step_and_is_packaged_and_scored(tiny_corpus: Path) -
     assert steps[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup of 2 steps
     history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [6, 12]
-    assert set(history[-1]["scores"]) == {"bleu", "chrf", "ter"}
+    assert set(history[-1]["scores"]) == {"bleu", "chrf", "ter", "composite"}
 
     model, tokenizer, metadata = load_package(run_dir / "model")
     assert metadata["role"] == "student" and metadata["final_step"] == 12
@@ -127,9 +127,32 @@ def test_student_logs_every_step_and_is_packaged_and_scored(tiny_corpus: Path) -
     assert tokenizer.vocab_size == model.config.vocab_size == 40
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["split"] == "test" and evaluation["sentences"] == 8
-    assert set(evaluation["student"]["scores"]) == set(evaluation["teacher"]["scores"]) == {"bleu", "chrf", "ter"}
-    ter = evaluation["retention"]["ter"]
-    assert ter == pytest.approx(evaluation["teacher"]["scores"]["ter"] / evaluation["student"]["scores"]["ter"])
+    assert set(evaluation["student"]["scores"]) == set(evaluation["teacher"]["scores"]) == {"bleu", "chrf", "ter", "composite"}
+    chrf = evaluation["retention"]["chrf"]
+    assert chrf == pytest.approx(evaluation["student"]["scores"]["chrf"] / evaluation["teacher"]["scores"]["chrf"])
+    assert evaluation["student"]["analysis"]["sentences"] == 8
+
+
+def test_validation_records_compare_with_the_teacher_and_the_previous_validation(tiny_corpus: Path) -> None:
+    _, run_dir = _run(tiny_corpus)
+    first, last = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
+    teacher = json.loads((run_dir / "validation" / "teacher.json").read_text())
+    hypotheses = (run_dir / "validation" / last["details"]["hypotheses"]).read_text().splitlines()
+    assert len(hypotheses) == teacher["sources"] == last["details"]["sentences"] == 8
+    for record in (first, last):
+        details = record["details"]
+        assert details["teacher"]["scores"] == teacher["scores"]
+        assert details["retention"]["chrf"] == pytest.approx(record["scores"]["chrf"] / teacher["scores"]["chrf"])
+        assert set(details["analysis"]["errors"]) >= {"length", "worst", "loops", "empty", "copies", "unknown_tokens"}
+    assert "delta_previous" not in first["details"] and "significance" not in first["details"]
+    details = last["details"]
+    assert details["previous_step"] == 6
+    assert details["delta_previous"]["bleu"] == pytest.approx(last["scores"]["bleu"] - first["scores"]["bleu"])
+    assert set(details["significance"]["scores"]) == {"bleu", "chrf", "ter"}
+    assert details["analysis"]["errors"]["changes"]["against_step"] == 6
+    assert details["signatures"]["bleu"].startswith("nrefs:1|")
+    cached = list((run_dir.parent.parent / "cache" / "teacher-translations").glob("*.txt"))
+    assert len(cached) == 2  # the validation and the test sentences
 
 
 def test_a_teacher_can_be_loaded_from_a_package(tiny_corpus: Path) -> None:

@@ -25,10 +25,40 @@ def test_scores_equal_sacrebleu_and_keep_the_signature() -> None:
     assert Chrf(ChrfConfig()).score(HYPS, REFS, [])["chrf"] == sacrebleu.corpus_chrf(HYPS, [REFS]).score
     ter = Ter(TerConfig())
     assert ter.score(HYPS, REFS, [])["ter"] == sacrebleu.corpus_ter(HYPS, [REFS]).score
-    assert ter.higher_is_better == {"ter": False}
+    assert ter.scores["ter"].higher_is_better is False
+    assert bleu.scores["bleu"].higher_is_better is True
+    assert ter.scores["ter"].normalise(150.0) == 0.0
 
 
 def test_perfect_and_empty_translations() -> None:
     bleu = Bleu(BleuConfig())
     assert bleu.score(REFS, REFS, [])["bleu"] == pytest.approx(100.0)
     assert bleu.score(["", ""], REFS, [])["bleu"] == 0.0
+
+
+def _noisy(references: list[str], keep: float, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(w if rng.random() < keep else "x" for w in r.split()) for r in references]
+
+
+def test_paired_test_tells_a_real_difference_from_noise() -> None:
+    import random
+
+    rng = random.Random(0)
+    words = "the a god earth heaven man said to him and".split()
+    refs = [" ".join(rng.choice(words) for _ in range(15)) for _ in range(300)]
+    worse, better, similar = _noisy(refs, 0.4, 1), _noisy(refs, 0.8, 2), _noisy(refs, 0.4, 3)
+    bleu = Bleu(BleuConfig())
+    clear = bleu.paired_test(worse, better, refs, [], samples=300)["bleu"]
+    assert clear["p_value"] < 0.01
+    assert clear["delta"] == pytest.approx(
+        sacrebleu.corpus_bleu(better, [refs]).score - sacrebleu.corpus_bleu(worse, [refs]).score
+    )
+    assert clear["ci95"][0] < clear["mean"] < clear["ci95"][1]
+    assert "bs:300" in clear["signature"]
+    assert bleu.paired_test(worse, similar, refs, [], samples=300)["bleu"]["p_value"] > 0.05
+    assert bleu.paired_test(worse, worse, refs, [])["bleu"] == {"p_value": 1.0, "delta": 0.0}
+    ter = Ter(TerConfig()).paired_test(worse, better, refs, [], samples=200)["ter"]
+    assert ter["delta"] < 0 and ter["p_value"] < 0.01
