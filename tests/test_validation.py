@@ -96,6 +96,8 @@ def test_repeated_units_are_found_only_when_repeated_in_a_row() -> None:
     assert repeated_unit("and he said and he said and he said to them".split()) == "and he said"
     assert repeated_unit("the the the".split()) == "the"
     assert repeated_unit("he said to him and he said to her".split()) is None
+    assert repeated_unit("and a ribbbbbbbbbbb".split()) == "b"
+    assert repeated_unit("in 1000000 cubits, a sheep baaaah".split()) is None
 
 
 def test_the_analysis_finds_each_kind_of_error() -> None:

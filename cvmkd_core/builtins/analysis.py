@@ -37,8 +37,17 @@ def sentence_chrf(hypotheses: list[str], references: list[str]) -> list[float]:
     return [float(metric.sentence_score(h, [r]).score) for h, r in zip(hypotheses, references)]
 
 
+#: a letter repeated this many times in a row inside a word is a loop too ("ribbbbbbbb")
+CHAR_LOOP = re.compile(r"([^\W\d_])\1{5,}")
+
+
 def repeated_unit(words: list[str], repeats: int = LOOP_REPEATS) -> str | None:
-    """The first unit of 1-4 words repeated ``repeats`` times in a row in ``words``, or None."""
+    """The first unit of 1-4 words repeated ``repeats`` times in a row in ``words``, or a letter
+    repeated six or more times in a row inside a word; None when there is neither."""
+    for word in words:
+        match = CHAR_LOOP.search(word)
+        if match:
+            return match.group(1)
     for size in range(1, 5):
         for start in range(0, len(words) - size * repeats + 1):
             unit = words[start : start + size]

@@ -79,8 +79,15 @@ def score_metrics(
             if key not in declared:
                 raise MetricError(f"{path}: metric returned {key!r}, which it does not declare in its scores")
             scores[key] = float(value)
-        seconds[path] = round(time.perf_counter() - started, 3)
+        seconds[_metric_name(state, path)] = round(time.perf_counter() - started, 3)
     return scores, sentences, seconds
+
+
+def _metric_name(state: RunState, path: str) -> str:
+    """``bleu`` for ``validation.metrics[0]`` (the path when two entries share a name)."""
+    names = {p: ref.name for p, ref in state.recipe.component_refs() if p.startswith(METRICS_PATH)}
+    name = names.get(path, path)
+    return name if list(names.values()).count(name) == 1 else path
 
 
 def score_all(state: RunState, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
@@ -140,13 +147,12 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
         "sentences": len(sources),
         "beam_size": config.beam_size,
         "decode_seconds": round(decode_seconds, 3),
-        "tokens_per_second": None,
         "metric_seconds": metric_seconds,
         "composite_weights": weights,
         "higher_is_better": {k: s.higher_is_better for k, s in specs.items()},
     }
     words = sum(len(h.split()) for h in hypotheses)
-    details["tokens_per_second"] = round(words / decode_seconds, 1) if decode_seconds > 0 else None
+    details["words_per_second"] = round(words / decode_seconds, 1) if decode_seconds > 0 else None
     signatures = {k: m.signature for _, m in metrics if getattr(m, "signature", "") for k in metric_specs(m)}
     if signatures:
         details["signatures"] = signatures

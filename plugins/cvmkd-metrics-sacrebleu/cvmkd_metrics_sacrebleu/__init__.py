@@ -9,6 +9,7 @@ exactly how the score was computed (tokenizer, smoothing, version), so scores ar
 from __future__ import annotations
 
 import abc
+import logging
 
 from typing import Any
 
@@ -78,6 +79,8 @@ class _Sacrebleu(abc.ABC):
             # sacrebleu's statistic is degenerate for identical systems (every resampled
             # difference is 0, giving p = 1/(samples+1)); identical output cannot differ
             return {self.key: {"p_value": 1.0, "delta": 0.0}}
+        # sacrebleu logs each stage of the test at INFO level; the run's log has no use for it
+        logging.getLogger("sacrebleu").setLevel(logging.WARNING)
         test = PairedTest(
             [("baseline", baseline), ("current", hypotheses)],
             {self.key: self._metric()},
