@@ -20,6 +20,8 @@ from cvmkd_core.errors import CvmkdError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: the run completed, but the student failed the retention gate; every output is kept
+EXIT_GATE_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("cvmkd")
@@ -94,6 +96,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         session.recipe.run.name, summary.status, summary.final_step,
         summary.iterations_executed, summary.rollbacks, summary.wall_seconds, run_dir,
     )
+    if summary.status == "interrupted":
+        print(
+            f"interrupted at step {summary.final_step}; continue with: cvmkd run {args.recipe} --resume --run-dir {run_dir}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    gate = summary.extra.get("gate")
+    if isinstance(gate, dict) and gate.get("passed") is False:
+        print(f"retention gate failed: {gate.get('verdict', 'see summary.json')} ({run_dir})", file=sys.stderr)
+        return EXIT_GATE_FAILED
     print(f"{summary.status}: {run_dir}")
     return EXIT_OK
 

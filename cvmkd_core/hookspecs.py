@@ -117,11 +117,14 @@ def cvmkd_check_degradation(
 
 
 @hookspec
-def cvmkd_checkpoint(state: RunState, record: ValidationRecord, payload: dict[str, Any]) -> None:
+def cvmkd_checkpoint(state: RunState, record: ValidationRecord | None, payload: dict[str, Any]) -> None:
     """Add state to the checkpoint written after a validation.
 
     Each stateful plugin stores its ``state_dict()`` under its own key in ``payload``. The
-    core writes the payload once, atomically, after every implementation has run.
+    core writes the payload once, atomically, after every implementation has run. ``record`` is
+    the validation the checkpoint follows, or None for the checkpoint written when a run is
+    interrupted. Store tensors and plain values only: checkpoints are read back with
+    ``torch.load(weights_only=True)``, which refuses arbitrary objects.
     """
 
 

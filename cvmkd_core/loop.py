@@ -11,6 +11,8 @@
             result = cvmkd_step(state, batch)            # firstresult; built-in trainer is trylast
             state.step += 1; state.iterations += 1
             cvmkd_step_end(state, result)
+            if a hook called state.request_rollback(decision):   # a non-finite loss, say
+                roll back as below; continue
             if state.step % run.validate_every == 0 or state.step == run.steps:
                 scores, details = merge(cvmkd_validate(state))   # duplicate keys are an error
                 record = ValidationRecord(state.step, scores, details)
@@ -24,12 +26,19 @@
                     payload = {"core": ...}
                     cvmkd_checkpoint(state, record, payload)   # each plugin adds its state
                     write payload atomically; event("checkpoint")
+        if interrupted by a first Ctrl-C:
+            cvmkd_checkpoint(state, None, payload)       # resumable from this step
     except BaseException as error:
         cvmkd_run_error(state, error)
         raise
     finally:
         event("run_end")
         cvmkd_finalize(state, summary)                   # always, also after an error
+
+A rollback restores the checkpoint's weights, optimizer, data position, random state and every
+plugin's state, then multiplies the learning rate by ``decision.lr_factor``; ``decision.stop``
+ends the run there (the detector's ``max_rollbacks``). With no checkpoint to go back to the run
+stops and says why.
 
 ``state.step`` is the training step of the current weights (a rollback sets it back);
 ``state.iterations`` counts every iteration executed and never decreases. The loop ends when
@@ -39,16 +48,20 @@ iterations than ``run.steps``, and the summary reports both numbers.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import random
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.errors import CheckpointError, CvmkdError
-from cvmkd_core.files import append_jsonl, atomic_write_json
+from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import ComponentRef, Recipe
 from cvmkd_core.state import Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
@@ -118,15 +131,40 @@ def _core_payload(state: RunState) -> dict[str, Any]:
 
 
 def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
+    """Put the loop's own state back. A rollback restores the step, the learning-rate scale and
+    the random state, but keeps the iteration count, the rollback count and the history: they
+    describe what the run did, not where the weights are."""
     state.step = int(core["step"])
     state.lr_scale = float(core.get("lr_scale", 1.0))
+    torch.set_rng_state(core["torch_rng"])
+    random.setstate((core["python_rng_version"], tuple(core["python_rng"]), None))
     if reason == "resume":
         state.iterations = int(core["iterations"])
         state.rollbacks = int(core["rollbacks"])
         state.history = [ValidationRecord(**r) for r in core["history"]]
         state.validation_seconds = float(core.get("validation_seconds", 0.0))
-        torch.set_rng_state(core["torch_rng"])
-        random.setstate((core["python_rng_version"], tuple(core["python_rng"]), None))
+
+
+@contextlib.contextmanager
+def _interrupts(state: RunState) -> Iterator[None]:
+    """The first Ctrl-C asks the loop to stop after the current step and write a checkpoint;
+    the second stops at once (KeyboardInterrupt). Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.interrupted:
+            raise KeyboardInterrupt
+        state.interrupted = True
+        state.request_stop("interrupted (Ctrl-C): stopping after this step; press Ctrl-C again to stop at once")
+        log.warning("%s", state.stop_reason)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Loop:
@@ -143,6 +181,12 @@ class Loop:
         state, hook = self.state, self.pm.hook
         summary = RunSummary()
         hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
+        with _interrupts(state):
+            self._run(summary, resume)
+        return summary
+
+    def _run(self, summary: RunSummary, resume: bool) -> None:
+        state, hook = self.state, self.pm.hook
         failed: BaseException | None = None
         try:
             hook.cvmkd_run_start(state=state)
@@ -154,7 +198,11 @@ class Loop:
                 self._resume()
             state.emit("run_start", step=state.step, total_steps=state.total_steps)
             self._train()
-            if state.stop_requested:
+            if state.interrupted:
+                self._checkpoint(None)
+                summary.status = "interrupted"
+                summary.error = "interrupted"
+            elif state.stop_requested:
                 summary.status = "stopped"
             else:
                 summary.status = "completed"
@@ -172,7 +220,6 @@ class Loop:
             raise
         finally:
             self._finalize(summary, failed)
-        return summary
 
     # --- the parts ------------------------------------------------------------------------------
 
@@ -186,6 +233,10 @@ class Loop:
             state.step += 1
             state.iterations += 1
             hook.cvmkd_step_end(state=state, result=result)
+            if state.pending_rollback is not None:
+                decision, state.pending_rollback = state.pending_rollback, None
+                self._rollback(decision)
+                continue
             if state.step % run.validate_every == 0 or state.step == run.steps:
                 self._validate()
 
@@ -219,12 +270,17 @@ class Loop:
         self._store_record(record)
         state.history.append(record)
         state.emit("validation", **record.to_dict())
+        self._checkpoint(record)
+
+    def _checkpoint(self, record: ValidationRecord | None) -> None:
+        """Every plugin adds its state; the payload is written once, atomically. ``record`` is
+        None for the checkpoint written on an interrupt (it is never the best)."""
+        state = self.state
         payload: dict[str, Any] = {"core": _core_payload(state)}
-        hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
-        entry = self.checkpoints.save(
-            state.step, state.iterations, payload, score=record.scores.get("composite")
-        )
-        state.emit("checkpoint", step=state.step, file=entry.file, sha256=entry.sha256)
+        self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
+        score = record.scores.get("composite") if record is not None else None
+        entry = self.checkpoints.save(state.step, state.iterations, payload, score=score)
+        state.emit("checkpoint", step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None)
 
     def _store_record(self, record: ValidationRecord) -> None:
         directory = self.state.run_dir / "validation"
@@ -238,14 +294,18 @@ class Loop:
         try:
             entry, payload = self.checkpoints.load(decision.target)
         except CheckpointError as exc:
-            log.warning("degradation detected (%s) but no checkpoint to roll back to: %s", decision.reason, exc)
+            reason = f"{decision.reason}; no checkpoint to roll back to ({exc})"
+            log.error("stopping: %s", reason)
             state.emit("rollback_skipped", step=state.step, reason=decision.reason, error=str(exc))
+            state.request_stop(reason)
             return
         from_step = state.step
         _restore_core(state, payload["core"], "rollback")
         state.rollbacks += 1
         state.lr_scale *= decision.lr_factor
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="rollback")
+        if decision.stop:
+            state.request_stop(f"{decision.reason}; restored step {state.step} and stopped")
         log.warning(
             "rollback %d: %s; restored step %d (%s), learning-rate scale now %g",
             state.rollbacks, decision.reason, state.step, entry.file, state.lr_scale,
@@ -263,8 +323,17 @@ class Loop:
 
     def _resume(self) -> None:
         state = self.state
+        if not self.checkpoints.entries():
+            # interrupted before its first checkpoint (during the teacher stage, say)
+            log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
+            state.emit("resume", step=0, checkpoint=None)
+            return
         entry, payload = self.checkpoints.load("last")
         _restore_core(state, payload["core"], "resume")
+        # validations after the checkpoint describe weights that are gone: the history file is
+        # rewritten from the checkpoint's, so it matches the run that continues
+        history = state.run_dir / "validation" / "history.jsonl"
+        atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
         state.emit("resume", step=state.step, checkpoint=entry.file)

@@ -69,11 +69,15 @@ class Rollback:
 
     ``target`` is ``"best"`` (the best-scoring checkpoint) or ``"last"`` (the last one written).
     ``lr_factor`` multiplies the learning rate after restoring, so the run changes course.
+    A detector returns it from ``cvmkd_check_degradation``, or hands it to
+    :meth:`RunState.request_rollback` from any hook (a non-finite loss between validations).
     """
 
     reason: str
     target: str = attrs.field(default="best", validator=attrs.validators.in_(("best", "last")))
     lr_factor: float = 1.0
+    #: restore, then end the run (``max_rollbacks`` reached): the run stops with the restored weights
+    stop: bool = False
 
 
 @attrs.define
@@ -116,6 +120,10 @@ class RunState:
     lr_scale: float = 1.0
     stop_requested: bool = False
     stop_reason: str | None = None
+    #: set by the first Ctrl-C: the loop finishes the step, writes a checkpoint and stops
+    interrupted: bool = False
+    #: a rollback asked for between validations; the loop performs it after the current step
+    pending_rollback: Rollback | None = None
     history: list[ValidationRecord] = attrs.field(factory=list)
     #: wall-clock seconds spent in validation so far (its share of the run is logged)
     validation_seconds: float = 0.0
@@ -140,6 +148,11 @@ class RunState:
         """Ask the loop to stop after the current step (finalize still runs)."""
         self.stop_requested = True
         self.stop_reason = reason
+
+    def request_rollback(self, decision: Rollback) -> None:
+        """Ask the loop to roll back after the current step (the first request wins)."""
+        if self.pending_rollback is None:
+            self.pending_rollback = decision
 
     def emit(self, name: str, **data: Any) -> None:
         """Tell every plugin about a run event (validation, rollback, checkpoint...)."""

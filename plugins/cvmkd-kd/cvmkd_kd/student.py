@@ -122,6 +122,8 @@ class KDTrainer(Seq2SeqTrainer):
         log.info("training the teacher: %d steps in %s (cached afterwards as %s)", recipe.teacher.steps, stage_dir, cached)
         started = time.perf_counter()
         summary = run_stage(state, stage, stage_dir)
+        if summary.status == "interrupted":
+            raise KeyboardInterrupt  # the teacher stage wrote its checkpoint; --resume continues it
         if summary.status != "completed":
             raise ModelError(f"teacher training ended {summary.status}; see {stage_dir}")
         tmp = cached.with_name(f".{cached.name}.tmp")
