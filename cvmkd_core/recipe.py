@@ -404,10 +404,17 @@ def structure_recipe(data: dict[str, Any], registry: Registry | None) -> Recipe:
     """Structure merged tables into a :class:`Recipe`, resolving components in ``registry``."""
     with resolving_with(registry):
         result = structure_collect(data, Recipe)
-        if not isinstance(result, list) and registry is not None:
-            # Second pass over the recipe with defaults made explicit: components chosen by a
-            # default are resolved and configured exactly like the ones the recipe names.
-            result = structure_collect(result.to_dict(), Recipe)
+        # Further passes over the recipe with defaults made explicit: components chosen by a
+        # default are resolved and configured exactly like the ones the recipe names. A default
+        # component may itself default another (the default trainer's default loss), so repeat
+        # until nothing changes; nesting is shallow, a few passes suffice.
+        for _ in range(8):
+            if isinstance(result, list) or registry is None:
+                break
+            before = result.to_dict()
+            result = structure_collect(before, Recipe)
+            if not isinstance(result, list) and result.to_dict() == before:
+                break
     if isinstance(result, list):
         lines = [line if not line.startswith("unknown key") else f"recipe: {line}" for line in result]
         raise RecipeError(lines)

@@ -218,3 +218,16 @@ def test_missing_and_non_utf8_recipe(tmp_path: Path) -> None:
     bad.write_bytes(b'[run]\nname = "caf\xe9"\n')
     with pytest.raises(RecipeError, match=r"latin1.toml: line 2, column 12: not valid UTF-8 \(byte 0xe9\)"):
         load_recipe(bad)
+
+
+def test_a_default_component_gets_its_own_default_components(write) -> None:
+    """No [distill] section: the default trainer "kd" and, inside it, its default loss "kd"
+    are both resolved and configured (a default within a default needs a further pass)."""
+    from cvmkd_core.plugins import build_plugins
+    from cvmkd_core.recipe import load_recipe
+
+    plugins = build_plugins()
+    recipe = load_recipe(write("r.toml", '[run]\nname = "x"\n'), registry=plugins.registry)
+    assert recipe.distill.name == "kd"
+    assert recipe.distill.config.loss.name == "kd"
+    assert recipe.distill.config.loss.config.temperature == 6.0
