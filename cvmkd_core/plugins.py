@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -192,7 +193,7 @@ class Plugins:
         """Register a plugin object after start-up (component instances, tests); its components
         are registered too. Plugins added from outside a run (``source != "component"``) are
         carried over by :meth:`fresh`."""
-        self._register(plugin, PluginInfo(name=name, source=source, module=type(plugin).__module__))
+        self._register(plugin, PluginInfo(name=name, source=source, module=plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__))
         if source != "component":
             self.extra.append((name, plugin))
         self._call_register(name, plugin)
