@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,31 +77,44 @@ class CheckpointStore:
     # --- save / load ----------------------------------------------------------------------------
 
     def save(self, step: int, iteration: int, payload: dict[str, Any], score: float | None) -> CheckpointEntry:
+        """Write the checkpoint, then the manifest that lists it, then delete the pruned ones: a
+        failure at any point (a full disk, say) leaves the previous manifest and every checkpoint
+        it lists intact, and is raised as a CheckpointError naming the file."""
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         data = buffer.getvalue()
         name = f"step_{step:08d}_it{iteration:08d}.pt"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.directory / name, data)
+        path = self.directory / name
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
         entry = CheckpointEntry(
             step=step, iteration=iteration, file=name, sha256=hashlib.sha256(data).hexdigest(), score=score
         )
         entries = [e for e in self.entries() if e.file != name] + [entry]
-        entries = self._prune(entries)
-        self._write_manifest(entries)
+        kept = self._kept(entries)
+        try:
+            self._write_manifest(kept)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoint manifest {self.directory / MANIFEST}: {exc.strerror or exc}"
+            ) from None
+        for dropped in entries:
+            if dropped not in kept:
+                try:
+                    (self.directory / dropped.file).unlink()
+                except FileNotFoundError:
+                    pass
         return entry
 
-    def _prune(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+    def _kept(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """The last ``keep`` entries and the best one."""
         best = self.best(entries)
         kept = entries[-self.keep :]
         if best is not None and best not in kept:
             kept = [best, *kept]
-        for entry in entries:
-            if entry not in kept:
-                try:
-                    (self.directory / entry.file).unlink()
-                except FileNotFoundError:
-                    pass
         return kept
 
     def load_entry(self, entry: CheckpointEntry) -> dict[str, Any]:
@@ -111,11 +126,19 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {path} is damaged (sha256 mismatch)")
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # torch's message spans a dozen lines; the refused global is what matters
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = found.group(1) if found else "an object that is not allowed"
+            raise CheckpointError(
+                f"checkpoint {path} refused: it would unpickle {what}, but a checkpoint may hold only "
+                "tensors and plain values (torch.load with weights_only=True)"
+            ) from None
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+            message = " ".join(str(exc).split())
+            raise CheckpointError(f"checkpoint {path} cannot be read: {message}") from None
 
-    def load(self, which: str = "last") -> tuple[CheckpointEntry, dict[str, Any]]:
-        """Load the ``"last"`` or ``"best"`` checkpoint, falling back past damaged ones."""
+    def _first_usable(self, which: str, warn: bool) -> tuple[CheckpointEntry, dict[str, Any]]:
         entries = self.entries()
         if not entries:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -128,6 +151,20 @@ class CheckpointStore:
             try:
                 return entry, self.load_entry(entry)
             except CheckpointError as exc:
-                log.warning("%s; trying an earlier checkpoint", exc)
+                if warn:
+                    log.warning("%s; trying an earlier checkpoint", exc)
                 problems.append(str(exc))
         raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
+
+    def load(self, which: str = "last") -> tuple[CheckpointEntry, dict[str, Any]]:
+        """Load the ``"last"`` or ``"best"`` checkpoint, falling back past damaged ones."""
+        return self._first_usable(which, warn=True)
+
+    def verify(self, which: str = "last") -> CheckpointEntry | None:
+        """The checkpoint :meth:`load` would restore, checked by loading it, silently (``load``
+        warns about the damaged ones it skips later); None when there is no checkpoint yet.
+        Raises CheckpointError when the manifest is damaged or no checkpoint is usable."""
+        if not self.entries():
+            return None
+        entry, _ = self._first_usable(which, warn=False)
+        return entry

@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from cvmkd_core import __version__
@@ -144,6 +145,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Any] = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}
 
+#: the core's event loop: its frames are where hooks are called from, never a hook itself
+_LOOP_FILE = str(Path(__file__).with_name("loop.py"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an unexpected exception: the hook and plugin file it came from when a hook
+    implementation raised it (the innermost ``cvmkd_*`` frame outside the core's loop), else the
+    innermost frame: ``cvmkd_step in /path/hooks.py:7 raised ValueError: boom``."""
+    message = _one_line(str(exc))
+    what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    for frame in reversed(frames):
+        if frame.name.startswith("cvmkd_") and frame.filename != _LOOP_FILE:
+            return f"{frame.name} in {frame.filename}:{frame.lineno} raised {what}"
+    if frames:
+        return f"{what} (at {frames[-1].filename}:{frames[-1].lineno})"
+    return what
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -156,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         for line in exc.lines():
-            print(f"error: {line}", file=sys.stderr)
+            print(f"error: {_one_line(str(line))}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -164,9 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or a plugin's failure: one line, the traceback on request
         if debug:
             traceback.print_exc()
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        at = f" (at {where.filename}:{where.lineno})" if where else ""
-        print(f"error: {type(exc).__name__}: {exc}{at}; rerun with --debug for the traceback", file=sys.stderr)
+        print(f"error: {describe_failure(exc)}; rerun with --debug for the traceback", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.errors import RunDirError
 from cvmkd_core.files import atomic_write_text
 from cvmkd_core.recipe import Recipe
@@ -23,11 +24,15 @@ def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False) -> Path
     """Create the run directory and write the resolved recipe (defaults made explicit).
 
     Refuses an existing, non-empty directory unless ``resume`` is set; with ``resume`` the
-    directory must exist and hold a run.
+    directory must exist and hold a run whose checkpoints (if any yet) include a usable one.
     """
     if resume:
+        if not path.is_dir():
+            raise RunDirError(f"cannot resume: no run directory {path}")
         if not (path / RECIPE_FILE).is_file():
             raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing)")
+        # a damaged manifest, or no usable checkpoint, is refused before the run writes anything
+        CheckpointStore(path / "checkpoints").verify("last")
         return path
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RunDirError(

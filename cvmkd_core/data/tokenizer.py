@@ -75,7 +75,8 @@ class Tokenizer:
         try:
             data = p.read_bytes()
         except FileNotFoundError:
-            raise ModelError(f"no such tokenizer model: {p}") from None
+            missing = "" if p.parent.is_dir() else f" (no folder {p.parent})"
+            raise ModelError(f"no such tokenizer model: {p}{missing}") from None
         return cls(data, path=p)
 
     def save(self, directory: PathLike) -> Path:
