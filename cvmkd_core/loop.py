@@ -178,9 +178,8 @@ class Loop:
         self.checkpoints = CheckpointStore(state.run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
 
     def run(self, *, resume: bool = False) -> RunSummary:
-        state, hook = self.state, self.pm.hook
+        state = self.state
         summary = RunSummary()
-        hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
         with _interrupts(state):
             self._run(summary, resume)
         return summary
@@ -189,6 +188,7 @@ class Loop:
         state, hook = self.state, self.pm.hook
         failed: BaseException | None = None
         try:
+            hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
             hook.cvmkd_run_start(state=state)
             if state.batches is None:
                 raise PluginError(
@@ -360,6 +360,9 @@ class Loop:
             self.pm.hook.cvmkd_finalize(state=state, summary=summary)
         except BaseException as exc:
             if failed is None:
+                # the run's own work is done, but a finalize step (export, report...) failed
+                summary.status = "failed"
+                summary.error = f"finalize: {type(exc).__name__}: {exc}"
                 raise
             # the original error matters more; finalize's own failure is still reported
             log.error("finalize failed after the run failed: %s: %s", type(exc).__name__, exc)

@@ -308,6 +308,12 @@ def _summary_failed(root: Path) -> None:
     assert _summary(root)["status"] == "failed"
 
 
+def _summary_finalize_failed(root: Path) -> None:
+    summary = _summary(root)
+    assert summary["status"] == "failed" and summary["error"] == "finalize: ValueError: boom"
+    assert summary["final_step"] == 6
+
+
 def _no_summary(root: Path) -> None:
     assert not (root / "runs/toy/summary.json").exists()
 
@@ -464,8 +470,7 @@ CASES: list[Case] = [
     Case("hook-raises-in-cvmkd_register", toy("--plugin", "raiser.py"),
          "error: plugin file:{cwd}/raiser.py: cvmkd_register failed: ValueError: boom", 2,
          setup=(_raiser("cvmkd_register"),)),
-    # cvmkd_configure is called before the loop's try: no summary.json is written
-    raising("cvmkd_configure", check=_no_summary),
+    raising("cvmkd_configure", check=_summary_failed),
     raising("cvmkd_run_start"),
     raising("cvmkd_step"),
     raising("cvmkd_step_end"),
@@ -474,8 +479,8 @@ CASES: list[Case] = [
     raising("cvmkd_check_degradation"),
     raising("cvmkd_checkpoint"),
     raising("cvmkd_event"),
-    # the run completed and summary.json says so; the command still fails, with status 1
-    raising("cvmkd_finalize", check=_summary_completed),
+    # training completed but finalizing did not: summary.json says failed, and why
+    raising("cvmkd_finalize", check=_summary_finalize_failed),
     # a resume that fails in a plugin records the failure in the resumed run's summary.json and
     # train.jsonl (the loop's doing); its checkpoints, validations and model are untouched
     attrs.evolve(
