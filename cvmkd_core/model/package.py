@@ -1,5 +1,9 @@
 """Model packages: a folder holding weights (safetensors), config, tokenizer and metadata.
 
+A quantized model (any module from :mod:`cvmkd_core.quant`) is stored as the tensors of
+:func:`~cvmkd_core.quant.quantized_state` in the same model.safetensors, plus
+``quantization.json`` (the spec); see docs/quantization.md.
+
 A package is written into a temporary sibling folder and renamed into place, so a reader never
 sees half a package. Loading checks every piece and says which one is missing or damaged.
 """
@@ -14,17 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from cvmkd_core.errors import ModelError
 from cvmkd_core.files import sha256_file
 from cvmkd_core.model.config import ModelConfig
 from cvmkd_core.model.transformer import CvmTransformer
+from cvmkd_core.quant import DynamicInt8Linear, is_quantized, load_quantized, quantized_state
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 METADATA = "metadata.json"
+QUANTIZATION = "quantization.json"
 
 
 def save_package(
@@ -38,8 +45,15 @@ def save_package(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        # save_model understands the tied embeddings that save_file would refuse
-        save_model(model, str(tmp / WEIGHTS))
+        if is_quantized(model):
+            tensors, spec = quantized_state(model)
+            # the header names the spec format, so the weights alone say they are quantized
+            header = {"format": "pt", "quantization": spec["format"]}
+            save_file(tensors, str(tmp / WEIGHTS), metadata=header)
+            (tmp / QUANTIZATION).write_text(json.dumps(spec, indent=2) + "\n")
+        else:
+            # save_model understands the tied embeddings that save_file would refuse
+            save_model(model, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         tokenizer.save(tmp)
         meta = dict(metadata or {})
@@ -93,10 +107,17 @@ def load_package(directory: str | Path, device: str | torch.device = "cpu") -> t
     except ValueError as exc:
         raise ModelError(f"model package {directory}: {CONFIG} is damaged ({exc})") from None
     model = CvmTransformer(config)
-    try:
-        load_model(model, str(directory / WEIGHTS), device=str(device))
-    except Exception as exc:
-        raise ModelError(f"model package {directory}: {WEIGHTS} does not fit {CONFIG} ({exc})") from None
+    if (directory / QUANTIZATION).is_file():
+        _load_quantized(directory, model, device)
+    else:
+        try:
+            load_model(model, str(directory / WEIGHTS), device=str(device))
+        except Exception as exc:
+            if _quantized_weights(directory / WEIGHTS):
+                raise ModelError(
+                    f"model package {directory}: {QUANTIZATION} is missing (the weights are quantized)"
+                ) from None
+            raise ModelError(f"model package {directory}: {WEIGHTS} does not fit {CONFIG} ({exc})") from None
     tokenizer = Tokenizer.load(directory / TOKENIZER)
     if tokenizer.vocab_size != config.vocab_size:
         raise ModelError(
@@ -105,3 +126,39 @@ def load_package(directory: str | Path, device: str | torch.device = "cpu") -> t
         )
     model.to(device).eval()
     return model, tokenizer, metadata
+
+
+def _quantized_weights(path: Path) -> bool:
+    """True when a safetensors file holds quantized tensors (header tag or ``*.qdata`` names)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            return "quantization" in meta or any(k.endswith(".qdata") for k in handle.keys())
+    except Exception:
+        return False
+
+
+def _load_quantized(directory: Path, model: CvmTransformer, device: str | torch.device) -> None:
+    """Rebuild the quantized modules of ``model`` from the package's spec and tensors."""
+    try:
+        spec = json.loads((directory / QUANTIZATION).read_text("utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"model package {directory}: {QUANTIZATION} is damaged ({exc})") from None
+    try:
+        tensors = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"model package {directory}: {WEIGHTS} is damaged ({exc})") from None
+    try:
+        load_quantized(model, spec, tensors)
+    except Exception as exc:  # ModelError names the bad entry; anything else is damage too
+        raise ModelError(
+            f"model package {directory}: {QUANTIZATION} or {WEIGHTS} is damaged: "
+            + (str(exc).splitlines() or [type(exc).__name__])[0]
+        ) from None
+    if torch.device(device).type != "cpu" and any(
+        isinstance(m, DynamicInt8Linear) for m in model.modules()
+    ):
+        raise ModelError(
+            f"model package {directory}: its dynamic-int8 layers run on the CPU only, "
+            f"cannot load it on {device}"
+        )
