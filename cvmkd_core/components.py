@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import attrs
 
@@ -50,3 +50,37 @@ class Translator(Protocol):
 
     def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
 
+
+
+@attrs.frozen
+class QuantizationContext:
+    """What a quantizer may use: the tokenizer, validation sentences (for calibration and for
+    judging quality), and a scorer of any candidate model on them."""
+
+    tokenizer: Any
+    sources: list[str]
+    references: list[str]
+    #: scores (every selected metric and the composite) of a model on ``sources``
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]
+    #: the fp32 student's scores on the same sentences
+    reference_scores: dict[str, float]
+    #: source id tensors (batch, length) for calibration, from the validation sentences
+    calibration_batches: Callable[[int], list[torch.Tensor]]
+    seed: int = 0
+
+
+@attrs.frozen
+class QuantizationResult:
+    """A quantized model that translates like the fp32 one, and how it was made."""
+
+    model: torch.nn.Module
+    scheme: str
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """A ``[[quantize]]`` component: turns a float32 CPU copy of the student (which it may
+    change in place) into a quantized model that translates like it."""
+
+    def quantize(self, model: Any, context: QuantizationContext) -> QuantizationResult: ...

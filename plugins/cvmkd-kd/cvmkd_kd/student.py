@@ -23,6 +23,7 @@ from cvmkd_core.model.package import load_package, read_metadata
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
+from cvmkd_kd.quantize import quantize_all
 from cvmkd_kd.trainer import KDTrainerConfig, Seq2SeqTrainer
 
 log = logging.getLogger("cvmkd")
@@ -218,6 +219,21 @@ class KDTrainer(Seq2SeqTrainer):
             "teacher": evaluation["teacher"]["scores"],
         }
         summary.outputs["evaluation"] = str(state.run_dir / "evaluation.json")
+        variants = quantize_all(self, state, evaluation)
+        if variants:
+            atomic_write_json(state.run_dir / "quantization.json", {
+                "baseline": state.scratch.get("quantization_baseline"),
+                "variants": variants,
+            })
+            summary.outputs["quantization"] = str(state.run_dir / "quantization.json")
+            keep = ("name", "scheme", "package", "accepted", "scores", "retention", "file_bytes",
+                    "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget")
+            summary.extra["quantized"] = [{k: v.get(k) for k in keep} for v in variants if v["accepted"]]
+            rejected = [{k: v.get(k) for k in keep} for v in variants if not v["accepted"]]
+            if rejected:
+                summary.extra["quantization_rejected"] = rejected
+            for v in variants:
+                summary.outputs[f"model-{v['name']}"] = v["package"]
         for key, share in evaluation["retention"].items():
             if share is not None:
                 log.info(

@@ -1,0 +1,217 @@
+"""Quantize the distilled student with every ``[[quantize]]`` component and measure each variant
+the same way: scores on the test split and retention of the teacher, the quality budget against
+the fp32 student on the validation split, size on disk, parameter memory, and CPU translation
+latency (batch 1) and throughput (batch 32). Each variant is packaged like the fp32 model, in
+``runs/<name>/model-<label>/``.
+
+A quantizer component implements ``quantize(model, context) -> QuantizationResult``; ``model`` is
+a float32 CPU copy of the student it may change in place. See ``docs/quantization.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cvmkd_core.builtins.validation import score_all, score_specs
+from cvmkd_core.components import QuantizationContext, QuantizationResult
+from cvmkd_core.errors import CvmkdError
+from cvmkd_core.metrics import COMPOSITE, retention
+from cvmkd_core.state import RunState
+
+log = logging.getLogger("cvmkd")
+
+QUANTIZE_PATH = "quantize["
+
+
+def within_budget(
+    scores: dict[str, float], reference: dict[str, float], *, max_bleu_loss: float, max_composite_loss: float
+) -> tuple[bool, dict[str, float]]:
+    """Whether ``scores`` lose at most ``max_bleu_loss`` BLEU points and ``max_composite_loss``
+    (a share) of the composite score against ``reference``; and the losses."""
+    losses: dict[str, float] = {}
+    if "bleu" in scores and "bleu" in reference:
+        losses["bleu"] = reference["bleu"] - scores["bleu"]
+    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
+        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
+    ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
+    return ok, losses
+
+
+def measure_speed(
+    translate: Callable[[torch.nn.Module, list[str], int], list[str]],
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    batch_size: int,
+) -> dict[str, float]:
+    """Wall time of translating ``sources`` at ``batch_size`` on the CPU, and output tokens/s."""
+    started = time.perf_counter()
+    outputs = translate(model, sources, batch_size)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(ids) for ids in tokenizer.encode(outputs))
+    return {
+        "sentences": len(sources),
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        "ms_per_sentence": round(1000 * seconds / max(len(sources), 1), 2),
+    }
+
+
+def _file_bytes(directory: Path) -> int:
+    from cvmkd_core.model.package import WEIGHTS
+
+    return (directory / WEIGHTS).stat().st_size
+
+
+def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run every selected quantizer on the student; measure, budget-check and package each."""
+    from cvmkd_core.model.package import save_package
+    from cvmkd_core.quant import model_nbytes
+    from cvmkd_kd.translate import translate
+
+    quantizers = [(p, q) for p, q in state.components.items() if p.startswith(QUANTIZE_PATH)]
+    if not quantizers:
+        return []
+    assert trainer.data is not None and trainer.model is not None
+    tokenizer = trainer.data.tokenizer
+    config = state.recipe.validation
+    valid = trainer.data.splits.valid
+    limit = config.max_sentences or len(valid)
+    sources, references = [p[0] for p in valid][:limit], [p[1] for p in valid][:limit]
+    test = trainer.data.splits.test or trainer.data.splits.valid
+    test_sources, test_references = [p[0] for p in test], [p[1] for p in test]
+    specs = score_specs(state)
+
+    def run(model: torch.nn.Module, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> list[str]:
+        return translate(model, tokenizer, texts, beam_size=config.beam_size, batch_size=batch_size,
+                         device="cpu", precision=precision)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return score_all(state, run(model, sources), references, sources)
+
+    def calibration_batches(count: int) -> list[torch.Tensor]:
+        encoded = [ids[: trainer.model.config.max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
+        batches = []
+        for start in range(0, min(len(encoded), 32 * count), 32):
+            chunk = encoded[start : start + 32]
+            src = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                src[row, : len(ids)] = torch.tensor(ids)
+            batches.append(src)
+        return batches
+
+    fp32 = copy.deepcopy(trainer.model).float().cpu().eval()
+    for module in fp32.modules():  # layers a training-time plugin swapped (fake quantization)
+        restore = getattr(type(module), "cvmkd_float_class", None)
+        if restore is not None:
+            module.__class__ = restore
+    started = time.perf_counter()
+    reference_scores = evaluate(fp32)
+    context = QuantizationContext(
+        tokenizer=tokenizer,
+        sources=sources,
+        references=references,
+        evaluate=evaluate,
+        reference_scores=reference_scores,
+        calibration_batches=calibration_batches,
+        seed=state.recipe.run.seed,
+    )
+    speed_sources = test_sources[:64]
+    throughput_sources = test_sources[:256]
+    baseline = {
+        "scheme": "fp32",
+        "parameter_bytes": model_nbytes(fp32),
+        "file_bytes": _file_bytes(state.run_dir / "model") if (state.run_dir / "model").is_dir() else None,
+        "latency": measure_speed(run, fp32, tokenizer, speed_sources, batch_size=1),
+        "throughput": measure_speed(run, fp32, tokenizer, throughput_sources, batch_size=32),
+        "validation_scores": reference_scores,
+    }
+    log.info(
+        "fp32 student: %.0f tokens/s at batch 32, %.1f ms/sentence at batch 1 (measured %.0fs)",
+        baseline["throughput"]["tokens_per_second"], baseline["latency"]["ms_per_sentence"], time.perf_counter() - started,
+    )
+    results: list[dict[str, Any]] = []
+    for path, quantizer in quantizers:
+        label = _label(state, path)
+        began = time.perf_counter()
+        result = quantizer.quantize(copy.deepcopy(fp32), context)
+        if not isinstance(result, QuantizationResult):
+            raise CvmkdError(f"{path}: quantize() returned {type(result).__name__}, not a QuantizationResult")
+        model = result.model.eval()
+        valid_scores = evaluate(model)
+        budget = getattr(quantizer, "config", None)
+        ok, losses = within_budget(
+            valid_scores, reference_scores,
+            max_bleu_loss=getattr(budget, "max_bleu_loss", 1.0),
+            max_composite_loss=getattr(budget, "max_composite_loss", 0.02),
+        )
+        outputs = run(model, test_sources)
+        scores = score_all(state, outputs, test_references, test_sources)
+        # a variant over the quality budget is kept for inspection, under a name that says so
+        directory = state.run_dir / (f"model-{label}" if ok else f"model-{label}-rejected")
+        metadata = {
+            "role": "quantized-student",
+            "scheme": result.scheme,
+            "quantization": result.details,
+            "source_model": str(state.run_dir / "model"),
+            "test_scores": scores,
+        }
+        save_package(directory, model, tokenizer, metadata)
+        entry = {
+            "name": label,
+            "component": path,
+            "scheme": result.scheme,
+            "details": result.details,
+            "package": str(directory),
+            "accepted": ok,
+            "budget": {"losses_on_validation": losses,
+                       "max_bleu_loss": getattr(budget, "max_bleu_loss", 1.0),
+                       "max_composite_loss": getattr(budget, "max_composite_loss", 0.02)},
+            "validation_scores": valid_scores,
+            "scores": scores,
+            "retention": retention(scores, evaluation["teacher"]["scores"], specs),
+            "retention_of_student": retention(scores, evaluation["student"]["scores"], specs),
+            "file_bytes": _file_bytes(directory),
+            "parameter_bytes": model_nbytes(model),
+            "latency": measure_speed(run, model, tokenizer, speed_sources, batch_size=1),
+            "throughput": measure_speed(run, model, tokenizer, throughput_sources, batch_size=32),
+            "seconds": 0.0,
+        }
+        if baseline["file_bytes"]:
+            entry["file_ratio"] = round(entry["file_bytes"] / baseline["file_bytes"], 4)
+        entry["parameter_ratio"] = round(entry["parameter_bytes"] / baseline["parameter_bytes"], 4)
+        entry["speedup_batch32"] = round(
+            entry["throughput"]["tokens_per_second"] / max(baseline["throughput"]["tokens_per_second"], 1e-9), 3
+        )
+        entry["speedup_batch1"] = round(
+            baseline["latency"]["ms_per_sentence"] / max(entry["latency"]["ms_per_sentence"], 1e-9), 3
+        )
+        entry["seconds"] = round(time.perf_counter() - began, 1)
+        log.info(
+            "quantized %s (%s): test %s; file %.0f%% of fp32, %.2fx tokens/s at batch 32, %.2fx at batch 1; %s",
+            label, result.scheme,
+            ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k in ("bleu", "chrf", COMPOSITE)),
+            100 * entry.get("file_ratio", float("nan")), entry["speedup_batch32"], entry["speedup_batch1"],
+            "within the quality budget" if ok else f"OVER the quality budget ({losses})",
+        )
+        results.append(entry)
+    state.scratch["quantization_baseline"] = baseline
+    return results
+
+
+def _label(state: RunState, path: str) -> str:
+    """The quantizer's component name, made unique by its index when two share a name."""
+    names = {p: ref.name for p, ref in state.recipe.component_refs() if p.startswith(QUANTIZE_PATH)}
+    name = names.get(path, path)
+    if list(names.values()).count(name) > 1:
+        name = f"{name}-{path[len(QUANTIZE_PATH):-1]}"
+    return name

@@ -1,0 +1,200 @@
+"""The int8 quantizers in a real (tiny) distillation run: each variant is measured, packaged,
+loads for translation, and is checked against the quality budget and by the retention gate."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cvmkd_core import hookimpl
+from cvmkd_core.model.package import load_package
+from cvmkd_core.quant import DynamicInt8Linear, QuantEmbedding
+from cvmkd_core.session import open_session, run_session
+from cvmkd_kd.quantize import within_budget
+from cvmkd_kd.translate import translate
+from cvmkd_quant_torch import qat
+
+WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
+         "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
+
+RECIPE = """
+[run]
+name = "tiny"
+steps = 12
+validate_every = 6
+seed = 3
+cache_dir = "cache"
+
+[corpus]
+name = "files"
+train = "corpus.tsv"
+valid_size = 8
+test_size = 8
+
+[tokenizer]
+vocab_size = 40
+
+[teacher]
+steps = 10
+validate_every = 10
+batch_size = 16
+learning_rate = 3e-3
+warmup_steps = 2
+
+[teacher.model]
+name = "cvm"
+preset = "tiny"
+
+[student.model]
+name = "cvm"
+preset = "tiny"
+d_model = 16
+n_heads = 2
+
+[distill]
+name = "kd"
+batch_size = 8
+warmup_steps = 2
+topk = 4
+
+[validation]
+metrics = ["bleu", "chrf"]
+significance_samples = 0
+
+[[quantize]]
+name = "dynamic-int8"
+max_bleu_loss = 100.0
+max_composite_loss = 1.0
+
+[[quantize]]
+name = "qat-int8"
+start_step = 8
+max_bleu_loss = 100.0
+max_composite_loss = 1.0
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(120):
+        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
+        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
+    (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+class QatWatcher:
+    """Records, after each student step, whether the student fake-quantizes."""
+
+    def __init__(self) -> None:
+        self.enabled: dict[int, bool] = {}
+
+    @hookimpl
+    def cvmkd_step_end(self, state: Any, result: Any) -> None:
+        if state.recipe.distill.name == "kd":
+            self.enabled[state.step] = qat.is_enabled(state.components["distill"].model)
+
+
+def test_each_int8_variant_is_measured_packaged_and_loads(workdir: Path) -> None:
+    session = open_session(workdir / "recipe.toml")
+    watcher = QatWatcher()
+    session.plugins.add_plugin(watcher, name="qat-watcher", source="test")
+    summary, run_dir = run_session(session)
+    assert summary.status == "completed"
+    # fake quantization from step 8: the step that takes state.step from 8 to 9 is the first
+    assert [s for s, on in watcher.enabled.items() if on] == [9, 10, 11, 12]
+
+    report = json.loads((run_dir / "quantization.json").read_text())
+    baseline = report["baseline"]
+    assert baseline["file_bytes"] == (run_dir / "model" / "model.safetensors").stat().st_size
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["dynamic-int8", "qat-int8"]
+    tokenizer = None
+    for variant in report["variants"]:
+        assert variant["accepted"] is True
+        package = Path(variant["package"])
+        assert package == run_dir / f"model-{variant['name']}"
+        assert variant["file_bytes"] == (package / "model.safetensors").stat().st_size
+        assert variant["file_ratio"] == pytest.approx(variant["file_bytes"] / baseline["file_bytes"], abs=1e-4)
+        assert variant["file_ratio"] < 0.6  # a 16-wide model is mostly LayerNorms and headers
+        assert set(variant["scores"]) == {"bleu", "chrf", "composite"}
+        assert variant["retention"]["chrf"] == pytest.approx(
+            variant["scores"]["chrf"] / json.loads((run_dir / "evaluation.json").read_text())["teacher"]["scores"]["chrf"]
+        )
+        for speed in ("latency", "throughput"):
+            assert variant[speed]["tokens_per_second"] > 0
+        model, tokenizer, metadata = load_package(package)
+        assert metadata["scheme"] == variant["scheme"] and metadata["role"] == "quantized-student"
+        assert any(isinstance(m, DynamicInt8Linear) for m in model.modules())
+        assert any(isinstance(m, QuantEmbedding) for m in model.modules())
+        assert not qat.is_enabled(model)
+        out = translate(model, tokenizer, ["le chat mange", "un petit oiseau"])
+        assert len(out) == 2
+    assert report["variants"][1]["details"]["qat_start_step"] == 8
+
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
+    assert saved["outputs"]["model-qat-int8"] == str(run_dir / "model-qat-int8")
+    # the fp32 package holds plain weights (the fake quantization is a way of computing)
+    fp32, _, _ = load_package(run_dir / "model")
+    assert not qat.is_enabled(fp32)
+
+
+def test_the_quality_budget_counts_bleu_points_and_a_share_of_the_composite() -> None:
+    reference = {"bleu": 20.0, "composite": 40.0}
+    assert within_budget({"bleu": 19.2, "composite": 39.5}, reference, max_bleu_loss=1.0, max_composite_loss=0.02) == (
+        True, {"bleu": pytest.approx(0.8), "composite_share": pytest.approx(0.0125)}
+    )
+    ok, losses = within_budget({"bleu": 18.5, "composite": 39.9}, reference, max_bleu_loss=1.0, max_composite_loss=0.02)
+    assert not ok and losses["bleu"] == pytest.approx(1.5)
+    ok, _ = within_budget({"bleu": 19.9, "composite": 38.0}, reference, max_bleu_loss=1.0, max_composite_loss=0.02)
+    assert not ok  # 5% of the composite
+
+
+class Breaker:
+    """A quantizer that destroys the model: certainly over any quality budget."""
+
+    def quantize(self, model: Any, context: Any) -> Any:
+        from cvmkd_core.components import QuantizationResult
+
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        return QuantizationResult(model=model, scheme="broken", details={})
+
+
+class BreakerPlugin:
+    @hookimpl
+    def cvmkd_register(self, register: Any) -> None:
+        register.quantizer("breaker", Breaker)
+
+
+def test_a_variant_over_budget_is_kept_apart_and_not_gated(workdir: Path) -> None:
+    (workdir / "recipe.toml").write_text(RECIPE + '\n[[quantize]]\nname = "breaker"\n')
+    from cvmkd_core.plugins import build_plugins
+    from cvmkd_core.recipe import load_recipe
+    from cvmkd_core.session import Session
+
+    plugins = build_plugins()
+    plugins.add_plugin(BreakerPlugin(), name="breaker", source="test")
+    recipe = load_recipe(workdir / "recipe.toml", registry=plugins.registry)
+    summary, run_dir = run_session(Session(recipe=recipe, plugins=plugins, recipe_path=workdir / "recipe.toml"))
+    report = json.loads((run_dir / "quantization.json").read_text())
+    assert report["baseline"]["validation_scores"]["composite"] > 0
+    broken = report["variants"][-1]
+    assert broken["name"] == "breaker" and broken["accepted"] is False
+    assert broken["budget"]["losses_on_validation"]["composite_share"] > 0.02
+    assert (run_dir / "model-breaker-rejected").is_dir() and not (run_dir / "model-breaker").exists()
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
+    assert [q["name"] for q in saved["extra"]["quantization_rejected"]] == ["breaker"]
