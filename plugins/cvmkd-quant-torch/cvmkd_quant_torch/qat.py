@@ -27,7 +27,7 @@ def fake_quant_activation(x: Tensor, bits: int = 8) -> Tensor:
     """Asymmetric per-tensor fake quantization over the tensor's own range (as dynamic
     quantization computes it at inference), with a straight-through gradient."""
     levels = 2**bits - 1
-    detached = x.detach()
+    detached = x.detach().float()  # the rounding in float32 even under bf16 autocast
     low = detached.min().clamp(max=0.0)
     high = detached.max().clamp(min=0.0)
     scale = ((high - low) / levels).clamp(min=1e-8)
