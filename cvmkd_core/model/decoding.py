@@ -271,3 +271,22 @@ def score_sequences(
             float(token_logp[i].sum()) / max(1, len(targets[i])) ** length_penalty
             for i in range(b)
         ]
+
+
+def timed_decode(model: CvmTransformer, src_ids: Tensor, steps: int) -> float:
+    """Seconds to encode a (B, S) batch and greedily decode exactly ``steps`` positions for every
+    row, ignoring eos: the model's decoding speed, independent of how long its outputs are
+    (a model that stops early, or one that loops, would otherwise look faster or slower)."""
+    import time
+
+    cfg = model.config
+    steps = min(steps, cfg.max_len - 1)
+    with _eval_mode(model), torch.inference_mode():
+        started = time.perf_counter()
+        memory, src_pad_mask = model.encode(src_ids)
+        prev = torch.full((src_ids.size(0),), cfg.bos_id, dtype=torch.long, device=src_ids.device)
+        cache = None
+        for _ in range(steps):
+            logits, cache = model.decode_step(prev, memory, src_pad_mask, cache)
+            prev = logits.argmax(dim=-1)
+        return time.perf_counter() - started
