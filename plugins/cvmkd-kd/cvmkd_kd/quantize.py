@@ -150,9 +150,15 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     for path, quantizer in quantizers:
         label = _label(state, path)
         began = time.perf_counter()
-        result = quantizer.quantize(copy.deepcopy(fp32), context)
-        if not isinstance(result, QuantizationResult):
-            raise CvmkdError(f"{path}: quantize() returned {type(result).__name__}, not a QuantizationResult")
+        try:
+            result = quantizer.quantize(copy.deepcopy(fp32), context)
+            if not isinstance(result, QuantizationResult):
+                raise CvmkdError(f"quantize() returned {type(result).__name__}, not a QuantizationResult")
+        except Exception as exc:  # one failing scheme must not cost the others (or the run's outputs)
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("quantizer %s (%s) failed: %s", label, path, error)
+            results.append({"name": label, "component": path, "scheme": None, "accepted": False, "error": error})
+            continue
         model = result.model.eval()
         valid_scores = evaluate(model)
         budget = getattr(quantizer, "config", None)

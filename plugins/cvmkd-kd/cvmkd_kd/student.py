@@ -227,13 +227,14 @@ class KDTrainer(Seq2SeqTrainer):
             })
             summary.outputs["quantization"] = str(state.run_dir / "quantization.json")
             keep = ("name", "scheme", "package", "accepted", "scores", "retention", "file_bytes",
-                    "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget")
+                    "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget", "error")
             summary.extra["quantized"] = [{k: v.get(k) for k in keep} for v in variants if v["accepted"]]
             rejected = [{k: v.get(k) for k in keep} for v in variants if not v["accepted"]]
             if rejected:
                 summary.extra["quantization_rejected"] = rejected
             for v in variants:
-                summary.outputs[f"model-{v['name']}"] = v["package"]
+                if v.get("package"):
+                    summary.outputs[f"model-{v['name']}"] = v["package"]
         for key, share in evaluation["retention"].items():
             if share is not None:
                 log.info(

@@ -198,3 +198,37 @@ def test_a_variant_over_budget_is_kept_apart_and_not_gated(workdir: Path) -> Non
     saved = json.loads((run_dir / "summary.json").read_text())
     assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
     assert [q["name"] for q in saved["extra"]["quantization_rejected"]] == ["breaker"]
+
+
+class Crasher:
+    def quantize(self, model: Any, context: Any) -> Any:
+        raise RuntimeError("no kernel for this")
+
+
+class CrasherPlugin:
+    @hookimpl
+    def cvmkd_register(self, register: Any) -> None:
+        register.quantizer("crasher", Crasher)
+
+
+def test_a_failing_quantizer_is_recorded_and_the_others_still_run(workdir: Path) -> None:
+    from cvmkd_core.plugins import build_plugins
+    from cvmkd_core.recipe import load_recipe
+    from cvmkd_core.session import Session
+
+    text = RECIPE.replace('[[quantize]]\nname = "dynamic-int8"', '[[quantize]]\nname = "crasher"\n\n[[quantize]]\nname = "dynamic-int8"')
+    (workdir / "recipe.toml").write_text(text)
+    plugins = build_plugins()
+    plugins.add_plugin(CrasherPlugin(), name="crasher", source="test")
+    recipe = load_recipe(workdir / "recipe.toml", registry=plugins.registry)
+    summary, run_dir = run_session(Session(recipe=recipe, plugins=plugins, recipe_path=workdir / "recipe.toml"))
+    assert summary.status == "completed"
+    report = json.loads((run_dir / "quantization.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["crasher", "dynamic-int8", "qat-int8"]
+    assert report["variants"][0] == {
+        "name": "crasher", "component": "quantize[0]", "scheme": None, "accepted": False,
+        "error": "RuntimeError: no kernel for this",
+    }
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["extra"]["quantization_rejected"][0]["error"] == "RuntimeError: no kernel for this"
+    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
