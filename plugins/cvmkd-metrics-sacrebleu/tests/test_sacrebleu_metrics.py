@@ -62,3 +62,24 @@ def test_paired_test_tells_a_real_difference_from_noise() -> None:
     assert bleu.paired_test(worse, worse, refs, [])["bleu"] == {"p_value": 1.0, "delta": 0.0}
     ter = Ter(TerConfig()).paired_test(worse, better, refs, [], samples=200)["ter"]
     assert ter["delta"] < 0 and ter["p_value"] < 0.01
+
+
+@pytest.mark.parametrize("metric", [Bleu(BleuConfig()), Chrf(ChrfConfig()), Ter(TerConfig())], ids=["bleu", "chrf", "ter"])
+def test_paired_test_equals_sacrebleus_own_paired_test(metric) -> None:
+    import random
+
+    from sacrebleu.significance import PairedTest
+
+    rng = random.Random(4)
+    words = "the a god earth heaven man said to him and".split()
+    refs = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(120)]
+    a, b = _noisy(refs, 0.5, 5), _noisy(refs, 0.6, 6)
+    metric.score(a, refs, [])  # statistics remembered from scoring are reused
+    mine = metric.paired_test(a, b, refs, [], samples=200)[metric.key]
+    _, results = PairedTest([("a", a), ("b", b)], {metric.key: metric._metric()}, [refs], test_type="bs", n_samples=200)()
+    (name,) = [k for k in results if k != "System"]
+    theirs = results[name][1]
+    assert mine["p_value"] == pytest.approx(theirs.p_value)
+    assert mine["mean"] == pytest.approx(theirs.mean, rel=1e-6)
+    assert mine["ci95"][1] - mine["mean"] == pytest.approx(theirs.ci, rel=1e-5)
+    assert mine["delta"] == pytest.approx(theirs.score - results[name][0].score)
