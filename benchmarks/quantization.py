@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-sentences", type=int, default=128)
     parser.add_argument("--latency-sentences", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only the schemes whose name contains this text")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(sources)} sentences); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = []
     for name, make in schemes(args.run_dir).items():
+        if args.only and args.only not in name:
+            continue
         try:
             model = make(copy.deepcopy(fp32)).eval()
         except Exception as exc:
