@@ -1,12 +1,15 @@
 """Weight quantization of a :class:`~cvmkd_core.model.transformer.CvmTransformer`: quantized
 Linear and Embedding modules swapped in per layer by a plan, and a compact tensor format.
 
-Three module kinds replace fp32 layers (see docs/quantization.md, "Storage format"):
+Four module kinds replace fp32 layers (see docs/quantization.md, "Storage format"):
 
 * :class:`NbitLinear` - weight-only 4/8/16-bit linear, dequantized on the fly in ``forward``
   (any device, any dtype, autocast). Int4 weights stay packed two per byte in memory.
 * :class:`DynamicInt8Linear` - int8 weights, per-output-channel scales, executed by PyTorch's
   dynamic int8 kernel (fbgemm/x86 on the CPU; activations quantized per batch).
+* :class:`StaticInt8Linear` - int8 weights as above plus calibrated per-tensor quint8 input and
+  output parameters, executed by PyTorch's static int8 kernel. Built uncalibrated by
+  :func:`apply_plan`; :func:`calibrate` runs data through the model and freezes them.
 * :class:`QuantEmbedding` - a quantized embedding table that dequantizes only looked-up rows.
 
 With tied embeddings the shared (vocab, d_model) matrix is quantized once: ``src_embed`` and
@@ -21,8 +24,9 @@ Quantization is symmetric: ``w ~= q * scale`` with ``q`` in [-127, 127] (8 bit) 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -34,12 +38,16 @@ from cvmkd_core.errors import ModelError
 
 __all__ = [
     "FORMAT",
+    "OBSERVERS",
     "DynamicInt8Linear",
     "LayerChoice",
     "NbitLinear",
     "QuantEmbedding",
     "QuantizedWeight",
+    "StaticInt8Linear",
+    "activation_qparams",
     "apply_plan",
+    "calibrate",
     "dequantize_rows",
     "is_quantized",
     "load_quantized",
@@ -48,6 +56,7 @@ __all__ = [
     "quantizable_layers",
     "quantize_tensor",
     "quantized_state",
+    "uncalibrated_layers",
     "unpack_int4",
 ]
 
@@ -238,6 +247,17 @@ def _ao_calls() -> Iterator[None]:
                 torch.backends.quantized.engine = current
 
 
+def _per_channel_weight(data: Tensor, scale: Tensor) -> Tensor:
+    """A per-output-channel qint8 tensor of int8 ``data`` (out, in) and float32 ``scale``
+    (out, 1), zero points 0 (call inside :func:`_ao_calls`)."""
+    return torch._make_per_channel_quantized_tensor(
+        data.cpu().contiguous(),
+        scale.detach().cpu().reshape(-1).to(torch.float64),
+        torch.zeros(data.size(0), dtype=torch.long),
+        0,
+    )
+
+
 def _dynamic_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
     """A ``torch.ao.nn.quantized.dynamic.Linear`` holding int8 ``data`` (out, in) with
     per-output-channel float32 ``scale`` (out, 1) and zero points 0."""
@@ -245,13 +265,24 @@ def _dynamic_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Modu
 
     out_features, in_features = data.shape
     with _ao_calls():
-        qweight = torch._make_per_channel_quantized_tensor(
-            data.cpu().contiguous(),
-            scale.detach().cpu().reshape(-1).to(torch.float64),
-            torch.zeros(out_features, dtype=torch.long),
-            0,
-        )
+        qweight = _per_channel_weight(data, scale)
         module = AoDynamicLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
+        module.set_weight_bias(
+            qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous()
+        )
+    return module
+
+
+def _static_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+    """A ``torch.ao.nn.quantized.Linear`` (static: quint8 in, quint8 out) holding int8
+    ``data`` (out, in) with per-output-channel float32 ``scale`` (out, 1) and zero points 0;
+    its output ``scale``/``zero_point`` are set by the caller."""
+    from torch.ao.nn.quantized import Linear as AoLinear
+
+    out_features, in_features = data.shape
+    with _ao_calls():
+        qweight = _per_channel_weight(data, scale)
+        module = AoLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
         module.set_weight_bias(
             qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous()
         )
@@ -393,17 +424,14 @@ class NbitLinear(_QuantModule):
         )
 
 
-class DynamicInt8Linear(_QuantModule):
-    """Int8 weights with per-output-channel scales, run by PyTorch's dynamic int8 kernel
-    (``torch.ao.nn.quantized.dynamic.Linear``; fbgemm/x86 engine where available). CPU only.
+class _KernelInt8Linear(_QuantModule):
+    """Int8 weights with per-output-channel scales held by a private torch.ao int8 module
+    (built by :meth:`_make_kernel`). CPU only.
 
     The torch.ao module is a private attribute, not a submodule: ``state_dict`` and
     :func:`quantized_state` hold the plain int8 data, float32 scales and bias it was built from
-    (unpacked exactly from the kernel's packed weight), never torch's packed params. The input
-    is cast to float32 (bf16 autocast) and the output is float32.
+    (unpacked exactly from the kernel's packed weight), never torch's packed params.
     """
-
-    kind = "dynamic-int8"
 
     def __init__(
         self,
@@ -413,13 +441,14 @@ class DynamicInt8Linear(_QuantModule):
         tied_to: QuantEmbedding | None = None,
     ) -> None:
         super().__init__()
+        cls = type(self).__name__
         if tied_to is not None:
             qweight = tied_to.qweight
         if qweight is None:
-            raise ValueError("DynamicInt8Linear needs a QuantizedWeight or tied_to")
+            raise ValueError(f"{cls} needs a QuantizedWeight or tied_to")
         if qweight.bits != 8 or qweight.group_size != 0:
             raise ValueError(
-                "DynamicInt8Linear needs 8-bit weights with per-row scales (group_size 0), got "
+                f"{cls} needs 8-bit weights with per-row scales (group_size 0), got "
                 f"bits={qweight.bits}, group_size={qweight.group_size}"
             )
         object.__setattr__(self, "tied_to", tied_to)
@@ -432,12 +461,15 @@ class DynamicInt8Linear(_QuantModule):
             )
         self._build(qweight.data, qweight.scale, bias)
 
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+        raise NotImplementedError
+
     def _build(self, data: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
         assert scale is not None
-        object.__setattr__(self, "_qlinear", _dynamic_linear(data, scale, bias))
+        object.__setattr__(self, "_qlinear", self._make_kernel(data, scale, bias))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
+    def from_linear(cls, linear: nn.Linear) -> Any:
         return cls(quantize_tensor(linear.weight, 8, 0), linear.bias)
 
     @property
@@ -460,14 +492,9 @@ class DynamicInt8Linear(_QuantModule):
         bias = 0 if self.bias is None else 4 * self.out_features
         return self.out_features * self.in_features + 4 * self.out_features + bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_cpu(self, x: Tensor) -> None:
         if x.device.type != "cpu":
-            raise ModelError(
-                f"dynamic-int8 layers run on the CPU only, got an input on {x.device}"
-            )
-        if x.dtype != torch.float32:
-            x = x.float()
-        return self._qlinear(x)
+            raise ModelError(f"{self.kind} layers run on the CPU only, got an input on {x.device}")
 
     # state_dict holds plain tensors, not torch's packed params
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -526,7 +553,343 @@ class DynamicInt8Linear(_QuantModule):
         )
 
 
-_LINEAR_TYPES = (NbitLinear, DynamicInt8Linear)
+class DynamicInt8Linear(_KernelInt8Linear):
+    """Int8 weights with per-output-channel scales, run by PyTorch's dynamic int8 kernel
+    (``torch.ao.nn.quantized.dynamic.Linear``; fbgemm/x86 engine where available). CPU only.
+
+    The torch.ao module is a private attribute, not a submodule: ``state_dict`` and
+    :func:`quantized_state` hold the plain int8 data, float32 scales and bias it was built from
+    (unpacked exactly from the kernel's packed weight), never torch's packed params. The input
+    is cast to float32 (bf16 autocast) and the output is float32.
+    """
+
+    kind = "dynamic-int8"
+
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+        return _dynamic_linear(data, scale, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_cpu(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        return self._qlinear(x)
+
+
+# -- static int8: calibrated activation ranges ----------------------------------------------------
+
+#: Observers :func:`calibrate` offers.
+OBSERVERS = ("minmax", "percentile")
+# quint8 range of a static layer's input: with reduce_range 7 bits (torch's default for the
+# x86/fbgemm engines, whose AVX2 kernels add pairs of u8 x s8 products in int16, which can
+# saturate on CPUs without VNNI), else the full 8 bits.
+_INPUT_QRANGE = {True: (0, 127), False: (0, 255)}
+# quint8 range of a static layer's output (requantized from int32: no saturation risk)
+_OUTPUT_QRANGE = (0, 255)
+_HIST_BINS = 2048
+
+
+class _RangeObserver:
+    """The range of every value passed to :meth:`observe` over a whole calibration.
+
+    ``minmax`` keeps the exact running min and max. ``percentile`` also keeps a histogram of
+    2048 bins over a symmetric bound ``[-R, R]`` that doubles (merging pairs of bins, exactly)
+    when a value falls outside, and reports the ``(100 - p)``th and ``p``th percentiles, to the
+    bin's outer edge and within the observed min/max. Memory is constant whatever the data.
+    """
+
+    def __init__(self, method: str, percentile: float) -> None:
+        self.method = method
+        self.percentile = percentile
+        self.count = 0
+        self.min = math.inf
+        self.max = -math.inf
+        self.bound = 0.0
+        self.hist: Tensor | None = None
+
+    def observe(self, x: Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        if x.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ModelError("calibration saw inf or NaN activations")
+        self.count += x.numel()
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.method != "percentile":
+            return
+        bound = max(-lo, hi)
+        if self.hist is None:
+            self.bound = bound if bound > 0 else 1.0
+            self.hist = torch.zeros(_HIST_BINS, dtype=torch.float64)
+        while bound > self.bound:
+            # [-R, R] -> [-2R, 2R]: bins 2j and 2j+1 become bin BINS/4 + j
+            pairs = self.hist.view(-1, 2).sum(dim=1)
+            self.hist = torch.zeros(_HIST_BINS, dtype=torch.float64)
+            self.hist[_HIST_BINS // 4 : _HIST_BINS // 4 + pairs.numel()] = pairs
+            self.bound *= 2
+        counts = torch.histc(x.reshape(-1), _HIST_BINS, -self.bound, self.bound)
+        self.hist = self.hist + counts.to(torch.float64)
+
+    def range(self) -> tuple[float, float]:
+        """(low, high) to quantize to: the min/max, or the percentiles within them."""
+        if self.count == 0:
+            raise ValueError("no values observed")
+        if self.method != "percentile" or self.hist is None:
+            return self.min, self.max
+        cum = self.hist.cumsum(0)
+        total = float(cum[-1])
+        width = 2 * self.bound / _HIST_BINS
+        tail = total * (1 - self.percentile / 100)
+        low_bin = int(torch.searchsorted(cum, torch.tensor(tail, dtype=torch.float64), right=True))
+        high_bin = int(torch.searchsorted(cum, torch.tensor(total - tail, dtype=torch.float64)))
+        low = -self.bound + low_bin * width
+        high = -self.bound + (min(high_bin, _HIST_BINS - 1) + 1) * width
+        return max(low, self.min), min(high, self.max)
+
+
+def activation_qparams(low: float, high: float, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Affine quint8 parameters for values in [low, high] (widened to include 0, so that zero
+    is exact): float32 ``scale = (high - low) / (qmax - qmin)`` (at least float32 eps) and int64
+    ``zero_point = qmin - round(low / scale)`` within [qmin, qmax] - torch's MinMaxObserver rule."""
+    lo = torch.tensor(min(low, 0.0), dtype=torch.float32)
+    hi = torch.tensor(max(high, 0.0), dtype=torch.float32)
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=torch.finfo(torch.float32).eps)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale).to(torch.int64), qmin, qmax)
+    return scale, zero_point
+
+
+class StaticInt8Linear(_KernelInt8Linear):
+    """Int8 weights with per-output-channel scales and calibrated (static) int8 activations,
+    run by PyTorch's static int8 kernel (``torch.ao.nn.quantized.Linear``, i.e.
+    ``torch.ops.quantized.linear`` on a prepacked weight; fbgemm/x86 engine). CPU only.
+
+    ``forward`` casts the input to float32 (bf16 autocast), quantizes it to quint8 with the
+    calibrated input ``scale``/``zero_point``, runs the kernel (int32 accumulation, requantized
+    to quint8 with the calibrated output ``scale``/``zero_point``) and returns the dequantized
+    float32 output. The four parameters are the float32 buffer ``act_scale`` = [input, output]
+    and the int64 buffer ``act_zero_point`` = [input, output].
+
+    A new layer (from :func:`apply_plan` or :meth:`from_linear`) is uncalibrated: its forward,
+    ``state_dict`` and :func:`quantized_state` raise :class:`ModelError` until
+    :func:`calibrate` has run data through it. While calibrating, ``forward`` computes
+    ``x @ dequantized(w).T + b`` in float32 and observes its input and output.
+    """
+
+    kind = "static-int8"
+
+    def __init__(
+        self,
+        qweight: QuantizedWeight | None,
+        bias: Tensor | None = None,
+        *,
+        tied_to: QuantEmbedding | None = None,
+        act_scale: Tensor | None = None,
+        act_zero_point: Tensor | None = None,
+    ) -> None:
+        object.__setattr__(self, "_act", None)  # (in scale, in zp, out scale, out zp) as Python
+        object.__setattr__(self, "_calibration", None)
+        super().__init__(qweight, bias, tied_to=tied_to)
+        self.register_buffer("act_scale", None)
+        self.register_buffer("act_zero_point", None)
+        if act_scale is not None or act_zero_point is not None:
+            if act_scale is None or act_zero_point is None:
+                raise ValueError("StaticInt8Linear needs both act_scale and act_zero_point")
+            self.set_activation_qparams(act_scale, act_zero_point)
+
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+        return _static_linear(data, scale, bias)
+
+    def _build(self, data: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
+        super()._build(data, scale, bias)
+        self._sync_kernel()
+
+    def _sync_kernel(self) -> None:
+        if self._act is not None:
+            self._qlinear.scale = self._act[2]
+            self._qlinear.zero_point = self._act[3]
+
+    @property
+    def calibrated(self) -> bool:
+        return self._act is not None
+
+    def set_activation_qparams(self, act_scale: Tensor, act_zero_point: Tensor) -> None:
+        """Freeze the activation parameters: float32 ``act_scale`` and int64
+        ``act_zero_point``, each [input, output]; scales finite and > 0, zero points in the
+        quint8 range [0, 255]."""
+        scale = torch.as_tensor(act_scale).detach()
+        zero_point = torch.as_tensor(act_zero_point).detach()
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (2,):
+            raise ValueError(f"act_scale must be float32 of shape [2], got {scale.dtype} {list(scale.shape)}")
+        if zero_point.dtype != torch.int64 or tuple(zero_point.shape) != (2,):
+            raise ValueError(
+                f"act_zero_point must be int64 of shape [2], got {zero_point.dtype} {list(zero_point.shape)}"
+            )
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError(f"act_scale must be finite and > 0, got {scale.tolist()}")
+        if not bool(((zero_point >= 0) & (zero_point <= 255)).all()):
+            raise ValueError(f"act_zero_point must be in [0, 255], got {zero_point.tolist()}")
+        self.act_scale = scale.cpu().clone()
+        self.act_zero_point = zero_point.cpu().clone()
+        s, z = self.act_scale.tolist(), self.act_zero_point.tolist()
+        object.__setattr__(self, "_act", (s[0], int(z[0]), s[1], int(z[1])))
+        self._sync_kernel()
+
+    # -- calibration (driven by calibrate()) --
+
+    def _start_calibration(self, method: str, percentile: float) -> None:
+        weight = self.qweight.dequantize()
+        observers = (_RangeObserver(method, percentile), _RangeObserver(method, percentile))
+        object.__setattr__(self, "_calibration", (weight, self.bias, observers))
+
+    def _stop_calibration(self) -> None:
+        object.__setattr__(self, "_calibration", None)
+
+    def _calibration_result(self, reduce_range: bool) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """(act_scale, act_zero_point, summary) from what the observers saw."""
+        assert self._calibration is not None
+        scales, zero_points, summary = [], [], {}
+        for observer, side, (qmin, qmax) in zip(
+            self._calibration[2], ("input", "output"), (_INPUT_QRANGE[reduce_range], _OUTPUT_QRANGE)
+        ):
+            low, high = observer.range()
+            scale, zero_point = activation_qparams(low, high, qmin, qmax)
+            scales.append(scale)
+            zero_points.append(zero_point)
+            summary[side] = {
+                "min": observer.min, "max": observer.max, "low": low, "high": high,
+                "scale": float(scale), "zero_point": int(zero_point),
+            }
+        return torch.stack(scales), torch.stack(zero_points), summary
+
+    def _observe(self, x: Tensor) -> Tensor:
+        weight, bias, (inputs, outputs) = self._calibration
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(torch.float32)
+            inputs.observe(x)
+            y = F.linear(x, weight.to(x.device), None if bias is None else bias.to(x.device))
+            outputs.observe(y)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._calibration is not None:
+            return self._observe(x)
+        act = self._act
+        if act is None:
+            raise ModelError(
+                "static-int8 layer is not calibrated: run cvmkd_core.quant.calibrate(model, run) "
+                "on it before using it"
+            )
+        self._check_cpu(x)
+        if x.dtype != torch.float32:
+            x = x.float()
+        qx = torch.quantize_per_tensor(x, act[0], act[1], torch.quint8)
+        return self._qlinear(qx).dequantize()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self._act is None:
+            raise ModelError(
+                f"static-int8 layer {prefix.rstrip('.') or '(root)'} is not calibrated: "
+                "nothing to save"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "act_scale"] = self.act_scale
+        destination[prefix + "act_zero_point"] = self.act_zero_point
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        missing = [prefix + n for n in ("act_scale", "act_zero_point") if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        try:
+            self.set_activation_qparams(state_dict[prefix + "act_scale"], state_dict[prefix + "act_zero_point"])
+        except ValueError as exc:
+            error_msgs.append(f"{prefix}act_scale/act_zero_point: {exc}")
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if self._act is None:
+            return base + ", uncalibrated"
+        s_in, z_in, s_out, z_out = self._act
+        return base + f", input=({s_in:.4g}, {z_in}), output=({s_out:.4g}, {z_out})"
+
+
+_LINEAR_TYPES = (NbitLinear, DynamicInt8Linear, StaticInt8Linear)
+
+
+def uncalibrated_layers(model: nn.Module) -> list[str]:
+    """Names of the static-int8 layers of ``model`` that :func:`calibrate` has not frozen yet."""
+    return [
+        name for name, m in model.named_modules() if isinstance(m, StaticInt8Linear) and not m.calibrated
+    ]
+
+
+def calibrate(
+    model: nn.Module,
+    run: Callable[[nn.Module], Any],
+    *,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    reduce_range: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Calibrate every :class:`StaticInt8Linear` of ``model`` (a new one or a calibrated one,
+    again) and freeze its activation parameters; returns, per layer, what was observed and
+    chosen (``{"input": {"min", "max", "low", "high", "scale", "zero_point"}, "output": ...}``).
+
+    ``run(model)`` runs the calibration data through the model (forward passes, decoding, ...;
+    under ``torch.no_grad`` or inference mode as it likes). Meanwhile each static layer computes
+    in float32 with its dequantized int8 weight and observes its input and output.
+    ``observer`` "minmax" takes the observed extremes; "percentile" the ``100 - percentile``
+    and ``percentile`` percentiles of all values seen (a histogram, :class:`_RangeObserver`).
+    Outputs get 8-bit quint8 parameters ([0, 255]); inputs 7-bit ([0, 127]) with
+    ``reduce_range`` (torch's default for x86/fbgemm: safe on any x86 CPU), else 8-bit: more
+    precise, exact on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX), but fbgemm's AVX2 kernel adds
+    pairs of u8 x s8 products in int16 and may saturate there. Values beyond the input range
+    still quantize up to 255 at inference (torch's behaviour), outputs clamp to [0, 255].
+    All layers are frozen together at the end; if ``run`` raises, or some layer saw no data,
+    no layer changes (the latter is a :class:`ModelError`).
+    """
+    if observer not in OBSERVERS:
+        raise ModelError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    if not (isinstance(percentile, (int, float)) and 50 < percentile <= 100):
+        raise ModelError(f"percentile must be in (50, 100], got {percentile!r}")
+    layers: dict[str, StaticInt8Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, StaticInt8Linear):
+            layers[name] = module
+    if not layers:
+        raise ModelError("calibrate: the model has no static-int8 layers")
+    for module in layers.values():
+        module._start_calibration(observer, float(percentile))
+    try:
+        run(model)
+        unseen = [name for name, m in layers.items() if m._calibration[2][0].count == 0]
+        if unseen:
+            more = f" and {len(unseen) - 3} more" if len(unseen) > 3 else ""
+            raise ModelError(
+                f"calibration ran no data through static-int8 layer(s) {', '.join(unseen[:3])}{more}"
+            )
+        results = {name: m._calibration_result(bool(reduce_range)) for name, m in layers.items()}
+    finally:
+        for module in layers.values():
+            module._stop_calibration()
+    summary: dict[str, dict[str, Any]] = {}
+    for name, (scale, zero_point, info) in results.items():
+        layers[name].set_activation_qparams(scale, zero_point)
+        summary[name] = info
+    return summary
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -536,7 +899,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 # -- plans ------------------------------------------------------------------------------------------
 
-_KINDS = ("fp32", "nbit", "dynamic-int8")
+_KINDS = ("fp32", "nbit", "dynamic-int8", "static-int8")
+_INT8_KINDS = ("dynamic-int8", "static-int8")
 
 
 def _choice_kind(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -549,10 +913,12 @@ class LayerChoice:
     """How one layer (or the tied embedding group) is stored.
 
     ``kind``: "fp32" (unchanged), "nbit" (:class:`NbitLinear` / :class:`QuantEmbedding`, bits
-    4, 8 or 16, scales per row or per ``group_size`` input columns) or "dynamic-int8"
-    (:class:`DynamicInt8Linear`: bits 8, per-row scales). ``half_dtype`` ("float16" or
-    "bfloat16") is the 16-bit storage type. An embedding table under "dynamic-int8" is stored
-    as 8-bit per-row (the same data a tied dynamic-int8 output projection runs on).
+    4, 8 or 16, scales per row or per ``group_size`` input columns), "dynamic-int8"
+    (:class:`DynamicInt8Linear`: bits 8, per-row scales) or "static-int8"
+    (:class:`StaticInt8Linear`: bits 8, per-row scales, activation ranges from
+    :func:`calibrate`). ``half_dtype`` ("float16" or "bfloat16") is the 16-bit storage type. An
+    embedding table under "dynamic-int8" or "static-int8" is stored as 8-bit per-row (the same
+    data a tied int8 output projection runs on).
     """
 
     kind: str = attrs.field(validator=_choice_kind)
@@ -567,9 +933,9 @@ class LayerChoice:
             _check_bits(self.bits, self.group_size)
         except ValueError as exc:
             raise ModelError(f"quantization {self.kind}: {exc}") from None
-        if self.kind == "dynamic-int8" and (self.bits != 8 or self.group_size != 0):
+        if self.kind in _INT8_KINDS and (self.bits != 8 or self.group_size != 0):
             raise ModelError(
-                "quantization dynamic-int8 needs bits 8 and group_size 0, got "
+                f"quantization {self.kind} needs bits 8 and group_size 0, got "
                 f"bits={self.bits}, group_size={self.group_size}"
             )
         if self.half_dtype not in _HALF_DTYPES:
@@ -616,13 +982,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _quantized_linear(linear: nn.Linear, choice: LayerChoice) -> nn.Module:
     if choice.kind == "dynamic-int8":
         return DynamicInt8Linear.from_linear(linear)
+    if choice.kind == "static-int8":
+        return StaticInt8Linear.from_linear(linear)
     return NbitLinear.from_linear(
         linear, choice.bits, choice.group_size, _HALF_DTYPES[choice.half_dtype]
     )
 
 
+_LINEAR_CLASSES: dict[str, type[nn.Module]] = {
+    "nbit": NbitLinear, "dynamic-int8": DynamicInt8Linear, "static-int8": StaticInt8Linear,
+}
+
+
 def _quantized_embedding(embedding: nn.Embedding, choice: LayerChoice) -> QuantEmbedding:
-    bits, group = (8, 0) if choice.kind == "dynamic-int8" else (choice.bits, choice.group_size)
+    bits, group = (8, 0) if choice.kind in _INT8_KINDS else (choice.bits, choice.group_size)
     return QuantEmbedding.from_embedding(
         embedding, bits, group, _HALF_DTYPES[choice.half_dtype]
     )
@@ -639,6 +1012,9 @@ def apply_plan(
     ``plan`` maps names from :func:`quantizable_layers` to choices; other layers get
     ``default`` (stay fp32 when it is None). Every choice is checked and every new module built
     before any is swapped in, so an error leaves the model unchanged.
+
+    "static-int8" layers come out uncalibrated: run :func:`calibrate` on the model before
+    using or saving it (:func:`uncalibrated_layers` lists them).
     """
     layers = quantizable_layers(model)
     unknown = sorted(set(plan) - set(layers))
@@ -665,11 +1041,7 @@ def apply_plan(
             if name == EMBEDDINGS and _tied_group(model):
                 table = _quantized_embedding(model.src_embed, choice)
                 bias = model.output_proj.bias
-                out = (
-                    DynamicInt8Linear(None, bias, tied_to=table)
-                    if choice.kind == "dynamic-int8"
-                    else NbitLinear(None, bias, tied_to=table)
-                )
+                out = _LINEAR_CLASSES[choice.kind](None, bias, tied_to=table)
                 swaps += [("src_embed", table), ("tgt_embed", table), ("output_proj", out)]
                 continue
             module = model.get_submodule(name)
@@ -725,10 +1097,19 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
     """The tensors and JSON spec that store a (partly) quantized model; see docs/quantization.md.
 
     Tensors: ``<layer>.qdata``, ``<layer>.qscale`` (not for 16 bits) and ``<layer>.bias`` of each
-    quantized module owning its data, plus every other parameter and persistent buffer under its
+    quantized module owning its data, ``<layer>.act_scale`` / ``<layer>.act_zero_point`` of each
+    static-int8 layer (tied or not), plus every other parameter and persistent buffer under its
     state_dict name; shared data (tied embeddings) appears once. All are contiguous CPU tensors
-    of plain dtypes (int8, uint8, float16, bfloat16, float32) for ``safetensors.torch.save_file``.
+    of plain dtypes (int8, uint8, float16, bfloat16, float32, int64) for
+    ``safetensors.torch.save_file``. An uncalibrated static-int8 layer is a :class:`ModelError`.
     """
+    pending = uncalibrated_layers(model)
+    if pending:
+        more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+        raise ModelError(
+            f"cannot save: static-int8 layer(s) {', '.join(pending[:3])}{more} not calibrated "
+            "(run cvmkd_core.quant.calibrate first)"
+        )
     first = _module_names(model)
     layers: dict[str, dict[str, Any]] = {}
     tensors: dict[str, Tensor] = {}
@@ -762,6 +1143,9 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
                 tensors[f"{name}.qscale"] = _cpu(qweight.scale)
         if isinstance(module, _LINEAR_TYPES) and module.bias is not None:
             tensors[f"{name}.bias"] = _cpu(module.bias).to(torch.float32)
+        if isinstance(module, StaticInt8Linear):
+            tensors[f"{name}.act_scale"] = _cpu(module.act_scale)
+            tensors[f"{name}.act_zero_point"] = _cpu(module.act_zero_point)
         layers[name] = entry
     for key, tensor in _plain_tensors(model).items():
         tensors[key] = _cpu(tensor)
@@ -820,10 +1204,10 @@ def load_quantized(
         if not isinstance(entry, dict):
             raise ModelError(f"quantization spec: layer {name!r} is not a mapping")
         kind = entry.get("kind")
-        if kind not in ("nbit", "dynamic-int8", "embedding"):
+        if kind not in ("nbit", "dynamic-int8", "static-int8", "embedding"):
             raise ModelError(
                 f"quantization spec: layer {name!r} has unknown kind {kind!r} "
-                "(known: nbit, dynamic-int8, embedding)"
+                "(known: nbit, dynamic-int8, static-int8, embedding)"
             )
         bits = _int_field(name, entry, "bits")
         group_size = _int_field(name, entry, "group_size")
@@ -831,9 +1215,9 @@ def load_quantized(
             _check_bits(bits, group_size)
         except ValueError as exc:
             raise ModelError(f"quantization spec: layer {name!r}: {exc}") from None
-        if kind == "dynamic-int8" and (bits, group_size) != (8, 0):
+        if kind in _INT8_KINDS and (bits, group_size) != (8, 0):
             raise ModelError(
-                f"quantization spec: layer {name!r}: dynamic-int8 needs bits 8 and group_size 0"
+                f"quantization spec: layer {name!r}: {kind} needs bits 8 and group_size 0"
             )
         shape = entry.get("shape")
         if (
@@ -917,8 +1301,20 @@ def load_quantized(
         bias = None
         if has_bias:
             bias = _take(tensors, f"{name}.bias", (torch.float32,), (rows,), used)
+        qweight_or_none = qweight if owner is None else None
+        if kind == "static-int8":
+            act_scale = _take(tensors, f"{name}.act_scale", (torch.float32,), (2,), used)
+            act_zero_point = _take(tensors, f"{name}.act_zero_point", (torch.int64,), (2,), used)
+            try:
+                built[name] = StaticInt8Linear(
+                    qweight_or_none, bias, tied_to=owner,
+                    act_scale=act_scale, act_zero_point=act_zero_point,
+                )
+            except ValueError as exc:
+                raise ModelError(f"quantization spec: layer {name!r}: {exc}") from None
+            continue
         cls = DynamicInt8Linear if kind == "dynamic-int8" else NbitLinear
-        built[name] = cls(qweight if owner is None else None, bias, tied_to=owner)
+        built[name] = cls(qweight_or_none, bias, tied_to=owner)
 
     for name, module in built.items():
         _set_module(model, name, module)
@@ -952,8 +1348,9 @@ def load_quantized(
 def model_nbytes(model: nn.Module) -> int:
     """Bytes of parameters and persistent buffers the model holds: quantized data at its real
     size (int4 packed), every distinct tensor once (tied data once), non-persistent buffers such
-    as ``positions`` excluded. A :class:`DynamicInt8Linear` adds its kernel's own int8 copy
-    (:meth:`DynamicInt8Linear.packed_nbytes`), which is held in memory besides a tied table."""
+    as ``positions`` excluded. A :class:`DynamicInt8Linear` or :class:`StaticInt8Linear` adds
+    its kernel's own int8 copy (``packed_nbytes``), which is held in memory besides a tied
+    table; a static layer's activation parameters are buffers (24 bytes)."""
     seen: set[tuple[int, int, torch.dtype]] = set()
     total = 0
     for module in model.modules():
@@ -970,6 +1367,6 @@ def model_nbytes(model: nn.Module) -> int:
                 continue
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
-        if isinstance(module, DynamicInt8Linear):
+        if isinstance(module, _KernelInt8Linear):
             total += module.packed_nbytes()
     return total

@@ -25,7 +25,7 @@ from cvmkd_core.errors import ModelError
 from cvmkd_core.files import sha256_file
 from cvmkd_core.model.config import ModelConfig
 from cvmkd_core.model.transformer import CvmTransformer
-from cvmkd_core.quant import DynamicInt8Linear, is_quantized, load_quantized, quantized_state
+from cvmkd_core.quant import DynamicInt8Linear, StaticInt8Linear, is_quantized, load_quantized, quantized_state
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -156,9 +156,9 @@ def _load_quantized(directory: Path, model: CvmTransformer, device: str | torch.
             + (str(exc).splitlines() or [type(exc).__name__])[0]
         ) from None
     if torch.device(device).type != "cpu" and any(
-        isinstance(m, DynamicInt8Linear) for m in model.modules()
+        isinstance(m, (DynamicInt8Linear, StaticInt8Linear)) for m in model.modules()
     ):
         raise ModelError(
-            f"model package {directory}: its dynamic-int8 layers run on the CPU only, "
+            f"model package {directory}: its int8 layers run on the CPU only, "
             f"cannot load it on {device}"
         )

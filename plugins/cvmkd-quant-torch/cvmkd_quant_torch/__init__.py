@@ -11,12 +11,17 @@ Quantizers (``[[quantize]]`` components):
     quantization-aware training: from ``start_step`` the student trains with fake-quantized
     weights and inputs (:mod:`cvmkd_quant_torch.qat`), so it learns weights that survive int8;
     at the end it is converted exactly like ``dynamic-int8``.
+``static-int8``
+    post-training static quantization (:mod:`cvmkd_quant_torch.static`): int8 weights as above
+    and int8 activations with per-tensor scales and zero points calibrated once, by greedy
+    decoding ``calibration_batches`` batches of validation sources, then run by PyTorch's static
+    int8 linear; the embedding table in int8 with a dynamic int8 output projection.
 
 Why ``torch.ao`` although it is deprecated: on this x86 CPU its int8 linear (fbgemm/x86 engine)
 is the fast path measured in ``benchmarks/quantization.py``; torchao's eager-mode int8 on CPU was
 slower than fp32 there (see ``docs/quantization.md``).
 
-Both check the quantized student against the fp32 one on the validation split: a loss beyond
+All check the quantized student against the fp32 one on the validation split: a loss beyond
 ``max_bleu_loss`` BLEU points or ``max_composite_loss`` of the composite score puts it over the
 quality budget, and the run keeps it only as ``model-<name>-rejected``.
 """
@@ -33,6 +38,7 @@ from cvmkd_core.config import between, ge
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState
 from cvmkd_quant_torch import qat
+from cvmkd_quant_torch.static import StaticInt8, StaticInt8Config
 
 __version__ = "0.1.0"
 
@@ -141,3 +147,4 @@ class QatInt8:
 def cvmkd_register(register: Any) -> None:
     register.quantizer("dynamic-int8", DynamicInt8, config=DynamicInt8Config)
     register.quantizer("qat-int8", QatInt8, config=QatInt8Config)
+    register.quantizer("static-int8", StaticInt8, config=StaticInt8Config)
