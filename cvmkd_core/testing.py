@@ -133,3 +133,73 @@ class ToyPlugin:
     def cvmkd_register(self, register: Registrar) -> None:
         register.trainer("toy", ToyTrainer, config=ToyConfig)
         register.metric("exact", ExactMatch)
+
+
+# --- a tiny real distillation, for tests of trainers, quantizers and detectors ------------------
+
+#: French→English word pairs of a made-up corpus that a tiny model learns in seconds.
+TINY_WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
+              "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
+
+
+def write_tiny_corpus(directory: Any, pairs: int = 120, seed: int = 0) -> Any:
+    """Write ``corpus.tsv`` (2-6 word sentences, word-for-word translations) into ``directory``."""
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(pairs):
+        src = [rng.choice(list(TINY_WORDS)) for _ in range(rng.randint(2, 6))]
+        lines.append(" ".join(src) + "\t" + " ".join(TINY_WORDS[w] for w in src))
+    path = Path(directory) / "corpus.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+#: A whole distillation on ``corpus.tsv``: a 10-step teacher, a 12-step student validated every
+#: 6 steps; tests append their own sections (``[[quantize]]``, ``[guard]``...).
+TINY_KD_RECIPE = """
+[run]
+name = "tiny"
+steps = 12
+validate_every = 6
+seed = 3
+cache_dir = "cache"
+
+[corpus]
+name = "files"
+train = "corpus.tsv"
+valid_size = 8
+test_size = 8
+
+[tokenizer]
+vocab_size = 40
+
+[teacher]
+steps = 10
+validate_every = 10
+batch_size = 16
+learning_rate = 3e-3
+warmup_steps = 2
+
+[teacher.model]
+name = "cvm"
+preset = "tiny"
+
+[student.model]
+name = "cvm"
+preset = "tiny"
+d_model = 16
+n_heads = 2
+
+[distill]
+name = "kd"
+batch_size = 8
+warmup_steps = 2
+topk = 4
+
+[validation]
+metrics = ["bleu", "chrf"]
+significance_samples = 0
+"""

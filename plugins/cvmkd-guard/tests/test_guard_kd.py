@@ -6,7 +6,6 @@ the retention gate judges the test-split evaluation and keeps every output."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ import torch
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.model.package import load_package
 from cvmkd_core.session import open_session, run_session
-
-WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small", "grand": "big",
-         "oiseau": "bird", "poisson": "fish", "un": "a"}
+from cvmkd_core.testing import write_tiny_corpus
 
 # A teacher that learns the word mapping in 60 steps, and a student that climbs steadily from
 # composite ~3 at step 20 to ~14 at step 40 and ~20 at step 60 (seed 3).
@@ -83,12 +80,7 @@ ONLY_LARGE_DROPS = ["guard.threshold=0.5"]
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder for the module, so the teacher is trained once and then read from the cache."""
     path = tmp_path_factory.mktemp("kd")
-    rng = random.Random(0)
-    lines = []
-    for _ in range(120):
-        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
-        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
-    (path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    write_tiny_corpus(path)
     (path / "recipe.toml").write_text(RECIPE)
     return path
 

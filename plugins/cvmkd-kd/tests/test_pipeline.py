@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,7 @@ import torch
 from cvmkd_core.errors import ModelError
 from cvmkd_core.model.package import load_package
 from cvmkd_core.session import open_session, run_session
-
-WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small", "grand": "big",
-         "oiseau": "bird", "poisson": "fish", "un": "a"}
+from cvmkd_core.testing import write_tiny_corpus
 
 RECIPE = """
 [run]
@@ -70,12 +67,7 @@ metrics = ["bleu", "chrf", "ter"]
 @pytest.fixture
 def tiny_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    rng = random.Random(0)
-    lines = []
-    for _ in range(120):
-        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
-        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
-    (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    write_tiny_corpus(tmp_path)
     (tmp_path / "recipe.toml").write_text(RECIPE)
     torch.set_num_threads(1)  # tiny models run faster on one thread
     return tmp_path

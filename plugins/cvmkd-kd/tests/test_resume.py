@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
-         "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
+from cvmkd_core.testing import write_tiny_corpus
 
 RECIPE = """
 [run]
@@ -95,12 +93,7 @@ def cvmkd_step_end(state, result):
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    rng = random.Random(0)
-    lines = []
-    for _ in range(120):
-        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
-        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
-    (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    write_tiny_corpus(tmp_path)
     (tmp_path / "recipe.toml").write_text(RECIPE)
     return tmp_path
 

@@ -4,7 +4,6 @@ loads for translation, and is checked against the quality budget and by the rete
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from cvmkd_core import hookimpl
+from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
 from cvmkd_core.model.package import load_package
 from cvmkd_core.quant import DynamicInt8Linear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
@@ -19,53 +19,7 @@ from cvmkd_kd.quantize import within_budget
 from cvmkd_kd.translate import translate
 from cvmkd_quant_torch import qat
 
-WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
-         "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
-
-RECIPE = """
-[run]
-name = "tiny"
-steps = 12
-validate_every = 6
-seed = 3
-cache_dir = "cache"
-
-[corpus]
-name = "files"
-train = "corpus.tsv"
-valid_size = 8
-test_size = 8
-
-[tokenizer]
-vocab_size = 40
-
-[teacher]
-steps = 10
-validate_every = 10
-batch_size = 16
-learning_rate = 3e-3
-warmup_steps = 2
-
-[teacher.model]
-name = "cvm"
-preset = "tiny"
-
-[student.model]
-name = "cvm"
-preset = "tiny"
-d_model = 16
-n_heads = 2
-
-[distill]
-name = "kd"
-batch_size = 8
-warmup_steps = 2
-topk = 4
-
-[validation]
-metrics = ["bleu", "chrf"]
-significance_samples = 0
-
+RECIPE = TINY_KD_RECIPE + """
 [[quantize]]
 name = "dynamic-int8"
 max_bleu_loss = 100.0
@@ -82,12 +36,7 @@ max_composite_loss = 1.0
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    rng = random.Random(0)
-    lines = []
-    for _ in range(120):
-        src = [rng.choice(list(WORDS)) for _ in range(rng.randint(2, 6))]
-        lines.append(" ".join(src) + "\t" + " ".join(WORDS[w] for w in src))
-    (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
+    write_tiny_corpus(tmp_path)
     (tmp_path / "recipe.toml").write_text(RECIPE)
     torch.set_num_threads(1)
     return tmp_path
