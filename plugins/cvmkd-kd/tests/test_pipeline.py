@@ -13,55 +13,13 @@ import torch
 from cvmkd_core.errors import ModelError
 from cvmkd_core.model.package import load_package
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import write_tiny_corpus
+from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = """
-[run]
-name = "tiny"
-steps = 12
-validate_every = 6
-seed = 3
-cache_dir = "cache"
-
-[corpus]
-name = "files"
-train = "corpus.tsv"
-valid_size = 8
-test_size = 8
-
-[tokenizer]
-vocab_size = 40
-
-[teacher]
-steps = 10
-validate_every = 10
-batch_size = 16
-learning_rate = 3e-3
-warmup_steps = 2
-
-[teacher.model]
-name = "cvm"
-preset = "tiny"
-
-[student.model]
-name = "cvm"
-preset = "tiny"
-d_model = 16
-n_heads = 2
-
-[distill]
-name = "kd"
-batch_size = 8
-warmup_steps = 2
-topk = 4
-
-[distill.loss]
-name = "kd"
-temperature = 2.0
-
-[validation]
-metrics = ["bleu", "chrf", "ter"]
-"""
+# the shared tiny recipe, scored with all three sacrebleu metrics and tested for significance
+RECIPE = TINY_KD_RECIPE.replace(
+    'metrics = ["bleu", "chrf"]\nsignificance_samples = 0', 'metrics = ["bleu", "chrf", "ter"]'
+)
+assert RECIPE != TINY_KD_RECIPE
 
 
 @pytest.fixture
