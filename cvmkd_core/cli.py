@@ -1,4 +1,4 @@
-"""The ``cvmkd`` command: run, check and plugins.
+"""The ``cvmkd`` command: run, check, plugins, translate, report and monitor.
 
 Errors a user can fix print one line each on stderr and exit with status 2; ``--debug`` shows
 the traceback as well.
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(run)
     run.add_argument("--run-dir", metavar="DIR", help="write the run here (default: run.output_dir/run.name)")
     run.add_argument("--resume", action="store_true", help="continue the run in its run directory from its last checkpoint")
-    run.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    run.add_argument("--quiet", action="store_true", help="no progress bar; only progress lines, warnings and errors")
     _common(run)
 
     check = sub.add_parser("check", help="validate a recipe and its components; runs nothing")
@@ -75,6 +75,32 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
     _common(plugins)
+
+    translate = sub.add_parser("translate", help="translate text with a model package (fp32 or quantized)")
+    translate.add_argument("--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME")
+    translate.add_argument("--input", "-i", default="-", metavar="FILE", help="one sentence per line (default: stdin)")
+    translate.add_argument("--output", "-o", default="-", metavar="FILE", help="one translation per line (default: stdout)")
+    translate.add_argument("--batch-size", type=int, default=32, metavar="N", help="sentences decoded together (default 32)")
+    translate.add_argument("--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search")
+    translate.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, or auto")
+    _common(translate)
+
+    report = sub.add_parser("report", help="write a run's reports (Markdown, HTML with plots, JSON) from its files")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quick")
+    report.add_argument(
+        "--format", dest="formats", action="append", default=[], metavar="NAME",
+        help="a reporter to run; repeatable (default: the run recipe's [[reports]], else every installed reporter)",
+    )
+    report.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/reports")
+    report.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
+    _common(report)
+
+    monitor = sub.add_parser("monitor", help="show a run's progress from its files, also while it runs")
+    monitor.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/default")
+    monitor.add_argument("--follow", "-f", action="store_true", help="refresh until the run ends")
+    monitor.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="refresh period with --follow (default 5)")
+    monitor.add_argument("--json", action="store_true", help="print one JSON snapshot")
+    _common(monitor)
     return parser
 
 
@@ -82,14 +108,18 @@ def _setup_logging(debug: bool, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("cvmkd").setLevel(level)
+    # --quiet hides info lines but keeps the periodic progress lines
+    logging.getLogger("cvmkd.progress").setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         # a failed plugin is reported once, as a one-line warning
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"  # type: ignore[assignment]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cvmkd_core.builtins import progress
     from cvmkd_core.session import open_session, run_session
 
+    progress.set_mode("lines" if args.quiet else "auto")
     session = open_session(args.recipe, args.overrides, args.hook_files)
     summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
     log.info(
@@ -143,7 +173,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS: dict[str, Any] = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins}
+def cmd_translate(args: argparse.Namespace) -> int:
+    from cvmkd_core.model.translate import translate_command
+
+    return translate_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cvmkd_core.reports import report_command
+
+    return report_command(args)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from cvmkd_core.monitor import monitor_command
+
+    return monitor_command(args)
+
+
+COMMANDS: dict[str, Any] = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "plugins": cmd_plugins,
+    "translate": cmd_translate,
+    "report": cmd_report,
+    "monitor": cmd_monitor,
+}
 
 #: the core's event loop: its frames are where hooks are called from, never a hook itself
 _LOOP_FILE = str(Path(__file__).with_name("loop.py"))

@@ -358,6 +358,7 @@ class Loop:
         try:
             state.emit("run_end", status=summary.status, step=state.step, iterations=state.iterations)
             self.pm.hook.cvmkd_finalize(state=state, summary=summary)
+            self._stamp_packages(summary)
         except BaseException as exc:
             if failed is None:
                 # the run's own work is done, but a finalize step (export, report...) failed
@@ -369,6 +370,21 @@ class Loop:
             summary.extra["finalize_error"] = f"{type(exc).__name__}: {exc}"
         finally:
             atomic_write_json(state.run_dir / "summary.json", summary.to_dict())
+            # the recipe's [[reports]], written from the run's files (summary.json included);
+            # a failing reporter is a warning and changes nothing else (cvmkd_core/reports.py)
+            from cvmkd_core.reports import finalize_reports
+
+            finalize_reports(state, summary)
+
+    def _stamp_packages(self, summary: RunSummary) -> None:
+        """Record the run's provenance and outcome (gate verdict, status, wall time) in every
+        model package, now that every finalize hook has run."""
+        from cvmkd_core.provenance import stamp_packages
+
+        try:
+            stamp_packages(self.state, summary, self.plugins)
+        except Exception as exc:  # the packages stay loadable without it; say so, don't fail the run
+            log.warning("could not record the run's outcome in the model packages: %s: %s", type(exc).__name__, exc)
 
 
 __all__ = ["Loop", "PluginError", "instantiate_components"]

@@ -88,6 +88,17 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise ModelError(f"model package {directory}: {METADATA} is damaged ({exc})") from None
 
 
+def update_metadata(directory: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``fields`` into a package's metadata.json (atomically); returns the new metadata.
+    The weights are untouched, so their recorded sha256 stays valid."""
+    from cvmkd_core.files import atomic_write_json
+
+    meta = read_metadata(directory)
+    meta.update(fields)
+    atomic_write_json(Path(directory) / METADATA, meta)
+    return meta
+
+
 def load_package(directory: str | Path, device: str | torch.device = "cpu") -> tuple[CvmTransformer, Any, dict[str, Any]]:
     """Load a package written by :func:`save_package`: (model in eval mode, tokenizer, metadata)."""
     from cvmkd_core.data.tokenizer import Tokenizer

@@ -21,26 +21,13 @@ import torch
 from cvmkd_core.builtins.validation import score_all, score_specs
 from cvmkd_core.components import QuantizationContext, QuantizationResult
 from cvmkd_core.errors import CvmkdError
-from cvmkd_core.metrics import COMPOSITE, retention
+from cvmkd_core.metrics import COMPOSITE, retention, within_budget
 from cvmkd_core.state import RunState
 
 log = logging.getLogger("cvmkd")
 
 QUANTIZE_PATH = "quantize["
 
-
-def within_budget(
-    scores: dict[str, float], reference: dict[str, float], *, max_bleu_loss: float, max_composite_loss: float
-) -> tuple[bool, dict[str, float]]:
-    """Whether ``scores`` lose at most ``max_bleu_loss`` BLEU points and ``max_composite_loss``
-    (a share) of the composite score against ``reference``; and the losses."""
-    losses: dict[str, float] = {}
-    if "bleu" in scores and "bleu" in reference:
-        losses["bleu"] = reference["bleu"] - scores["bleu"]
-    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
-        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
-    ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
-    return ok, losses
 
 
 def measure_speed(
@@ -73,6 +60,33 @@ def measure_speed(
     }
 
 
+def float_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 CPU copy of ``model`` in eval mode, with layers a training-time plugin swapped
+    (fake quantization) put back to their float class: what a quantizer starts from and what
+    speed is compared against."""
+    fp32 = copy.deepcopy(model).float().cpu().eval()
+    for module in fp32.modules():
+        restore = getattr(type(module), "cvmkd_float_class", None)
+        if restore is not None:
+            module.__class__ = restore
+    return fp32
+
+
+def size_and_speed(model: torch.nn.Module, tokenizer: Any, sources: list[str], package: Path | None) -> dict[str, Any]:
+    """Parameters, parameter memory, file size and CPU decoding speed of one model, measured the
+    same way for the teacher, the student and every quantized variant: latency at batch 1 on the
+    first 32 ``sources``, throughput at batch 32 on the first 256, 32 tokens per sentence."""
+    from cvmkd_core.quant import model_nbytes
+
+    return {
+        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "parameter_bytes": model_nbytes(model),
+        "file_bytes": _file_bytes(package) if package is not None and (package / "model.safetensors").is_file() else None,
+        "latency": measure_speed(model, tokenizer, sources[:32], batch_size=1),
+        "throughput": measure_speed(model, tokenizer, sources[:256], batch_size=32),
+    }
+
+
 def _file_bytes(directory: Path) -> int:
     from cvmkd_core.model.package import WEIGHTS
 
@@ -83,7 +97,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     """Run every selected quantizer on the student; measure, budget-check and package each."""
     from cvmkd_core.model.package import save_package
     from cvmkd_core.quant import model_nbytes
-    from cvmkd_kd.translate import translate
+    from cvmkd_core.model.translate import translate
 
     quantizers = [(p, q) for p, q in state.components.items() if p.startswith(QUANTIZE_PATH)]
     if not quantizers:
@@ -116,11 +130,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             batches.append(src)
         return batches
 
-    fp32 = copy.deepcopy(trainer.model).float().cpu().eval()
-    for module in fp32.modules():  # layers a training-time plugin swapped (fake quantization)
-        restore = getattr(type(module), "cvmkd_float_class", None)
-        if restore is not None:
-            module.__class__ = restore
+    fp32 = float_copy(trainer.model)
     started = time.perf_counter()
     reference_scores = evaluate(fp32)
     context = QuantizationContext(
@@ -134,14 +144,12 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     )
     speed_sources = test_sources[:32]
     throughput_sources = test_sources[:256]
-    baseline = {
-        "scheme": "fp32",
-        "parameter_bytes": model_nbytes(fp32),
-        "file_bytes": _file_bytes(state.run_dir / "model") if (state.run_dir / "model").is_dir() else None,
-        "latency": measure_speed(fp32, tokenizer, speed_sources, batch_size=1),
-        "throughput": measure_speed(fp32, tokenizer, throughput_sources, batch_size=32),
-        "validation_scores": reference_scores,
-    }
+    # the student's size and speed were measured beside the teacher's for evaluation.json
+    measured = evaluation.get("models", {}).get("student") or size_and_speed(
+        fp32, tokenizer, test_sources, state.run_dir / "model"
+    )
+    baseline = {"scheme": "fp32", **{k: v for k, v in measured.items() if k != "parameters"},
+                "validation_scores": reference_scores}
     log.info(
         "fp32 student: %.0f tokens/s at batch 32, %.1f ms/sentence at batch 1 (measured %.0fs)",
         baseline["throughput"]["tokens_per_second"], baseline["latency"]["ms_per_sentence"], time.perf_counter() - started,
@@ -174,9 +182,12 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         metadata = {
             "role": "quantized-student",
             "scheme": result.scheme,
-            "quantization": result.details,
+            "quantization": {"scheme": result.scheme, **result.details},
             "source_model": str(state.run_dir / "model"),
+            "within_budget": ok,
+            "split": "test" if trainer.data.splits.test else "valid",
             "test_scores": scores,
+            "retention": retention(scores, evaluation["teacher"]["scores"], specs),
         }
         save_package(directory, model, tokenizer, metadata)
         entry = {

@@ -19,7 +19,7 @@ from cvmkd_core.errors import ModelError
 from cvmkd_core.hardware import autocast
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.metrics import retention
-from cvmkd_core.model.package import load_package, read_metadata
+from cvmkd_core.model.package import load_package, read_metadata, update_metadata
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
@@ -213,7 +213,14 @@ class KDTrainer(Seq2SeqTrainer):
         if self.model is None or self.teacher is None or summary.status not in ("completed", "stopped"):
             return
         evaluation = evaluate_on_test(self, state)
+        evaluation["models"] = self._size_and_speed(state)
         atomic_write_json(state.run_dir / "evaluation.json", evaluation)
+        update_metadata(state.run_dir / "model", {
+            "split": evaluation["split"],
+            "test_scores": evaluation["student"]["scores"],
+            "teacher_test_scores": evaluation["teacher"]["scores"],
+            "retention": evaluation["retention"],
+        })
         summary.extra["evaluation"] = {k: v for k, v in evaluation.items() if k not in ("student", "teacher")} | {
             "student": evaluation["student"]["scores"],
             "teacher": evaluation["teacher"]["scores"],
@@ -241,6 +248,28 @@ class KDTrainer(Seq2SeqTrainer):
                     "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
                     key, evaluation["student"]["scores"][key], evaluation["teacher"]["scores"][key], 100 * share,
                 )
+
+    def _size_and_speed(self, state: RunState) -> dict[str, Any]:
+        """The teacher's and the student's size and CPU decoding speed, measured side by side
+        (float32, the same sentences) so the comparison report can set them against each other."""
+        from cvmkd_kd.quantize import float_copy, size_and_speed
+
+        assert self.data is not None
+        test = self.data.splits.test or self.data.splits.valid
+        sources = [p[0] for p in test]
+        teacher_dir = Path(self.teacher_info["path"]) if self.teacher_info.get("path") else None
+        models = {
+            "teacher": size_and_speed(float_copy(self.teacher), self.data.tokenizer, sources, teacher_dir),
+            "student": size_and_speed(float_copy(self.model), self.data.tokenizer, sources, state.run_dir / "model"),
+        }
+        t, s = models["teacher"], models["student"]
+        log.info(
+            "teacher %.1fM parameters, %.0f tokens/s at batch 32, %.1f ms/sentence at batch 1; "
+            "student %.1fM, %.0f tokens/s, %.1f ms/sentence (CPU, float32)",
+            t["parameters"] / 1e6, t["throughput"]["tokens_per_second"], t["latency"]["ms_per_sentence"],
+            s["parameters"] / 1e6, s["throughput"]["tokens_per_second"], s["latency"]["ms_per_sentence"],
+        )
+        return models
 
     def translate_with_teacher(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]:
         return self.translate(state, sources, beam_size=beam_size, model=self.teacher)

@@ -21,7 +21,7 @@ from cvmkd_core.model.presets import count_parameters
 from cvmkd_core.recipe import LossRef, TeacherConfig
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.data import RunData, prepare_data
-from cvmkd_kd.translate import translate
+from cvmkd_core.model.translate import translate
 
 log = logging.getLogger("cvmkd")
 

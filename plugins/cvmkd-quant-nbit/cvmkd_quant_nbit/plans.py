@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import nn
 
-from cvmkd_core.metrics import COMPOSITE
+from cvmkd_core.metrics import within_budget  # re-exported: the plugin's budget rule is the core's
 from cvmkd_core.quant import EMBEDDINGS, LayerChoice, apply_plan, model_nbytes, quantizable_layers
 
 #: The level of a layer left in float32.
@@ -153,16 +153,3 @@ def level_counts(plan: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-def within_budget(
-    scores: dict[str, float], reference: dict[str, float], *, max_bleu_loss: float, max_composite_loss: float
-) -> tuple[bool, dict[str, float]]:
-    """The orchestrator's rule (``cvmkd_kd.quantize.within_budget``, repeated here so that this
-    plugin needs only the core): at most ``max_bleu_loss`` BLEU points and ``max_composite_loss``
-    (a share) of the composite score lost against ``reference``; and the losses."""
-    losses: dict[str, float] = {}
-    if "bleu" in scores and "bleu" in reference:
-        losses["bleu"] = reference["bleu"] - scores["bleu"]
-    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
-        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
-    ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
-    return ok, losses

@@ -13,7 +13,7 @@ from cvmkd_core.model.package import load_package
 from cvmkd_core.quant import NbitLinear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
 from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_kd.translate import translate
+from cvmkd_core.model.translate import translate
 
 RECIPE = TINY_KD_RECIPE + """
 [[quantize]]
@@ -85,7 +85,7 @@ def test_nbit_progressive_and_target_ratio_in_a_run(workdir: Path) -> None:
         package = Path(variant["package"])
         model, tokenizer, metadata = load_package(package)
         assert metadata["scheme"] == variant["scheme"]
-        assert metadata["quantization"] == variant["details"]
+        assert metadata["quantization"] == {"scheme": variant["scheme"], **variant["details"]}
         assert any(isinstance(m, NbitLinear) for m in model.modules())
         assert any(isinstance(m, QuantEmbedding) for m in model.modules())
         assert len(translate(model, tokenizer, ["le chat mange", "un petit oiseau"])) == 2

@@ -15,8 +15,8 @@ from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
 from cvmkd_core.model.package import load_package
 from cvmkd_core.quant import DynamicInt8Linear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
-from cvmkd_kd.quantize import within_budget
-from cvmkd_kd.translate import translate
+from cvmkd_core.metrics import within_budget
+from cvmkd_core.model.translate import translate
 from cvmkd_quant_torch import qat
 
 RECIPE = TINY_KD_RECIPE + """

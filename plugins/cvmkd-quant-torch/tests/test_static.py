@@ -24,7 +24,7 @@ from cvmkd_core.quant import (
 )
 from cvmkd_core.session import open_session, run_session
 from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_kd.translate import translate
+from cvmkd_core.model.translate import translate
 from cvmkd_quant_torch import StaticInt8, StaticInt8Config
 
 RECIPE = TINY_KD_RECIPE + """
