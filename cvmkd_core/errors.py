@@ -60,3 +60,21 @@ class ModelError(CvmkdError):
 
 class MetricError(CvmkdError):
     """A metric is misconfigured (unknown composite key...) or returned something unusable."""
+
+
+class ReportError(CvmkdError):
+    """One or more report writers failed; the others' files were still written.
+
+    Holds each failure as ``(reporter, one-line problem)`` and the files that were written. Exit
+    status 1, as for any plugin failing: the run directory itself is fine.
+    """
+
+    exit_status = 1
+
+    def __init__(self, failures: list[tuple[str, str]], written: list | None = None) -> None:
+        self.failures = list(failures)
+        self.written = list(written or [])
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"reporter {name!r} failed: {problem}" for name, problem in self.failures]
