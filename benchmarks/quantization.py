@@ -10,10 +10,12 @@ timed in turn with the fp32 model, ``--repeats`` times, and the median ratio of 
 timings is reported, so both see the same machine load), and the
 BLEU and composite deltas on the run's test split (the metrics and composite weights of the
 run's recipe). The QAT student of the run (``model-qat-int8/``) is included when present;
-torchao's int8 (``Int8DynamicActivationInt8WeightConfig``) when torchao is importable.
+torchao's int8 (``Int8DynamicActivationInt8WeightConfig``) when torchao is importable; and the
+quantizer components static-int8, progressive and target-ratio, run as a recipe would run them,
+with calibration, budget and sensitivity on ``--valid`` validation sentences.
 
 Targets it checks (issue: quantization backends): int8 file ≤ 30% of fp32, ≥ 1.5× fp32 tokens/s,
-BLEU loss ≤ 0.5; int4 weight-only file ≤ 18% of fp32.
+BLEU loss ≤ 0.5; int4 weight-only file ≤ 18% of fp32; target-ratio within 5% of the ratio asked.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from cvmkd_core.quant import LayerChoice, apply_plan, model_nbytes, quantizable_
 from cvmkd_core.session import open_session
 from cvmkd_core.state import RunState
 from cvmkd_kd.quantize import measure_speed
-from cvmkd_kd.translate import translate
+from cvmkd_core.model.translate import translate
 
 
 def plan_all(model: Any, choice: LayerChoice) -> Any:
@@ -69,6 +71,67 @@ def schemes(run_dir: Path) -> dict[str, Callable[[Any], Any]]:
     return found
 
 
+#: quantizer components run as a recipe's [[quantize]] would run them: (label, name, options)
+COMPONENTS = [
+    ("static int8 (torch.ao, calibrated)", "static-int8", {}),
+    ("progressive 16→8→4", "progressive", {}),
+    ("target ratio 0.20", "target-ratio", {"ratio": 0.20}),
+    ("target ratio 0.15", "target-ratio", {"ratio": 0.15}),
+]
+
+
+def component_schemes(
+    registry: Any, state: RunState, valid: list[tuple[str, str]], tokenizer: Any, seed: int
+) -> dict[str, Callable[[Any], Any]]:
+    """Quantizer components with a QuantizationContext on ``valid``, as the orchestrator builds
+    it (cvmkd_kd.quantize): the budget, calibration and sensitivity all see these sentences."""
+    from cvmkd_core.components import QuantizationContext
+
+    sources, references = [p[0] for p in valid], [p[1] for p in valid]
+
+    def evaluate(model: Any) -> dict[str, float]:
+        return score_all(state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources)
+
+    def calibration_batches(count: int) -> list[torch.Tensor]:
+        encoded = [ids[:255] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
+        batches = []
+        for start in range(0, min(len(encoded), 32 * count), 32):
+            chunk = encoded[start : start + 32]
+            src = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                src[row, : len(ids)] = torch.tensor(ids)
+            batches.append(src)
+        return batches
+
+    reference: dict[str, dict[str, float]] = {}
+
+    def make(name: str, options: dict[str, Any]) -> Callable[[Any], Any]:
+        def run(model: Any) -> Any:
+            if "scores" not in reference:
+                reference["scores"] = evaluate(model)
+            component = registry.get("quantizer", name)
+            quantizer = component.factory(component.make_config(options))
+            context = QuantizationContext(tokenizer=tokenizer, sources=sources, references=references, evaluate=evaluate,
+                                          reference_scores=reference["scores"], calibration_batches=calibration_batches,
+                                          seed=seed)
+            result = quantizer.quantize(model, context)
+            summary = {k: v for k, v in result.details.items() if k in ("bits", "kept_stage", "ratio", "target_ratio",
+                                                                        "achieved_ratio", "within_budget", "levels")}
+            print(f"# {name} {options}: {json.dumps(summary, default=str)}", flush=True)
+            return result.model
+
+        return run
+
+    found: dict[str, Callable[[Any], Any]] = {}
+    for label, name, options in COMPONENTS:
+        try:
+            registry.get("quantizer", name)
+        except Exception:
+            continue  # its plugin is not installed
+        found[label] = make(name, options)
+    return found
+
+
 def file_bytes(model: Any, tokenizer: Any) -> int | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -86,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-sentences", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="run only the schemes whose name contains this text")
+    parser.add_argument("--valid", type=int, default=300,
+                        help="validation sentences the quantizer components calibrate and judge the budget on")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -115,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
           f"file {base_file / 1e6:.2f} MB; test BLEU {base_scores['bleu']:.2f}, composite {base_scores.get('composite', float('nan')):.2f} "
           f"({len(sources)} sentences); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = []
-    for name, make in schemes(args.run_dir).items():
+    all_schemes = schemes(args.run_dir)
+    all_schemes.update(component_schemes(registry, state, corpus.load().valid[: args.valid], tokenizer, recipe.run.seed))
+    for name, make in all_schemes.items():
         if args.only and args.only not in name:
             continue
         try:
