@@ -358,6 +358,8 @@ class Loop:
         try:
             state.emit("run_end", status=summary.status, step=state.step, iterations=state.iterations)
             self.pm.hook.cvmkd_finalize(state=state, summary=summary)
+            # the wall time covers finalize too (test evaluation, quantization, export)
+            summary.wall_seconds = round(time.time() - state.started_at, 3)
             self._stamp_packages(summary)
         except BaseException as exc:
             if failed is None:

@@ -110,7 +110,7 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
             student_meta = meta
             meta.setdefault("quantization", {"scheme": "none", "bits": 32})
         else:
-            for shared in ("teacher", "corpus", "hardware"):
+            for shared in ("teacher", "corpus", "hardware", "parameters"):
                 if shared in student_meta and shared not in meta:
                     meta[shared] = student_meta[shared]
         meta.update(common)

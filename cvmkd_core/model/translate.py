@@ -108,7 +108,8 @@ def translate_command(args: argparse.Namespace) -> int:
         raise CvmkdError(f"--output {args.output}: is a directory")
     device = resolve_device(args.device)
     model, tokenizer, metadata = load_package(args.model, device)
-    scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "fp32"
+    scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
+    scheme = "fp32" if scheme == "none" else scheme
     started = time.perf_counter()
     count = 0
     source: IO[str] = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
@@ -143,7 +144,7 @@ def translate_command(args: argparse.Namespace) -> int:
             source.close()
     seconds = time.perf_counter() - started
     log.info(
-        "translated %d lines in %.1fs with %s (%s, beam %d, batch %d)",
+        "translated %d lines in %.2fs with %s (%s, beam %d, batch %d)",
         count, seconds, args.model, scheme, args.beam_size, args.batch_size,
     )
     return 0
