@@ -105,9 +105,9 @@ class RunView:
     def __init__(self, path: str | Path, *, nested: bool = True) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise RunDirError(f"no such run directory: {self.path}")
+            raise RunDirError(f"no run directory at {self.path}")
         if not self.path.is_dir():
-            raise RunDirError(f"not a directory: {self.path}")
+            raise RunDirError(f"{self.path} is a file, not a run directory")
         if not any((self.path / name).is_file() for name in RUN_MARKERS):
             raise RunDirError(
                 f"{self.path} is not a run directory: it holds none of {', '.join(RUN_MARKERS)}"

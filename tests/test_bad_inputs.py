@@ -205,6 +205,11 @@ def _truncate_weights(package: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:-10])
 
 
+def _absent(root: Path, name: str) -> None:
+    assert not (root / name).exists(), f"{name} was written"
+    assert not list(root.glob(f".{name}.*")), f"a temporary {name} was left"
+
+
 def _remove_config(package: Path) -> None:
     (package / "config.json").unlink()
 
@@ -337,6 +342,8 @@ class Case:
     warning: str | None = None
     stdout: str | None = None
     xfail: str | None = None
+    #: entry-point plugins to load (CVMKD_PLUGINS); none by default, "kd" for the kd cases
+    plugins: str | None = None
 
 
 def toy(*args: str) -> list[str]:
@@ -424,6 +431,33 @@ CASES: list[Case] = [
     Case("teacher-vocabulary-mismatch", kd("--set", "teacher.checkpoint=pkg"),
          "error: model package pkg: tokenizer has 24 pieces but the model expects 30", 2, kd=True,
          setup=(_package("pkg", _swap_tokenizer),)),
+    # --- cvmkd translate: model packages and options ---
+    Case("translate-package-missing", ["translate", "--model", "nopkg"],
+         "error: no model package at nopkg", 2),
+    Case("translate-weights-truncated",
+         ["translate", "--model", "pkg", "-i", "in.txt", "-o", "runs/earlier/train.jsonl"],
+         "error: model package pkg: model.safetensors is damaged (sha256 mismatch)", 2, kd=True,
+         setup=(_package("pkg", _truncate_weights), _write("in.txt", "le chat\n"))),
+    Case("translate-tokenizer-mismatch", ["translate", "--model", "pkg", "-i", "in.txt"],
+         "error: model package pkg: tokenizer has 24 pieces but the model expects 30", 2, kd=True,
+         setup=(_package("pkg", _swap_tokenizer), _write("in.txt", "le chat\n"))),
+    Case("translate-input-missing", ["translate", "--model", "pkg", "-i", "missing.txt"],
+         "error: --input missing.txt: no such file", 2, kd=True, setup=(_package("pkg"),)),
+    Case("translate-input-not-utf8", ["translate", "--model", "pkg", "-i", "latin1.txt", "-o", "out.txt"],
+         "error: --input latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)", 2, kd=True,
+         setup=(_package("pkg"), _write_bytes("latin1.txt", "caf\xe9 noir\n".encode("latin-1"))),
+         check=lambda root: _absent(root, "out.txt")),
+    Case("translate-batch-size-zero", ["translate", "--model", "pkg", "--batch-size", "0"],
+         "error: --batch-size must be at least 1 (got 0)", 2),
+    # --- cvmkd monitor and cvmkd report: run directories ---
+    Case("monitor-missing-run-dir", ["monitor", "runs/gone"], "error: no run directory at runs/gone", 2),
+    Case("monitor-folder-without-run", ["monitor", "notes"],
+         "error: notes is not a run directory: it holds no recipe.toml, train.jsonl or teacher/", 2),
+    Case("report-missing-run-dir", ["report", "runs/gone"], "error: no run directory at runs/gone", 2),
+    Case("report-folder-without-run", ["report", "notes"],
+         "error: notes is not a run directory: it holds none of recipe.toml, summary.json, train.jsonl", 2),
+    Case("report-unknown-format", ["report", "runs/earlier", "--format", "pdf"],
+         "error: unknown reporter 'pdf'; available: html, json, markdown", 2, plugins="reports"),
     # --- run directories ---
     Case("run-dir-parent-is-a-file", toy("--set", "run.output_dir=blocker"),
          "error: cannot write run directory blocker/toy: Not a directory",
@@ -528,6 +562,8 @@ def test_bad_input(
         _write("kd.toml", KD_RECIPE)(root)
         _write("corpus.tsv", "\n".join(_corpus_lines()) + "\n")(root)
         (root / ".teacher").symlink_to(teacher_package)
+    if case.plugins:
+        monkeypatch.setenv("CVMKD_PLUGINS", case.plugins)
     for step in case.setup:
         step(root)
     capsys.readouterr()

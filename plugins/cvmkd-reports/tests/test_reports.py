@@ -181,7 +181,7 @@ def test_an_unknown_format_names_the_available_reporters(run_dir: Path, tmp_path
 
 def test_a_missing_or_wrong_run_directory_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "absent")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: no such run directory: {tmp_path / 'absent'}"
+    assert capsys.readouterr().err.strip() == f"error: no run directory at {tmp_path / 'absent'}"
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
