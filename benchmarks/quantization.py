@@ -38,7 +38,7 @@ from cvmkd_core.quant import LayerChoice, apply_plan, model_nbytes, quantizable_
 from cvmkd_core.session import open_session
 from cvmkd_core.state import RunState
 from cvmkd_kd.quantize import measure_speed
-from cvmkd_core.model.translate import translate
+from cvmkd_core.model.translate import source_batches, translate
 
 
 def plan_all(model: Any, choice: LayerChoice) -> Any:
@@ -81,7 +81,7 @@ COMPONENTS = [
 
 
 def component_schemes(
-    registry: Any, state: RunState, valid: list[tuple[str, str]], tokenizer: Any, seed: int
+    registry: Any, state: RunState, valid: list[tuple[str, str]], tokenizer: Any, seed: int, max_len: int
 ) -> dict[str, Callable[[Any], Any]]:
     """Quantizer components with a QuantizationContext on ``valid``, as the orchestrator builds
     it (cvmkd_kd.quantize): the budget, calibration and sensitivity all see these sentences."""
@@ -93,15 +93,7 @@ def component_schemes(
         return score_all(state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources)
 
     def calibration_batches(count: int) -> list[torch.Tensor]:
-        encoded = [ids[:255] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
-        batches = []
-        for start in range(0, min(len(encoded), 32 * count), 32):
-            chunk = encoded[start : start + 32]
-            src = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                src[row, : len(ids)] = torch.tensor(ids)
-            batches.append(src)
-        return batches
+        return source_batches(tokenizer, sources, max_len, 32, count)
 
     reference: dict[str, dict[str, float]] = {}
 
@@ -181,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(sources)} sentences); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows = []
     all_schemes = schemes(args.run_dir)
-    all_schemes.update(component_schemes(registry, state, corpus.load().valid[: args.valid], tokenizer, recipe.run.seed))
+    all_schemes.update(component_schemes(registry, state, corpus.load().valid[: args.valid], tokenizer,
+                                       recipe.run.seed, fp32.config.max_len))
     for name, make in all_schemes.items():
         if args.only and args.only not in name:
             continue

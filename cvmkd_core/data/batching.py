@@ -45,7 +45,8 @@ class Batch:
         )
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Rows of ids as one (rows, longest) tensor, right-padded with ``pad_id``."""
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -76,10 +77,10 @@ def make_batch(
     keep = None if max_len is None else max_len - 1
     src_rows = [list(s[:keep]) + [eos_id] for s in src_ids]
     tgt_cut = [list(t[:keep]) for t in tgt_ids]
-    tgt_in = _pad([[bos_id] + t for t in tgt_cut], pad_id)
-    tgt_out = _pad([t + [eos_id] for t in tgt_cut], pad_id)
+    tgt_in = pad_rows([[bos_id] + t for t in tgt_cut], pad_id)
+    tgt_out = pad_rows([t + [eos_id] for t in tgt_cut], pad_id)
     return Batch(
-        src=_pad(src_rows, pad_id),
+        src=pad_rows(src_rows, pad_id),
         tgt_in=tgt_in,
         tgt_out=tgt_out,
         n_tokens=sum(len(t) + 1 for t in tgt_cut),

@@ -24,6 +24,23 @@ log = logging.getLogger("cvmkd")
 CHUNK_LINES = 2000
 
 
+def encode_sources(tokenizer: Any, sources: list[str], max_len: int) -> list[list[int]]:
+    """Source ids as a model reads them: cut to ``max_len - 1`` pieces, then end-of-sentence."""
+    return [ids[: max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
+
+
+def source_batches(
+    tokenizer: Any, sources: list[str], max_len: int, batch_size: int, max_batches: int | None = None
+) -> list[torch.Tensor]:
+    """``sources`` in order, as padded id tensors of ``batch_size`` rows (the last may be
+    shorter); at most ``max_batches``. Used to time decoding and to calibrate quantized models."""
+    from cvmkd_core.data.batching import pad_rows
+
+    encoded = encode_sources(tokenizer, sources, max_len)
+    end = len(encoded) if max_batches is None else min(len(encoded), batch_size * max_batches)
+    return [pad_rows(encoded[start : start + batch_size], tokenizer.pad_id) for start in range(0, end, batch_size)]
+
+
 def translate(
     model: Any,
     tokenizer: Any,
@@ -40,9 +57,10 @@ def translate(
     length are cut (their tail is not translated)."""
     from cvmkd_core.model.decoding import beam_search, greedy_decode
 
+    from cvmkd_core.data.batching import pad_rows
+
     device = torch.device(device)
-    limit = model.config.max_len
-    encoded = [ids[: limit - 1] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
+    encoded = encode_sources(tokenizer, sources, model.config.max_len)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(sources)
     was_training = model.training
@@ -50,11 +68,7 @@ def translate(
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            src = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                src[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            src = src.to(device)
+            src = pad_rows([encoded[i] for i in chunk], tokenizer.pad_id).to(device)
             with torch.inference_mode(), autocast(device, precision):
                 if beam_size > 1:
                     ids = beam_search(model, src, beam_size=beam_size, max_len_a=max_len_a, max_len_b=max_len_b)

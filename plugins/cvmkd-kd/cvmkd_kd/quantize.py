@@ -22,6 +22,7 @@ from cvmkd_core.builtins.validation import score_all, score_specs
 from cvmkd_core.components import QuantizationContext, QuantizationResult
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.metrics import COMPOSITE, retention, within_budget
+from cvmkd_core.model.translate import source_batches
 from cvmkd_core.state import RunState
 
 log = logging.getLogger("cvmkd")
@@ -43,18 +44,10 @@ def measure_speed(
     model's outputs are. One warm-up batch first; the best of ``repeats``."""
     from cvmkd_core.model.decoding import timed_decode
 
-    limit = model.config.max_len  # type: ignore[union-attr]
-    encoded = [ids[: limit - 1] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        src = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            src[row, : len(ids)] = torch.tensor(ids)
-        batches.append(src)
+    batches = source_batches(tokenizer, sources, model.config.max_len, batch_size)  # type: ignore[union-attr]
     timed_decode(model, batches[0], steps)  # warm-up
     seconds = min(sum(timed_decode(model, b, steps) for b in batches) for _ in range(max(repeats, 1)))
-    tokens = len(encoded) * steps
+    tokens = len(sources) * steps
     return {
         "sentences": len(sources),
         "batch_size": batch_size,
@@ -125,15 +118,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         return score_all(state, run(model, sources), references, sources)
 
     def calibration_batches(count: int) -> list[torch.Tensor]:
-        encoded = [ids[: trainer.model.config.max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode(sources)]
-        batches = []
-        for start in range(0, min(len(encoded), 32 * count), 32):
-            chunk = encoded[start : start + 32]
-            src = torch.full((len(chunk), max(map(len, chunk))), tokenizer.pad_id, dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                src[row, : len(ids)] = torch.tensor(ids)
-            batches.append(src)
-        return batches
+        return source_batches(tokenizer, sources, trainer.model.config.max_len, 32, count)
 
     fp32 = float_copy(trainer.model)
     started = time.perf_counter()
