@@ -12,11 +12,10 @@ import logging
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 from cvmkd_core import __version__
-from cvmkd_core.errors import CvmkdError
+from cvmkd_core.errors import CvmkdError, describe_failure, one_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -200,29 +199,6 @@ COMMANDS: dict[str, Any] = {
     "monitor": cmd_monitor,
 }
 
-#: the core's event loop: its frames are where hooks are called from, never a hook itself
-_LOOP_FILE = str(Path(__file__).with_name("loop.py"))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line for an unexpected exception: the hook and plugin file it came from when a hook
-    implementation raised it (the innermost ``cvmkd_*`` frame outside the core's loop), else the
-    innermost frame: ``cvmkd_step in /path/hooks.py:7 raised ValueError: boom``."""
-    message = _one_line(str(exc))
-    what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
-    for frame in reversed(frames):
-        if frame.name.startswith("cvmkd_") and frame.filename != _LOOP_FILE:
-            return f"{frame.name} in {frame.filename}:{frame.lineno} raised {what}"
-    if frames:
-        return f"{what} (at {frames[-1].filename}:{frames[-1].lineno})"
-    return what
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         for line in exc.lines():
-            print(f"error: {_one_line(str(line))}", file=sys.stderr)
+            print(f"error: {one_line(line)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -5,6 +5,10 @@ The CLI turns any :class:`CvmkdError` into one line per problem on stderr and ex
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+from typing import Any
+
 
 class CvmkdError(Exception):
     """Base of every error cvmkd reports to a user as-is (no traceback unless --debug)."""
@@ -78,3 +82,30 @@ class ReportError(CvmkdError):
 
     def lines(self) -> list[str]:
         return [f"reporter {name!r} failed: {problem}" for name, problem in self.failures]
+
+
+#: the core's event loop: its frames are where hooks are called from, never a hook itself
+_LOOP_FILE = str(Path(__file__).with_name("loop.py"))
+
+
+def one_line(text: Any, limit: int | None = None) -> str:
+    """``text`` on one line (whitespace runs, newlines included, become one space), cut to
+    ``limit`` characters with an ellipsis when given."""
+    line = " ".join(str(text).split())
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_failure(exc: BaseException, limit: int | None = None) -> str:
+    """One line for an unexpected exception: the hook and plugin file it came from when a hook
+    implementation raised it (the innermost ``cvmkd_*`` frame outside the core's loop), else the
+    innermost frame: ``cvmkd_step in /path/hooks.py:7 raised ValueError: boom``,
+    ``ValueError: boom (at /path/file.py:12)``."""
+    message = one_line(exc, limit)
+    what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    for frame in reversed(frames):
+        if frame.name.startswith("cvmkd_") and frame.filename != _LOOP_FILE:
+            return f"{frame.name} in {frame.filename}:{frame.lineno} raised {what}"
+    if frames:
+        return f"{what} (at {frames[-1].filename}:{frames[-1].lineno})"
+    return what

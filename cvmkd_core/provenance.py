@@ -17,6 +17,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cvmkd_core import __version__
 
 log = logging.getLogger("cvmkd")
@@ -114,7 +116,7 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
                 if shared in student_meta and shared not in meta:
                     meta[shared] = student_meta[shared]
         meta.update(common)
-        meta.setdefault("hardware", describe_hardware(_cpu()))
+        meta.setdefault("hardware", describe_hardware(torch.device("cpu")))
         gate_name = "student" if key == "model" else key[len("model-"):]
         gate = _gate_for(summary.extra.get("gate"), gate_name)
         if gate is not None:
@@ -122,12 +124,6 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
         atomic_write_json(path, meta)
         stamped.append(directory)
     return stamped
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
 
 
 __all__ = ["plugin_versions", "source_revision", "stamp_packages"]

@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from cvmkd_core.errors import ComponentError, CvmkdError, RecipeError, ReportError, RunDirError
+from cvmkd_core.errors import (
+    ComponentError, CvmkdError, RecipeError, ReportError, RunDirError, describe_failure, one_line,
+)
 from cvmkd_core.files import atomic_write_json
 
 if sys.version_info >= (3, 11):
@@ -62,16 +63,12 @@ class Reporter(Protocol):
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return one_line(text, limit)
 
 
 def describe_exception(exc: BaseException) -> str:
-    """``ValueError: boom (at /path/file.py:12)``: the exception and its innermost frame."""
-    message = _one_line(exc)
-    what = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
-    return f"{what} (at {frames[-1].filename}:{frames[-1].lineno})" if frames else what
+    """``ValueError: boom (at /path/file.py:12)``: the exception and where it was raised."""
+    return describe_failure(exc, limit=300)
 
 
 # --- the view of a run directory -----------------------------------------------------------------

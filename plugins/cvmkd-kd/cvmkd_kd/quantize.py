@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -94,7 +94,6 @@ def _file_bytes(directory: Path) -> int:
 def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Run every selected quantizer on the student; measure, budget-check and package each."""
     from cvmkd_core.model.package import save_package
-    from cvmkd_core.quant import model_nbytes
     from cvmkd_core.model.translate import translate
 
     quantizers = [(p, q) for p, q in state.components.items() if p.startswith(QUANTIZE_PATH)]
@@ -132,8 +131,6 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         calibration_batches=calibration_batches,
         seed=state.recipe.run.seed,
     )
-    speed_sources = test_sources[:32]
-    throughput_sources = test_sources[:256]
     # the student's size and speed were measured beside the teacher's for evaluation.json
     measured = evaluation.get("models", {}).get("student") or size_and_speed(
         fp32, tokenizer, test_sources, state.run_dir / "model"
@@ -194,10 +191,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             "scores": scores,
             "retention": retention(scores, evaluation["teacher"]["scores"], specs),
             "retention_of_student": retention(scores, evaluation["student"]["scores"], specs),
-            "file_bytes": _file_bytes(directory),
-            "parameter_bytes": model_nbytes(model),
-            "latency": measure_speed(model, tokenizer, speed_sources, batch_size=1, repeats=SPEED_REPEATS),
-            "throughput": measure_speed(model, tokenizer, throughput_sources, batch_size=32, repeats=SPEED_REPEATS),
+            **size_and_speed(model, tokenizer, test_sources, directory),
             "seconds": 0.0,
         }
         if baseline["file_bytes"]:
