@@ -195,6 +195,12 @@ class TeacherConfig:
     weight_decay: float = attrs.field(default=0.0, validator=ge(0))
     clip_norm: float = attrs.field(default=1.0, validator=ge(0))
     max_len: int = attrs.field(default=128, validator=gt(0))
+    early_stopping_patience: int = attrs.field(default=0, validator=ge(0))
+    """stop after this many validations in a row without a new best composite score; 0: never"""
+    average_checkpoints: int = attrs.field(default=1, validator=gt(0))
+    """export the mean weights of the last N validated checkpoints when they validate better"""
+    test_beam_sizes: list[int] = attrs.field(factory=lambda: [1], validator=attrs.validators.deep_iterable(gt(0)))
+    """beam sizes the final teacher is scored with on the test split (evaluation.json)"""
 
 
 @attrs.frozen

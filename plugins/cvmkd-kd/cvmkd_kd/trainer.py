@@ -14,6 +14,7 @@ import attrs
 import torch
 
 from cvmkd_core.config import ge, gt, one_of
+from cvmkd_core.errors import ModelError
 from cvmkd_core.data.batching import Batch, BatchStream
 from cvmkd_core.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_core.hookspecs import hookimpl
@@ -267,3 +268,142 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     def __init__(self, config: TeacherConfig) -> None:
         super().__init__(config)
+
+    def _model_component(self, state: RunState) -> Any:
+        # a teacher recipe names its model in [distill.model]; a teacher stage copies [teacher]
+        return state.components.get("distill.model") or state.components["teacher.model"]
+
+    @hookimpl(tryfirst=True)
+    def cvmkd_run_start(self, state: RunState) -> None:
+        keep = state.recipe.run.keep_checkpoints
+        if self.config.average_checkpoints > keep:
+            raise ModelError(
+                f"teacher.average_checkpoints = {self.config.average_checkpoints} needs the last "
+                f"{self.config.average_checkpoints} checkpoints, but run.keep_checkpoints = {keep}"
+            )
+        Seq2SeqTrainer.cvmkd_run_start(self, state)
+
+    @hookimpl
+    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
+        Seq2SeqTrainer.cvmkd_checkpoint(self, state, payload)
+        patience = self.config.early_stopping_patience
+        if record is None or not patience:
+            return
+        since = validations_since_best(state.history)
+        if since >= patience:
+            state.request_stop(
+                f"early stopping: {since} validations without a new best composite score "
+                f"(best at step {best_record(state.history).step})"
+            )
+            log.info("%s", state.stop_reason)
+
+    @hookimpl
+    def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
+        if self.model is None or summary.status not in ("completed", "stopped"):
+            return
+        if self.config.average_checkpoints > 1:
+            summary.extra["averaging"] = self._average_checkpoints(state)
+        Seq2SeqTrainer.cvmkd_finalize(self, state, summary)
+        if self.data is not None and self.data.splits.test:
+            from cvmkd_core.files import atomic_write_json
+            from cvmkd_core.model.package import update_metadata
+
+            evaluation = self._evaluate_test(state)
+            atomic_write_json(state.run_dir / "evaluation.json", evaluation)
+            update_metadata(state.run_dir / "model", {"test_scores": evaluation["scores"], "split": "test"})
+            summary.extra["evaluation"] = {"teacher": evaluation["scores"]}
+            summary.outputs["evaluation"] = str(state.run_dir / "evaluation.json")
+
+    def _validation_scores(self, state: RunState) -> dict[str, float]:
+        from cvmkd_core.builtins.validation import score_all
+
+        sources, references = self.validation_data(state)
+        limit = state.recipe.validation.max_sentences
+        if limit:
+            sources, references = sources[:limit], references[:limit]
+        beam = state.recipe.validation.beam_size
+        return score_all(state, self.translate(state, sources, beam_size=beam), references, sources)
+
+    def _average_checkpoints(self, state: RunState) -> dict[str, Any]:
+        """Average the weights of the last N validated checkpoints (a standard gain in MT), and
+        keep the average when it validates at least as well as the weights training ended with."""
+        from cvmkd_core.checkpoint import CheckpointStore
+
+        store = CheckpointStore(state.run_dir / "checkpoints", keep=state.recipe.run.keep_checkpoints)
+        entries = [e for e in store.entries() if e.score is not None][-self.config.average_checkpoints :]
+        if len(entries) < 2:
+            return {"used": False, "reason": f"only {len(entries)} validated checkpoint(s)"}
+        final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        total: dict[str, torch.Tensor] = {}
+        for entry in entries:
+            weights = store.load_entry(entry)["trainer"]["model"]
+            for key, value in weights.items():
+                if value.is_floating_point():
+                    total[key] = total.get(key, 0) + value.double()
+                else:
+                    total.setdefault(key, value)
+        averaged = {
+            k: (v / len(entries)).to(final[k].dtype) if v.is_floating_point() else v for k, v in total.items()
+        }
+        before = self._validation_scores(state)
+        self.model.load_state_dict(averaged)
+        after = self._validation_scores(state)
+        key = "composite" if "composite" in after else next(iter(after))
+        used = after[key] >= before[key]
+        if not used:
+            self.model.load_state_dict(final)
+        report = {
+            "used": used,
+            "steps": [e.step for e in entries],
+            "key": key,
+            "valid_final": before,
+            "valid_averaged": after,
+        }
+        log.info(
+            "checkpoint average of steps %s: validation %s %.2f against %.2f for the final weights: %s",
+            report["steps"], key, after[key], before[key], "kept" if used else "not kept",
+        )
+        return report
+
+    def _evaluate_test(self, state: RunState) -> dict[str, Any]:
+        """The final teacher on the test split, once per beam size of ``test_beam_sizes``."""
+        from cvmkd_core.builtins.validation import score_all
+
+        assert self.data is not None
+        test = self.data.splits.test
+        sources, references = [p[0] for p in test], [p[1] for p in test]
+        by_beam: dict[str, Any] = {}
+        for beam in self.config.test_beam_sizes:
+            started = time.perf_counter()
+            hypotheses = self.translate(state, sources, beam_size=beam)
+            seconds = time.perf_counter() - started
+            scores = score_all(state, hypotheses, references, sources)
+            by_beam[str(beam)] = {"scores": scores, "decode_seconds": round(seconds, 2)}
+            log.info(
+                "teacher on the test split, beam %d: %s (%.0fs)",
+                beam, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), seconds,
+            )
+        first = str(self.config.test_beam_sizes[0])
+        return {"split": "test", "sentences": len(sources), "scores": by_beam[first]["scores"],
+                "beam_size": int(first), "by_beam_size": by_beam}
+
+
+def best_record(history: list[Any]) -> Any:
+    """The validation with the best composite score (the earliest of equals); rolled-back ones
+    do not count."""
+    kept = [r for r in history if not r.rolled_back]
+    key = "composite" if all("composite" in r.scores for r in kept) else None
+
+    def value(record: Any) -> float:
+        return record.scores[key] if key else next(iter(record.scores.values()), 0.0)
+
+    return max(kept, key=lambda r: (value(r), -r.step))
+
+
+def validations_since_best(history: list[Any]) -> int:
+    """How many kept validations came after the best one."""
+    kept = [r for r in history if not r.rolled_back]
+    if not kept:
+        return 0
+    best = best_record(history)
+    return sum(1 for r in kept if r.step > best.step)
