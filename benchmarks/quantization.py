@@ -32,13 +32,13 @@ from typing import Any, Callable
 
 import torch
 
-from cvmkd_core.builtins.validation import score_all
-from cvmkd_core.model.package import WEIGHTS, load_package, save_package
-from cvmkd_core.quant import LayerChoice, apply_plan, model_nbytes, quantizable_layers
+from cvmkd_validation.validation import score_all
+from cvmkd_nmt.model.package import WEIGHTS, load_package, save_package
+from cvmkd_nmt.quantized import LayerChoice, apply_plan, model_nbytes, quantizable_layers
 from cvmkd_core.session import open_session
 from cvmkd_core.state import RunState
 from cvmkd_kd.quantize import measure_speed
-from cvmkd_core.model.translate import source_batches, translate
+from cvmkd_nmt.model.translate import source_batches, translate
 
 
 def plan_all(model: Any, choice: LayerChoice) -> Any:
@@ -85,7 +85,7 @@ def component_schemes(
 ) -> dict[str, Callable[[Any], Any]]:
     """Quantizer components with a QuantizationContext on ``valid``, as the orchestrator builds
     it (cvmkd_kd.quantize): the budget, calibration and sensitivity all see these sentences."""
-    from cvmkd_core.components import QuantizationContext
+    from cvmkd_nmt.contracts import QuantizationContext
 
     sources, references = [p[0] for p in valid], [p[1] for p in valid]
 

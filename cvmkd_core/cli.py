@@ -1,4 +1,6 @@
-"""The ``cvmkd`` command: run, check, plugins, translate, report and monitor.
+"""The ``cvmkd`` command. The core's own subcommands are ``run``, ``check`` and ``plugins``;
+every other one (``translate``, ``report``, ``monitor``, ``compare``...) comes from a plugin's
+``cvmkd_register_commands`` hook.
 
 Errors a user can fix print one line each on stderr and exit with status 2; ``--debug`` shows
 the traceback as well.
@@ -12,7 +14,7 @@ import logging
 import sys
 import traceback
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cvmkd_core import __version__
 from cvmkd_core.errors import CvmkdError, describe_failure, one_line
@@ -75,32 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
     _common(plugins)
 
-    translate = sub.add_parser("translate", help="translate text with a model package (fp32 or quantized)")
-    translate.add_argument("--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME")
-    translate.add_argument("--input", "-i", default="-", metavar="FILE", help="one sentence per line (default: stdin)")
-    translate.add_argument("--output", "-o", default="-", metavar="FILE", help="one translation per line (default: stdout)")
-    translate.add_argument("--batch-size", type=int, default=32, metavar="N", help="sentences decoded together (default 32)")
-    translate.add_argument("--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search")
-    translate.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, or auto")
-    _common(translate)
-
-    report = sub.add_parser("report", help="write a run's reports (Markdown, HTML with plots, JSON) from its files")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quick")
-    report.add_argument(
-        "--format", dest="formats", action="append", default=[], metavar="NAME",
-        help="a reporter to run; repeatable (default: the run recipe's [[reports]], else every installed reporter)",
-    )
-    report.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/reports")
-    report.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
-    _common(report)
-
-    monitor = sub.add_parser("monitor", help="show a run's progress from its files, also while it runs")
-    monitor.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/default")
-    monitor.add_argument("--follow", "-f", action="store_true", help="refresh until the run ends")
-    monitor.add_argument("--interval", type=float, default=5.0, metavar="SECONDS", help="refresh period with --follow (default 5)")
-    monitor.add_argument("--json", action="store_true", help="print one JSON snapshot")
-    _common(monitor)
+    commands = Commands(sub)
+    installed = _command_plugins()
+    if installed is not None:
+        installed.pm.hook.cvmkd_register_commands(cli=commands)
+    parser.set_defaults(_commands=commands)
     return parser
+
+
+class Commands:
+    """What ``cvmkd_register_commands`` receives: ``cli.command(...)`` adds a subcommand."""
+
+    def __init__(self, subparsers: Any) -> None:
+        self._subparsers = subparsers
+        self.handlers: dict[str, Callable[[argparse.Namespace], int]] = dict(COMMANDS)
+        self.owners: dict[str, str] = {name: "cvmkd" for name in COMMANDS}
+
+    def command(
+        self,
+        name: str,
+        help: str,
+        configure: Callable[[argparse.ArgumentParser], None],
+        run: Callable[[argparse.Namespace], int],
+    ) -> None:
+        """Add ``cvmkd NAME``: ``configure(parser)`` adds its arguments (``--debug`` is added
+        for it), ``run(args)`` does the work and returns the exit status."""
+        owner = getattr(run, "__module__", "?")
+        if name in self.handlers:
+            raise CvmkdError(f"two plugins add the command {name!r}: {self.owners[name]} and {owner}")
+        parser = self._subparsers.add_parser(name, help=help)
+        configure(parser)
+        _common(parser)
+        self.handlers[name] = run
+        self.owners[name] = owner
+
+
+def _command_plugins() -> Any:
+    """The installed plugins, for their commands; a plugin that fails to load is a warning."""
+    from cvmkd_core.plugins import build_plugins
+
+    try:
+        return build_plugins()
+    except CvmkdError as exc:
+        print(f"warning: plugin commands unavailable: {one_line(str(exc))}", file=sys.stderr)
+        return None
 
 
 def _setup_logging(debug: bool, quiet: bool = False) -> None:
@@ -132,9 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    gate = summary.extra.get("gate")
-    if isinstance(gate, dict) and gate.get("passed") is False:
-        print(f"retention gate failed: {gate.get('verdict', 'see summary.json')} ({run_dir})", file=sys.stderr)
+    gate = summary.gate
+    if gate is not None and gate.passed is False:
+        print(f"retention gate failed: {gate.verdict} ({run_dir})", file=sys.stderr)
         return EXIT_GATE_FAILED
     print(f"{summary.status}: {run_dir}")
     return EXIT_OK
@@ -172,40 +192,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_translate(args: argparse.Namespace) -> int:
-    from cvmkd_core.model.translate import translate_command
-
-    return translate_command(args)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from cvmkd_core.reports import report_command
-
-    return report_command(args)
-
-
-def cmd_monitor(args: argparse.Namespace) -> int:
-    from cvmkd_core.monitor import monitor_command
-
-    return monitor_command(args)
-
-
 COMMANDS: dict[str, Any] = {
     "run": cmd_run,
     "check": cmd_check,
     "plugins": cmd_plugins,
-    "translate": cmd_translate,
-    "report": cmd_report,
-    "monitor": cmd_monitor,
 }
 
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CvmkdError as exc:  # two plugins adding one command, say
+        for line in exc.lines():
+            print(f"error: {one_line(line)}", file=sys.stderr)
+        return exc.exit_status
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     _setup_logging(debug, getattr(args, "quiet", False))
     try:
-        return COMMANDS[args.command](args)
+        return args._commands.handlers[args.command](args)
     except CvmkdError as exc:
         if debug:
             traceback.print_exc()

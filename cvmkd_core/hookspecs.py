@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from cvmkd_core.cli import Commands
     from cvmkd_core.recipe import Recipe
     from cvmkd_core.registry import Registrar
     from cvmkd_core.state import (
@@ -58,12 +59,30 @@ def cvmkd_configure(recipe: Recipe, pm: pluggy.PluginManager) -> None:
 
 
 @hookspec
-def cvmkd_run_start(state: RunState) -> None:
-    """Set up before the first step: build models and data, open loggers, prepare QAT.
+def cvmkd_check(state: RunState) -> None:
+    """Check the recipe's settings against each other before any work starts; raise a
+    :class:`~cvmkd_core.errors.CvmkdError` naming the problem. Fires before ``cvmkd_setup``, so
+    a wrong setting fails before the trainer trains a teacher, say."""
 
-    The built-in trainer runs ``tryfirst`` so every other implementation sees the
-    models, the optimizer and the batch stream in ``state``.
+
+@hookspec
+def cvmkd_setup(state: RunState) -> None:
+    """The trainer builds what the run trains: models, data, optimizer, and ``state.batches``.
+
+    Fires before ``cvmkd_run_start``, so every ``cvmkd_run_start`` implementation sees them.
     """
+
+
+@hookspec
+def cvmkd_run_start(state: RunState) -> None:
+    """Set up before the first step, after the trainer's ``cvmkd_setup``: open loggers, prepare
+    quantization-aware training, read the models in ``state.objects``."""
+
+
+@hookspec
+def cvmkd_step_start(state: RunState, batch: Any) -> None:
+    """Before each training iteration (``cvmkd_step``): schedules that change the model, such as
+    switching quantization-aware training on at its step."""
 
 
 @hookspec(firstresult=True)
@@ -145,9 +164,49 @@ def cvmkd_run_error(state: RunState, error: BaseException) -> None:
 
 
 @hookspec
-def cvmkd_finalize(state: RunState, summary: RunSummary) -> None:
-    """Finish the run: quantize, export the model, write reports.
+def cvmkd_export(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 1 of 6: write the trained model (a model package), and record it in
+    ``summary.outputs``. Finalize phases always fire in this order, also after a failed run
+    (``summary.status`` says how it ended): ``cvmkd_export``, ``cvmkd_evaluate``,
+    ``cvmkd_quantize``, ``cvmkd_finalize``, ``cvmkd_record_outcome``, then ``summary.json`` is
+    written, then ``cvmkd_report``."""
 
-    Always called, also when the run failed (``summary.status`` says how it ended).
+
+@hookspec
+def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 2: score the final models on the test split and set
+    ``summary.evaluation`` (a :class:`~cvmkd_core.state.TestEvaluation`)."""
+
+
+@hookspec
+def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 3: quantize the final student with the recipe's ``[[quantize]]`` and
+    append every variant to ``summary.quantized``."""
+
+
+@hookspec
+def cvmkd_finalize(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 4: judge and finish the run: the retention gate sets ``summary.gate``
+    (a :class:`~cvmkd_core.state.GateVerdict`); loggers close.
+
     Implementations may add entries to ``summary.outputs`` and ``summary.extra``.
     """
+
+
+@hookspec
+def cvmkd_record_outcome(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 5: the summary is complete (status, gate, wall time): record the outcome
+    where a plugin keeps it, such as the metadata of every model package."""
+
+
+@hookspec
+def cvmkd_report(state: RunState, summary: RunSummary) -> None:
+    """Finalize, phase 6: ``summary.json`` is written; write reports from the run's files. A
+    failing reporter should warn, not fail the run."""
+
+
+@hookspec
+def cvmkd_register_commands(cli: Commands) -> None:
+    """Add ``cvmkd`` subcommands: ``cli.command(name, help, configure, run)``, where
+    ``configure(parser)`` adds arguments to an argparse parser and ``run(args)`` returns the exit
+    status. Called when the ``cvmkd`` command starts."""

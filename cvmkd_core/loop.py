@@ -2,13 +2,16 @@
 
     cvmkd_configure(recipe, pm)                          # historic, once
     try:
-        cvmkd_run_start(state)                           # trainer first: models, optimizer, batches
+        cvmkd_check(state)                               # settings checked before any work
+        cvmkd_setup(state)                               # the trainer: models, optimizer, batches
+        cvmkd_run_start(state)                           # everyone else, seeing the models
         if resuming:
             cvmkd_restore(state, payload, "resume")      # from the last good checkpoint
         event("run_start")
         while state.step < run.steps and not state.stop_requested:
             batch = next(state.batches)
-            result = cvmkd_step(state, batch)            # firstresult; built-in trainer is trylast
+            cvmkd_step_start(state, batch)
+            result = cvmkd_step(state, batch)            # firstresult; the trainer's is trylast
             state.step += 1; state.iterations += 1
             cvmkd_step_end(state, result)
             if a hook called state.request_rollback(decision):   # a non-finite loss, say
@@ -31,9 +34,16 @@
     except BaseException as error:
         cvmkd_run_error(state, error)
         raise
-    finally:
+    finally:                                             # always, also after an error
         event("run_end")
-        cvmkd_finalize(state, summary)                   # always, also after an error
+        cvmkd_export(state, summary)                     # the trained model's package
+        cvmkd_evaluate(state, summary)                   # summary.evaluation: the test split
+        cvmkd_quantize(state, summary)                   # summary.quantized: [[quantize]] variants
+        cvmkd_finalize(state, summary)                   # summary.gate; loggers close
+        summary.wall_seconds = time since start          # finalize included
+        cvmkd_record_outcome(state, summary)             # e.g. stamp the model packages
+        write summary.json
+        cvmkd_report(state, summary)                     # reports from the run's files
 
 A rollback restores the checkpoint's weights, optimizer, data position, random state and every
 plugin's state, then multiplies the learning rate by ``decision.lr_factor``; ``decision.stop``
@@ -64,7 +74,7 @@ from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import ComponentRef, Recipe
-from cvmkd_core.state import Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
+from cvmkd_core.state import Event, Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
 
 log = logging.getLogger("cvmkd")
 
@@ -189,14 +199,16 @@ class Loop:
         failed: BaseException | None = None
         try:
             hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
+            hook.cvmkd_check(state=state)
+            hook.cvmkd_setup(state=state)
             hook.cvmkd_run_start(state=state)
             if state.batches is None:
                 raise PluginError(
-                    f"trainer {self.recipe.distill.name!r} set up no batch stream in cvmkd_run_start"
+                    f"trainer {self.recipe.distill.name!r} set up no batch stream in cvmkd_setup"
                 )
             if resume:
                 self._resume()
-            state.emit("run_start", step=state.step, total_steps=state.total_steps)
+            state.emit(Event.RUN_START, step=state.step, total_steps=state.total_steps)
             self._train()
             if state.interrupted:
                 self._checkpoint(None)
@@ -227,6 +239,7 @@ class Loop:
         state, hook, run = self.state, self.pm.hook, self.recipe.run
         while state.step < run.steps and not state.stop_requested:
             batch = next(state.batches)  # type: ignore[arg-type]
+            hook.cvmkd_step_start(state=state, batch=batch)
             result = hook.cvmkd_step(state=state, batch=batch)
             if result is None:
                 raise PluginError("no plugin performed the training step (cvmkd_step returned nothing)")
@@ -264,12 +277,12 @@ class Loop:
             record = ValidationRecord(**{**record.to_dict(), "rolled_back": True})
             self._store_record(record)
             state.history.append(record)
-            state.emit("validation", **record.to_dict())
+            state.emit(Event.VALIDATION, **record.to_dict())
             self._rollback(decision)
             return
         self._store_record(record)
         state.history.append(record)
-        state.emit("validation", **record.to_dict())
+        state.emit(Event.VALIDATION, **record.to_dict())
         self._checkpoint(record)
 
     def _checkpoint(self, record: ValidationRecord | None) -> None:
@@ -280,7 +293,7 @@ class Loop:
         self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
         score = record.scores.get("composite") if record is not None else None
         entry = self.checkpoints.save(state.step, state.iterations, payload, score=score)
-        state.emit("checkpoint", step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None)
+        state.emit(Event.CHECKPOINT, step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None)
 
     def _store_record(self, record: ValidationRecord) -> None:
         directory = self.state.run_dir / "validation"
@@ -296,7 +309,7 @@ class Loop:
         except CheckpointError as exc:
             reason = f"{decision.reason}; no checkpoint to roll back to ({exc})"
             log.error("stopping: %s", reason)
-            state.emit("rollback_skipped", step=state.step, reason=decision.reason, error=str(exc))
+            state.emit(Event.ROLLBACK_SKIPPED, step=state.step, reason=decision.reason, error=str(exc))
             state.request_stop(reason)
             return
         from_step = state.step
@@ -326,7 +339,7 @@ class Loop:
         if not self.checkpoints.entries():
             # interrupted before its first checkpoint (during the teacher stage, say)
             log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
-            state.emit("resume", step=0, checkpoint=None)
+            state.emit(Event.RESUME, step=0, checkpoint=None)
             return
         entry, payload = self.checkpoints.load("last")
         _restore_core(state, payload["core"], "resume")
@@ -336,7 +349,7 @@ class Loop:
         atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
-        state.emit("resume", step=state.step, checkpoint=entry.file)
+        state.emit(Event.RESUME, step=state.step, checkpoint=entry.file)
 
     def _finalize(self, summary: RunSummary, failed: BaseException | None) -> None:
         state = self.state
@@ -355,12 +368,14 @@ class Loop:
             "seconds": round(state.validation_seconds, 2),
             "share_of_wall_time": round(state.validation_seconds / wall, 4),
         }
+        hook = self.pm.hook
         try:
-            state.emit("run_end", status=summary.status, step=state.step, iterations=state.iterations)
-            self.pm.hook.cvmkd_finalize(state=state, summary=summary)
+            state.emit(Event.RUN_END, status=summary.status, step=state.step, iterations=state.iterations)
+            for phase in (hook.cvmkd_export, hook.cvmkd_evaluate, hook.cvmkd_quantize, hook.cvmkd_finalize):
+                phase(state=state, summary=summary)
             # the wall time covers finalize too (test evaluation, quantization, export)
             summary.wall_seconds = round(time.time() - state.started_at, 3)
-            self._stamp_packages(summary)
+            hook.cvmkd_record_outcome(state=state, summary=summary)
         except BaseException as exc:
             if failed is None:
                 # the run's own work is done, but a finalize step (export, report...) failed
@@ -372,21 +387,9 @@ class Loop:
             summary.extra["finalize_error"] = f"{type(exc).__name__}: {exc}"
         finally:
             atomic_write_json(state.run_dir / "summary.json", summary.to_dict())
-            # the recipe's [[reports]], written from the run's files (summary.json included);
-            # a failing reporter is a warning and changes nothing else (cvmkd_core/reports.py)
-            from cvmkd_core.reports import finalize_reports
-
-            finalize_reports(state, summary)
-
-    def _stamp_packages(self, summary: RunSummary) -> None:
-        """Record the run's provenance and outcome (gate verdict, status, wall time) in every
-        model package, now that every finalize hook has run."""
-        from cvmkd_core.provenance import stamp_packages
-
-        try:
-            stamp_packages(self.state, summary, self.plugins)
-        except Exception as exc:  # the packages stay loadable without it; say so, don't fail the run
-            log.warning("could not record the run's outcome in the model packages: %s: %s", type(exc).__name__, exc)
+            # reports are written from the run's files, summary.json included; a failing
+            # reporter warns and changes nothing else
+            hook.cvmkd_report(state=state, summary=summary)
 
 
 __all__ = ["Loop", "PluginError", "instantiate_components"]

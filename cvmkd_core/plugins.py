@@ -35,10 +35,7 @@ ENV_BLOCK = "CVMKD_BLOCK_PLUGINS"
 
 #: The core's own plugins, registered exactly like third-party ones, in this order.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("cvmkd.components", "cvmkd_core.builtins.components"),
     ("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),
-    ("cvmkd.validation", "cvmkd_core.builtins.validation"),
-    ("cvmkd.analysis", "cvmkd_core.builtins.analysis"),
     ("cvmkd.progress", "cvmkd_core.builtins.progress"),
 )
 

@@ -169,47 +169,6 @@ class RunConfig:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / ".cache"
 
 
-@attrs.frozen
-class TokenizerConfig:
-    """``[tokenizer]``: the joint SentencePiece vocabulary shared by teacher and student."""
-
-    vocab_size: int = attrs.field(default=8000, validator=gt(4))
-    model_type: str = attrs.field(default="unigram", validator=one_of("unigram", "bpe"))
-
-
-@attrs.frozen
-class TeacherConfig:
-    """``[teacher]``: load a teacher, or train one (cached, so later runs reuse it)."""
-
-    checkpoint: str = ""
-    """a teacher model package (a run's ``model/`` folder); empty: train a teacher or reuse the cached one"""
-    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "teacher-cpu"}))  # type: ignore[valid-type]
-    steps: int = attrs.field(default=2000, validator=gt(0))
-    validate_every: int = attrs.field(default=1000, validator=gt(0))
-    batch_size: int = attrs.field(default=64, validator=gt(0))
-    max_tokens: int = attrs.field(default=0, validator=ge(0))
-    learning_rate: float = attrs.field(default=1e-3, validator=gt(0))
-    warmup_steps: int = attrs.field(default=1000, validator=ge(0))
-    schedule: str = attrs.field(default="inverse_sqrt", validator=one_of("inverse_sqrt", "linear", "constant"))
-    label_smoothing: float = attrs.field(default=0.1, validator=between(0.0, 1.0, high_open=True))
-    weight_decay: float = attrs.field(default=0.0, validator=ge(0))
-    clip_norm: float = attrs.field(default=1.0, validator=ge(0))
-    max_len: int = attrs.field(default=128, validator=gt(0))
-    early_stopping_patience: int = attrs.field(default=0, validator=ge(0))
-    """stop after this many validations in a row without a new best composite score; 0: never"""
-    average_checkpoints: int = attrs.field(default=1, validator=gt(0))
-    """export the mean weights of the last N validated checkpoints when they validate better"""
-    test_beam_sizes: list[int] = attrs.field(factory=lambda: [1], validator=attrs.validators.deep_iterable(gt(0)))
-    """beam sizes the final teacher is scored with on the test split (evaluation.json)"""
-
-
-@attrs.frozen
-class StudentConfig:
-    """``[student]``: the model being distilled."""
-
-    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "student-cpu"}))  # type: ignore[valid-type]
-
-
 def _weights(instance: Any, attribute: attrs.Attribute, value: dict[str, float]) -> None:
     for key, weight in value.items():
         if weight < 0:
@@ -254,19 +213,39 @@ class Recipe:
 
     run: RunConfig = attrs.field(factory=RunConfig)
     corpus: CorpusRef | None = None  # type: ignore[valid-type]
-    tokenizer: TokenizerConfig = attrs.field(factory=TokenizerConfig)
-    teacher: TeacherConfig = attrs.field(factory=TeacherConfig)
-    student: StudentConfig = attrs.field(factory=StudentConfig)
     distill: TrainerRef = attrs.field(factory=lambda: TrainerRef(name="kd"))  # type: ignore[valid-type]
     validation: ValidationConfig = attrs.field(factory=ValidationConfig)
     guard: DetectorRef | None = None  # type: ignore[valid-type]
     quantize: list[QuantizerRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     reports: list[ReporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     loggers: list[LoggerRef] = attrs.field(factory=lambda: [LoggerRef(name="jsonl")])  # type: ignore[valid-type]
+    #: the tables plugins own (``register.section``), structured by their config classes
+    sections: dict[str, Any] = attrs.field(factory=dict)
+
+    def section(self, name: str) -> Any:
+        """The structured ``[name]`` table of a plugin-owned section (its defaults when absent)."""
+        try:
+            return self.sections[name]
+        except KeyError:
+            known = ", ".join(sorted(self.sections)) or "none"
+            raise RecipeError(f"no recipe section {name!r} is registered; registered sections: {known}") from None
 
     def component_refs(self) -> list[tuple[str, ComponentRef]]:
         """Every component reference in the recipe with its path, nested ones included."""
         return list(_walk_refs(self, ""))
+
+    def selected(self, kind: str) -> list[tuple[str, str, ComponentRef]]:
+        """``(label, path, ref)`` of every component of ``kind``, in recipe order. The label is
+        the name, or ``name-<index>`` when entries of one list share a name."""
+        refs = [(path, ref) for path, ref in self.component_refs() if ref.kind == kind]
+        names = [ref.name for _, ref in refs]
+        out = []
+        for path, ref in refs:
+            label = ref.name
+            if names.count(ref.name) > 1 and path.endswith("]"):
+                label = f"{ref.name}-{path[path.rindex('[') + 1:-1]}"
+            out.append((label, path, ref))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain tables, defaults made explicit; the inverse of loading."""
@@ -280,6 +259,9 @@ class Recipe:
 
 
 def _unstructure_recipe(value: Any) -> Any:
+    if isinstance(value, Recipe):
+        tables = {f.name: _unstructure_recipe(getattr(value, f.name)) for f in attrs.fields(Recipe) if f.name != "sections"}
+        return {**tables, **{k: _unstructure_recipe(v) for k, v in sorted(value.sections.items())}}
     if isinstance(value, ComponentRef):
         return _unstructure_recipe(value.to_table())
     if attrs.has(type(value)):
@@ -304,6 +286,12 @@ def _walk_refs(value: Any, path: str) -> Iterator[tuple[str, ComponentRef]]:
         yield path, value
         if value.config is not None:
             yield from _walk_refs(value.config, path)
+    elif isinstance(value, Recipe):
+        for f in attrs.fields(Recipe):
+            if f.name != "sections":
+                yield from _walk_refs(getattr(value, f.name), f.name)
+        for name, table in sorted(value.sections.items()):
+            yield from _walk_refs(table, name)
     elif attrs.has(type(value)):
         for f in attrs.fields(type(value)):
             yield from _walk_refs(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
@@ -406,10 +394,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+_CORE_TABLES = frozenset(f.name for f in attrs.fields(Recipe) if f.name != "sections")
+
+
+def _structure_with_sections(data: dict[str, Any], registry: Registry | None) -> Any:
+    """The core's tables structured as :class:`Recipe`, every other table by the config class
+    of the plugin that registered it as a section; a list of problems when any."""
+    core = {k: v for k, v in data.items() if k in _CORE_TABLES}
+    rest = {k: v for k, v in data.items() if k not in _CORE_TABLES}
+    problems: list[str] = []
+    result = structure_collect(core, Recipe)
+    if isinstance(result, list):
+        problems.extend(result)
+    if registry is None:  # nothing to structure plugin tables with: keep them as read
+        return result if problems else attrs.evolve(result, sections=rest)
+    sections: dict[str, Any] = {}
+    names = registry.names("section")
+    for name in names:
+        table = rest.pop(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"{name}: expected a table, got {describe(table)}")
+            continue
+        value = structure_collect(table, registry.get("section", name).config, name)  # type: ignore[union-attr,arg-type]
+        if isinstance(value, list):
+            problems.extend(line if line.startswith(f"{name}") else f"{name}: {line}" for line in value)
+        else:
+            sections[name] = value
+    for name in sorted(rest):
+        known = ", ".join(sorted([*_CORE_TABLES, *names]))
+        problems.append(f"unknown key {name!r}; known keys: {known}")
+    if problems:
+        return problems
+    return attrs.evolve(result, sections=sections)
+
+
 def structure_recipe(data: dict[str, Any], registry: Registry | None) -> Recipe:
     """Structure merged tables into a :class:`Recipe`, resolving components in ``registry``."""
     with resolving_with(registry):
-        result = structure_collect(data, Recipe)
+        result = _structure_with_sections(data, registry)
         # Further passes over the recipe with defaults made explicit: components chosen by a
         # default are resolved and configured exactly like the ones the recipe names. A default
         # component may itself default another (the default trainer's default loss), so repeat
@@ -418,7 +440,7 @@ def structure_recipe(data: dict[str, Any], registry: Registry | None) -> Recipe:
             if isinstance(result, list) or registry is None:
                 break
             before = result.to_dict()
-            result = structure_collect(before, Recipe)
+            result = _structure_with_sections(before, registry)
             if not isinstance(result, list) and result.to_dict() == before:
                 break
     if isinstance(result, list):

@@ -24,6 +24,7 @@ KINDS: tuple[str, ...] = (
     "model",
     "logger",
     "trainer",
+    "section",
 )
 
 
@@ -149,3 +150,9 @@ class Registrar:
     def trainer(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
         """A trainer: builds models and data at run start and performs the step."""
         self._add("trainer", name, factory, config)
+
+    def section(self, name: str, config: type) -> None:
+        """A top-level recipe table this plugin owns (``[teacher]``, ``[tokenizer]``): structured
+        by ``config``, an attrs class whose fields all have defaults; read it with
+        ``recipe.section(name)``."""
+        self._add("section", name, config, config)

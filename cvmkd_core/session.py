@@ -66,11 +66,10 @@ def check_composite(recipe: Recipe, plugins: Plugins) -> None:
     from cvmkd_core.metrics import all_specs, composite_weights
 
     metrics = []
-    for path, ref in recipe.component_refs():
-        if path.startswith("validation.metrics["):
-            component = plugins.registry.get(ref.kind, ref.name)
-            obj = component.factory(ref.config) if component.config is not None else component.factory()
-            metrics.append((path, obj))
+    for _label, path, ref in recipe.selected("metric"):
+        component = plugins.registry.get(ref.kind, ref.name)
+        obj = component.factory(ref.config) if component.config is not None else component.factory()
+        metrics.append((path, obj))
     if metrics:
         composite_weights(recipe.validation.composite, all_specs(metrics), "validation.composite")
 

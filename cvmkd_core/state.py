@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -13,6 +14,33 @@ if TYPE_CHECKING:
 
     from cvmkd_core.recipe import Recipe
     from cvmkd_core.registry import Registry
+
+
+class Event(str, enum.Enum):
+    """The run events the loop emits (``cvmkd_event``); each is written to the step log as its
+    string value, so ``event == "validation"`` and JSON keep working."""
+
+    RUN_START = "run_start"
+    RESUME = "resume"
+    VALIDATION = "validation"
+    CHECKPOINT = "checkpoint"
+    ROLLBACK = "rollback"
+    ROLLBACK_SKIPPED = "rollback_skipped"
+    RUN_END = "run_end"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen
+class Selected:
+    """One component the recipe selected, with a label that names it in outputs: its name, or
+    ``name-<index>`` when several entries of a list share the name (``nbit-3``)."""
+
+    label: str
+    path: str
+    name: str
+    component: Any
 
 
 @attrs.frozen
@@ -81,6 +109,36 @@ class Rollback:
 
 
 @attrs.define
+class TestEvaluation:
+    """The final models scored on the test split (``cvmkd_evaluate``); the full record, with
+    translations and the error analysis, is in ``file``."""
+
+    __test__ = False  # not a pytest test class
+
+    split: str
+    sentences: int
+    beam_size: int
+    #: scores of every selected metric and the composite, by model: "student", "teacher"
+    scores: dict[str, dict[str, float]]
+    #: the student's share of the teacher's normalised score, per score key (None: not measurable)
+    retention: dict[str, float | None] = attrs.field(factory=dict)
+    file: str | None = None
+
+
+@attrs.define
+class GateVerdict:
+    """The retention gate's decision on the final models (``cvmkd_finalize``). ``passed`` is
+    None when there was nothing to judge; ``verdict`` says why, in one line."""
+
+    passed: bool | None
+    verdict: str
+    threshold: float | None = None
+    scores: list[str] = attrs.field(factory=list)
+    #: one check per model and score: {"model", "score", "retention", "passed"}
+    checks: list[dict[str, Any]] = attrs.field(factory=list)
+
+
+@attrs.define
 class RunSummary:
     """How a run ended. Written to ``summary.json``; finalize implementations may add to it."""
 
@@ -92,6 +150,12 @@ class RunSummary:
     error: str | None = None
     last_validation: dict[str, Any] | None = None
     outputs: dict[str, str] = attrs.field(factory=dict)
+    #: the final models on the test split (``cvmkd_evaluate``)
+    evaluation: TestEvaluation | None = None
+    #: every quantized variant of the student, accepted or not (``cvmkd_quantize``)
+    quantized: list[dict[str, Any]] = attrs.field(factory=list)
+    #: the retention gate's verdict (``cvmkd_finalize``)
+    gate: GateVerdict | None = None
     extra: dict[str, Any] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +208,14 @@ class RunState:
     def component(self, path: str) -> Any:
         return self.components[path]
 
+    def selected(self, kind: str) -> list[Selected]:
+        """The components of ``kind`` the recipe selected, in recipe order, with their labels."""
+        return [
+            Selected(label=label, path=path, name=ref.name, component=self.components[path])
+            for label, path, ref in self.recipe.selected(kind)
+            if path in self.components
+        ]
+
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step (finalize still runs)."""
         self.stop_requested = True
@@ -154,6 +226,6 @@ class RunState:
         if self.pending_rollback is None:
             self.pending_rollback = decision
 
-    def emit(self, name: str, **data: Any) -> None:
+    def emit(self, name: Event | str, **data: Any) -> None:
         """Tell every plugin about a run event (validation, rollback, checkpoint...)."""
         self.pm.hook.cvmkd_event(state=self, name=name, data=data)

@@ -13,6 +13,8 @@ run recovers by itself (a damaged last checkpoint).
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import io
 import json
@@ -30,7 +32,7 @@ import torch
 from cvmkd_core import checkpoint as checkpoint_module
 from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.cli import main
-from cvmkd_core.testing import TOY_HOOK_FILE, TOY_RECIPE
+from cvmkd_testing import TOY_HOOK_FILE, TOY_RECIPE
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 
@@ -92,10 +94,10 @@ def _corpus_lines(n: int = 60) -> list[str]:
 def teacher_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but real teacher package (weights, config, tokenizer, metadata) for the corpus,
     and next to it ``other.model``, a tokenizer with a smaller vocabulary."""
-    from cvmkd_core.data.tokenizer import train_tokenizer
-    from cvmkd_core.model.package import save_package
-    from cvmkd_core.model.presets import preset
-    from cvmkd_core.model.transformer import CvmTransformer
+    from cvmkd_nmt.data.tokenizer import train_tokenizer
+    from cvmkd_nmt.model.package import save_package
+    from cvmkd_nmt.model.presets import preset
+    from cvmkd_nmt.model.transformer import CvmTransformer
 
     root = tmp_path_factory.mktemp("teacher")
     pairs = [tuple(line.split("\t")) for line in _corpus_lines()]
@@ -533,11 +535,16 @@ def _params() -> list:
     ]
 
 
+#: the plugins every case loads: the translation stack, and the commands translate, monitor, report
+BASE_PLUGINS = "nmt,validation,analysis,evaluation,monitor,reports"
+
+
 @pytest.fixture(autouse=True)
 def _plugins_for_the_catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the core's plugins (the kd cases add kd), whatever else is installed."""
+    """Only the core's plugins and the translation stack's (the kd cases add kd), whatever else
+    is installed."""
     monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.delenv("CVMKD_PLUGINS", raising=False)
+    monkeypatch.setenv("CVMKD_PLUGINS", BASE_PLUGINS)
     monkeypatch.delenv("CVMKD_BLOCK_PLUGINS", raising=False)
     # a hook file that patches the checkpoint writer is undone even if the run does not get to it
     monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", checkpoint_module.atomic_write_bytes)
@@ -558,12 +565,12 @@ def test_bad_input(
     _write("toy_hooks.py", TOY_HOOK_FILE)(root)
     _write("r.toml", TOY_RECIPE)(root)
     if case.kd:
-        monkeypatch.setenv("CVMKD_PLUGINS", "kd")
+        monkeypatch.setenv("CVMKD_PLUGINS", f"{BASE_PLUGINS},kd,kd-quantize")
         _write("kd.toml", KD_RECIPE)(root)
         _write("corpus.tsv", "\n".join(_corpus_lines()) + "\n")(root)
         (root / ".teacher").symlink_to(teacher_package)
     if case.plugins:
-        monkeypatch.setenv("CVMKD_PLUGINS", case.plugins)
+        monkeypatch.setenv("CVMKD_PLUGINS", f"{os.environ['CVMKD_PLUGINS']},{case.plugins}")
     for step in case.setup:
         step(root)
     capsys.readouterr()

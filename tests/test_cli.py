@@ -13,7 +13,7 @@ import pytest
 
 from cvmkd_core.cli import main
 
-from cvmkd_core.testing import TOY_HOOK_FILE, TOY_RECIPE
+from cvmkd_testing import TOY_HOOK_FILE, TOY_RECIPE
 
 CUSTOM_HOOK = """
 from cvmkd_core import hookimpl
@@ -41,7 +41,7 @@ def test_check_accepts_a_correct_recipe(write, toy_hook_file, capsys) -> None:
     recipe = write("r.toml", TOY_RECIPE)
     status, out, err = _cli("check", str(recipe), "--plugin", str(toy_hook_file), capsys=capsys)
     assert status == 0, err
-    assert out.startswith(f"ok: {recipe}: 5 components (teacher.model=cvm, student.model=cvm, distill=toy, validation.metrics[0]=exact, loggers[0]=jsonl)")
+    assert out.startswith(f"ok: {recipe}: 3 components (distill=toy, validation.metrics[0]=exact, loggers[0]=jsonl)")
     assert not Path("runs").exists()
 
 
@@ -136,15 +136,19 @@ def test_a_plugin_raising_during_the_run_is_one_line(write, toy_hook_file, capsy
     assert json.loads(Path("runs/toy/summary.json").read_text())["status"] == "failed"
 
 
-def test_plugins_lists_builtins_in_text_and_json(capsys) -> None:
+def test_plugins_lists_builtins_in_text_and_json(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CVMKD_PLUGINS", "validation,nmt")
     status, out, _ = _cli("plugins", capsys=capsys)
     assert status == 0
     assert "cvmkd.jsonl [cvmkd" in out and "logger jsonl" in out
     status, out, _ = _cli("plugins", "--json", capsys=capsys)
     listed = {p["name"]: p for p in json.loads(out)}
     assert listed["cvmkd.jsonl"]["components"][0]["name"] == "jsonl"
-    assert listed["cvmkd.validation"]["hooks"] == ["cvmkd_run_start", "cvmkd_validate"]
-    assert listed["cvmkd.analysis"]["hooks"] == ["cvmkd_analyze"]
+    assert listed["cvmkd.progress"]["hooks"] == ["cvmkd_event", "cvmkd_finalize", "cvmkd_run_error", "cvmkd_step_end"]
+    # the translation stack comes from plugin distributions, listed with their hooks
+    assert listed["validation"]["distribution"] == "cvmkd-validation"
+    assert listed["validation"]["hooks"] == ["cvmkd_check", "cvmkd_validate"]
+    assert listed["nmt"]["hooks"] == ["cvmkd_record_outcome", "cvmkd_register", "cvmkd_register_commands"]
 
 
 PLUGIN_PYPROJECT = """

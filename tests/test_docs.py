@@ -37,6 +37,8 @@ def test_every_core_recipe_key_is_in_the_recipes_reference() -> None:
     attrs.resolve_types(Recipe)
     missing = []
     for section in attrs.fields(Recipe):
+        if section.name == "sections":  # the plugin-owned tables; each plugin documents its own
+            continue
         if f"`[{section.name}]`" not in text and f"`[[{section.name}]]`" not in text:
             missing.append(section.name)
         if isinstance(section.type, type) and attrs.has(section.type) and not issubclass(section.type, ComponentRef):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_core.testing import TOY_RECIPE
+from cvmkd_testing import TOY_RECIPE
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "plugins" / "cvmkd-example-metric"

@@ -17,7 +17,7 @@ from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
 from cvmkd_core.state import Rollback
 
-from cvmkd_core.testing import TOY_RECIPE
+from cvmkd_testing import TOY_RECIPE
 
 
 def _session(write, plugins: Plugins, text: str = TOY_RECIPE, overrides: list[str] | None = None) -> Session:

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from cvmkd_core.cli import main
-from cvmkd_core.model.package import load_package
-from cvmkd_core.model.translate import translate
+from cvmkd_nmt.model.package import load_package
+from cvmkd_nmt.model.translate import translate
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """
 [guard]
@@ -62,7 +62,7 @@ def _packages(run_dir: Path) -> list[Path]:
 def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tuple[Path, dict[str, Any]]) -> None:
     run_dir, summary = finished_run
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    quantized = {q["name"]: q for q in summary["extra"]["quantized"]}
+    quantized = {q["name"]: q for q in summary["quantized"]}
     for package in _packages(run_dir):
         meta = json.loads((package / "metadata.json").read_text())
         assert meta["recipe"]["run"]["name"] == "tiny" and re.fullmatch(r"[0-9a-f]{64}", meta["recipe_sha256"])
@@ -71,7 +71,7 @@ def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tup
         assert meta["run"]["iterations_executed"] == summary["iterations_executed"] == 12
         assert meta["run"]["status"] == "completed" and meta["run"]["wall_seconds"] == summary["wall_seconds"]
         assert meta["hardware"]["torch"] == torch.__version__
-        gate = summary["extra"]["gate"]
+        gate = summary["gate"]
         assert meta["gate"]["verdict"] == gate["verdict"] and meta["gate"]["run_passed"] is gate["passed"]
         assert meta["gate"]["checks"] and meta["gate"]["passed"] is all(c["passed"] for c in meta["gate"]["checks"])
         revision = meta["source_revision"]

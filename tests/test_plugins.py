@@ -10,7 +10,7 @@ import pytest
 from cvmkd_core import hookimpl
 from cvmkd_core.errors import ComponentError, PluginLoadError
 from cvmkd_core.plugins import DEFAULT_PLUGINS, build_plugins
-from cvmkd_core.testing import ExactMatch
+from cvmkd_testing import ExactMatch
 
 
 class OneMetric:
@@ -30,7 +30,7 @@ def test_builtins_are_plugins_like_any_other() -> None:
         assert described[name]["module"] == module
         assert described[name]["distribution"] == "cvmkd"
     assert {"kind": "logger", "name": "jsonl"}.items() <= described["cvmkd.jsonl"]["components"][0].items()
-    assert "cvmkd_validate" in described["cvmkd.validation"]["hooks"]
+    assert "cvmkd.validation" not in described  # validation is a plugin distribution now
 
 
 def test_a_plugin_registered_for_one_test_and_unregistered_after() -> None:
@@ -103,7 +103,7 @@ def test_a_hook_file_may_register_components(write) -> None:
         "mine.py",
         """
         from cvmkd_core import hookimpl
-        from cvmkd_core.testing import ExactMatch
+        from cvmkd_testing import ExactMatch
 
         @hookimpl
         def cvmkd_register(register):
@@ -167,7 +167,7 @@ def test_autoload_can_be_disabled_and_plugins_blocked(fake_entry_points, monkeyp
     assert "two" in build_plugins().infos and "one" not in build_plugins().infos
     monkeypatch.delenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD")
     monkeypatch.delenv("CVMKD_PLUGINS")
-    monkeypatch.setenv("CVMKD_BLOCK_PLUGINS", "one, cvmkd.validation")
+    monkeypatch.setenv("CVMKD_BLOCK_PLUGINS", "one, cvmkd.progress")
     infos = build_plugins().infos
     assert "one" not in infos and "two" in infos
-    assert "cvmkd.validation" not in infos and "cvmkd.jsonl" in infos
+    assert "cvmkd.progress" not in infos and "cvmkd.jsonl" in infos

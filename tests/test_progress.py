@@ -14,7 +14,7 @@ from cvmkd_core.builtins import progress
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.testing import TOY_RECIPE
+from cvmkd_testing import TOY_RECIPE
 
 
 @pytest.fixture(autouse=True)

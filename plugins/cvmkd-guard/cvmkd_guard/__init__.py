@@ -56,17 +56,17 @@ than ``run.steps``: rolling back from step 9 to step 6 of a 12-step run costs 3 
 run ended with) and ``iterations_executed``; validation records and checkpoint names carry both
 too (``step_00000009_it00000009_rolled_back.json``, then ``step_00000009_it00000012.json``).
 
-**The retention gate** (``cvmkd_finalize``, ``trylast`` so it runs after the trainer's test-split
-evaluation) reads ``summary.extra["evaluation"]["retention"]``, the student's share of the
-teacher's normalised score per key (1.0: as good as the teacher), and every quantized model's
-``summary.extra["quantized"] = [{"name": ..., "retention": {key: share}}, ...]``. It passes when
+**The retention gate** (``cvmkd_finalize``, the phase after the test evaluation and the
+quantization) reads ``summary.evaluation.retention``, the student's share of the teacher's
+normalised score per key (1.0: as good as the teacher), and every accepted quantized model's
+``summary.quantized[i]["retention"]``. It passes when
 each checked retention of ``gate_scores`` is at least ``retention_threshold``; a retention that
 cannot be measured (the teacher's normalised score is 0) is listed and not counted. It writes::
 
-    summary.extra["gate"] = {"threshold": 0.9, "scores": ["composite", "bleu"], "passed": true,
-                             "checks": [{"model": "student", "score": "composite",
-                                         "retention": 1.01, "passed": true}, ...],
-                             "verdict": "retention gate passed: ..."}
+    summary.gate = GateVerdict(threshold=0.9, scores=["composite", "bleu"], passed=True,
+                               checks=[{"model": "student", "score": "composite",
+                                        "retention": 1.01, "passed": True}, ...],
+                               verdict="retention gate passed: ...")
 
 and logs the verdict. ``passed`` is None when there is no evaluation to judge (the run failed,
 was interrupted or stopped before it, or the trainer does not score a test split); the verdict
@@ -81,12 +81,12 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from cvmkd_core.builtins.validation import score_specs
+from cvmkd_validation.validation import score_specs
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
 from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.metrics import ScoreSpec
-from cvmkd_core.state import Rollback, RunState, RunSummary, StepResult, ValidationRecord
+from cvmkd_core.state import GateVerdict, Rollback, RunState, RunSummary, StepResult, ValidationRecord
 
 __version__ = "0.1.0"
 
@@ -392,10 +392,9 @@ class Guard:
 
     # --- hooks --------------------------------------------------------------------------------
 
-    @hookimpl(tryfirst=True)
-    def cvmkd_run_start(self, state: RunState) -> None:
-        # tryfirst, and registered after the trainer, so a wrong key fails before the trainer's
-        # own set-up, which may train a teacher first; it needs nothing the trainer builds
+    @hookimpl
+    def cvmkd_check(self, state: RunState) -> None:
+        # before the trainer's set-up, which may train a teacher first: a wrong key fails at once
         specs = score_specs(state)
         check_score_keys(self.config, specs)
         self.spec = specs[self.config.score]
@@ -439,16 +438,22 @@ class Guard:
         saved = payload.get(CHECKPOINT_KEY)
         self.downward_streak = int(saved.get("downward_streak", 0)) if isinstance(saved, Mapping) else 0
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def cvmkd_finalize(self, summary: RunSummary) -> None:
+        # the finalize phases before this one scored the test split and quantized the student
+        judged = {
+            "evaluation": {"retention": summary.evaluation.retention} if summary.evaluation is not None else None,
+            "quantized": [q for q in summary.quantized if q.get("accepted")],
+            "stop_reason": summary.extra.get("stop_reason"),
+        }
         gate = retention_gate(
-            summary.extra,
+            judged,
             status=summary.status,
             error=summary.error,
             threshold=self.config.retention_threshold,
             scores=self.config.gate_scores,
         )
-        summary.extra["gate"] = gate
+        summary.gate = GateVerdict(**gate)
         if gate["passed"] is False:
             log.warning("%s", gate["verdict"])
         else:

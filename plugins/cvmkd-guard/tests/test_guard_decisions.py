@@ -15,10 +15,10 @@ from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
 from cvmkd_core.metrics import COMPOSITE_SPEC, ScoreSpec
 from cvmkd_core.plugins import build_plugins
-from cvmkd_core.recipe import Recipe, load_recipe
+from cvmkd_core.recipe import MetricRef, Recipe, ValidationConfig, load_recipe
 from cvmkd_core.registry import Registry
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
-from cvmkd_core.testing import TOY_RECIPE, ExactMatch, ToyPlugin
+from cvmkd_testing import TOY_RECIPE, ExactMatch, ToyPlugin, toy_plugin_manager
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
 
 HIGHER = COMPOSITE_SPEC
@@ -278,8 +278,7 @@ def test_settings_are_validated() -> None:
 def test_a_recipe_selects_the_guard_with_its_settings(tmp_path: Path) -> None:
     import cvmkd_guard
 
-    plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(ToyPlugin(), name="toy", source="test")
+    plugins = toy_plugin_manager()
     plugins.add_plugin(cvmkd_guard, name="guard", source="test")
     path = tmp_path / "recipe.toml"
     path.write_text(TOY_RECIPE + '\n[guard]\nname = "guard"\nscore = "exact"\nthreshold = 0.1\n')
@@ -292,14 +291,15 @@ def test_a_recipe_selects_the_guard_with_its_settings(tmp_path: Path) -> None:
 
 def test_the_watched_and_gated_scores_must_exist(tmp_path: Path) -> None:
     state = state_for(tmp_path)
+    state.recipe = Recipe(validation=ValidationConfig(metrics=[MetricRef(name="exact")]))
     state.components["validation.metrics[0]"] = ExactMatch()
     with pytest.raises(MetricError) as caught:
-        Guard(GuardConfig(score="bleu")).cvmkd_run_start(state=state)
+        Guard(GuardConfig(score="bleu")).cvmkd_check(state=state)
     assert str(caught.value) == "guard.score: no selected metric returns 'bleu'; available scores: exact, composite"
     with pytest.raises(MetricError, match=r"^guard.gate_scores: no selected metric returns 'bleu'; available scores: exact, composite$"):
-        Guard(GuardConfig(score="exact")).cvmkd_run_start(state=state)
+        Guard(GuardConfig(score="exact")).cvmkd_check(state=state)
     guard = Guard(GuardConfig(score="exact", gate_scores=["composite"]))
-    guard.cvmkd_run_start(state=state)
+    guard.cvmkd_check(state=state)
     assert guard.spec == ExactMatch.scores["exact"]
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.model.package import load_package
+from cvmkd_nmt.model.package import load_package
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import write_tiny_corpus
+from cvmkd_testing import write_tiny_corpus
 
 # A teacher that learns the word mapping in 60 steps, and a student that climbs steadily from
 # composite ~3 at step 20 to ~14 at step 40 and ~20 at step 60 (seed 3).
@@ -202,8 +202,8 @@ def test_the_retention_gate_judges_the_test_evaluation_and_keeps_every_output(
 ) -> None:
     summary, run_dir = run(f"gate-{passed}", f"guard.retention_threshold={threshold}", "run.steps=20")
     assert summary["status"] == "completed"
-    gate = summary["extra"]["gate"]
-    retention = summary["extra"]["evaluation"]["retention"]
+    gate = summary["gate"]
+    retention = summary["evaluation"]["retention"]
     assert gate["threshold"] == threshold and gate["scores"] == ["composite", "bleu"]
     assert gate["passed"] is passed
     assert [(c["model"], c["score"]) for c in gate["checks"]] == [("student", "composite"), ("student", "bleu")]

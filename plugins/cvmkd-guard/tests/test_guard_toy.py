@@ -16,8 +16,9 @@ from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.plugins import Plugins, build_plugins
 from cvmkd_core.recipe import load_recipe
+from cvmkd_core.state import TestEvaluation
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.testing import TOY_RECIPE, ToyPlugin
+from cvmkd_testing import TOY_RECIPE, ToyPlugin, toy_plugin_manager
 
 # The toy weight converges by step 6 (exact 100); sabotage after step 7; validated at 9.
 RECIPE = TOY_RECIPE.replace("steps = 6", "steps = 12") + """
@@ -31,8 +32,7 @@ SABOTAGE = ["distill.learning_rate=0.2", "distill.sabotage_at_step=7"]
 @pytest.fixture
 def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Plugins:
     monkeypatch.chdir(tmp_path)
-    plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(ToyPlugin(), name="toy", source="test")
+    plugins = toy_plugin_manager()
     plugins.add_plugin(cvmkd_guard, name="guard", source="test")  # its cvmkd_register registers `guard`
     return plugins
 
@@ -72,8 +72,8 @@ def test_a_sabotaged_weight_is_rolled_back_to_the_best_checkpoint(plugins: Plugi
 
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["rollbacks"] == 1 and saved["final_step"] == 12 and saved["iterations_executed"] == 15
-    assert saved["extra"]["gate"]["passed"] is None
-    assert saved["extra"]["gate"]["verdict"] == (
+    assert saved["gate"]["passed"] is None
+    assert saved["gate"]["verdict"] == (
         "retention gate not evaluated: no test evaluation in the summary (the trainer does not score a test split)"
     )
     # the guard's state travels in every checkpoint, as plain values
@@ -130,23 +130,23 @@ def test_the_rollback_limit_restores_the_best_and_stops(plugins: Plugins) -> Non
     assert rollback["reason"] == reason and rollback["to_step"] == 6
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["extra"]["stop_reason"] == f"{reason}; restored step 6 and stopped"
-    assert saved["extra"]["gate"]["verdict"].startswith("retention gate not evaluated: the run stopped (composite 0.00")
+    assert saved["gate"]["verdict"].startswith("retention gate not evaluated: the run stopped (composite 0.00")
 
 
 class FakeEvaluation:
-    """A finalize that adds a test evaluation, as the kd trainer does."""
+    """A test evaluation in the finalize phase before the gate's, as the validation plugin's."""
 
     @hookimpl
-    def cvmkd_finalize(self, summary: Any) -> None:
-        summary.extra["evaluation"] = {"retention": {"composite": 0.5}}
+    def cvmkd_evaluate(self, summary: Any) -> None:
+        summary.evaluation = TestEvaluation(split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5})
 
 
-def test_the_gate_runs_after_every_other_finalize(plugins: Plugins) -> None:
-    # registered before the guard component: without trylast, pluggy would call it after the guard
-    plugins.add_plugin(FakeEvaluation(), name="evaluation", source="test")
+def test_the_gate_judges_the_evaluation_of_the_phase_before(plugins: Plugins) -> None:
+    # registered before the guard component, and yet judged: the phases order them, not pluggy
+    plugins.add_plugin(FakeEvaluation(), name="fake-evaluation", source="test")
     summary, _ = run(plugins, ["run.steps=3"])
-    assert summary.extra["gate"]["passed"] is False
-    assert summary.extra["gate"]["verdict"] == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
+    assert summary.gate.passed is False
+    assert summary.gate.verdict == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
 
 
 def test_an_unknown_score_fails_before_training(plugins: Plugins) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from cvmkd_core.components import Corpus, CorpusSplits
+from cvmkd_nmt.contracts import Corpus, CorpusSplits
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.state import RunState
 
@@ -51,7 +51,7 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> R
     ``tokenizer_path``: use this SentencePiece model (a loaded teacher's) instead of training one,
     so teacher and student share a vocabulary.
     """
-    from cvmkd_core.data.tokenizer import Tokenizer, train_tokenizer
+    from cvmkd_nmt.data.tokenizer import Tokenizer, train_tokenizer
 
     started = time.perf_counter()
     recipe = state.recipe
@@ -61,9 +61,9 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> R
     else:
         tokenizer = train_tokenizer(
             [(p[0], p[1]) for p in splits.train],
-            vocab_size=recipe.tokenizer.vocab_size,
+            vocab_size=recipe.section("tokenizer").vocab_size,
             cache_dir=recipe.run.cache_path() / "tokenizers",
-            model_type=recipe.tokenizer.model_type,
+            model_type=recipe.section("tokenizer").model_type,
         )
     key = (splits.fingerprint, tokenizer.sha256)
     if key in _prepared:

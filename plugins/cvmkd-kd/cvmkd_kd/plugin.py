@@ -9,7 +9,7 @@ import torch
 
 from cvmkd_core.config import between
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.recipe import TeacherConfig
+from cvmkd_kd.config import StudentConfig, TeacherConfig
 from cvmkd_kd.loss import KDConfig, KDLossOutput, kd_loss
 from cvmkd_kd.student import KDTrainer
 from cvmkd_kd.trainer import KDTrainerConfig, TeacherTrainer
@@ -51,5 +51,7 @@ class CELoss(KDLoss):
 def cvmkd_register(register: Any) -> None:
     register.trainer("kd", KDTrainer, config=KDTrainerConfig)
     register.trainer("teacher", TeacherTrainer, config=TeacherConfig)
+    register.section("teacher", TeacherConfig)
+    register.section("student", StudentConfig)
     register.loss("kd", KDLoss, config=KDConfig)
     register.loss("ce", CELoss, config=CEConfig)

@@ -18,17 +18,16 @@ from typing import Any
 
 import torch
 
-from cvmkd_core.builtins.validation import score_all, score_specs
-from cvmkd_core.components import QuantizationContext, QuantizationResult
+from cvmkd_validation.validation import score_all, score_specs
+from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.metrics import COMPOSITE, retention, within_budget
-from cvmkd_core.model.translate import source_batches
-from cvmkd_core.state import RunState
+from cvmkd_nmt.model.translate import source_batches
+from cvmkd_core.files import atomic_write_json
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.state import RunState, RunSummary
 
 log = logging.getLogger("cvmkd")
-
-QUANTIZE_PATH = "quantize["
-
 
 
 #: each speed is the best of this many timings: one timing of a 2-core CPU varied by ±20% between
@@ -42,7 +41,7 @@ def measure_speed(
     """CPU decoding speed: encode ``sources`` in batches of ``batch_size`` and decode exactly
     ``steps`` tokens for each (eos ignored), so the number does not depend on how long the
     model's outputs are. One warm-up batch first; the best of ``repeats``."""
-    from cvmkd_core.model.decoding import timed_decode
+    from cvmkd_nmt.model.decoding import timed_decode
 
     batches = source_batches(tokenizer, sources, model.config.max_len, batch_size)  # type: ignore[union-attr]
     timed_decode(model, batches[0], steps)  # warm-up
@@ -74,7 +73,7 @@ def size_and_speed(model: torch.nn.Module, tokenizer: Any, sources: list[str], p
     """Parameters, parameter memory, file size and CPU decoding speed of one model, measured the
     same way for the teacher, the student and every quantized variant: latency at batch 1 on the
     first 32 ``sources``, throughput at batch 32 on the first 256, 32 tokens per sentence."""
-    from cvmkd_core.quant import model_nbytes
+    from cvmkd_nmt.quantized import model_nbytes
 
     return {
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
@@ -86,17 +85,17 @@ def size_and_speed(model: torch.nn.Module, tokenizer: Any, sources: list[str], p
 
 
 def _file_bytes(directory: Path) -> int:
-    from cvmkd_core.model.package import WEIGHTS
+    from cvmkd_nmt.model.package import WEIGHTS
 
     return (directory / WEIGHTS).stat().st_size
 
 
 def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Run every selected quantizer on the student; measure, budget-check and package each."""
-    from cvmkd_core.model.package import save_package
-    from cvmkd_core.model.translate import translate
+    from cvmkd_nmt.model.package import save_package
+    from cvmkd_nmt.model.translate import translate
 
-    quantizers = [(p, q) for p, q in state.components.items() if p.startswith(QUANTIZE_PATH)]
+    quantizers = state.selected("quantizer")
     if not quantizers:
         return []
     assert trainer.data is not None and trainer.model is not None
@@ -108,6 +107,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     test = trainer.data.splits.test or trainer.data.splits.valid
     test_sources, test_references = [p[0] for p in test], [p[1] for p in test]
     specs = score_specs(state)
+    teacher_scores = (evaluation.get("teacher") or {}).get("scores")
 
     def run(model: torch.nn.Module, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> list[str]:
         return translate(model, tokenizer, texts, beam_size=config.beam_size, batch_size=batch_size,
@@ -142,8 +142,8 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         baseline["throughput"]["tokens_per_second"], baseline["latency"]["ms_per_sentence"], time.perf_counter() - started,
     )
     results: list[dict[str, Any]] = []
-    for path, quantizer in quantizers:
-        label = _label(state, path)
+    for chosen in quantizers:
+        path, label, quantizer = chosen.path, chosen.label, chosen.component
         began = time.perf_counter()
         try:
             result = quantizer.quantize(copy.deepcopy(fp32), context)
@@ -174,7 +174,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             "within_budget": ok,
             "split": "test" if trainer.data.splits.test else "valid",
             "test_scores": scores,
-            "retention": retention(scores, evaluation["teacher"]["scores"], specs),
+            "retention": retention(scores, teacher_scores, specs) if teacher_scores else {},
         }
         save_package(directory, model, tokenizer, metadata)
         entry = {
@@ -189,7 +189,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
                        "max_composite_loss": getattr(budget, "max_composite_loss", 0.02)},
             "validation_scores": valid_scores,
             "scores": scores,
-            "retention": retention(scores, evaluation["teacher"]["scores"], specs),
+            "retention": retention(scores, teacher_scores, specs) if teacher_scores else {},
             "retention_of_student": retention(scores, evaluation["student"]["scores"], specs),
             **size_and_speed(model, tokenizer, test_sources, directory),
             "seconds": 0.0,
@@ -216,10 +216,30 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     return results
 
 
-def _label(state: RunState, path: str) -> str:
-    """The quantizer's component name, made unique by its index when two share a name."""
-    names = {p: ref.name for p, ref in state.recipe.component_refs() if p.startswith(QUANTIZE_PATH)}
-    name = names.get(path, path)
-    if list(names.values()).count(name) > 1:
-        name = f"{name}-{path[len(QUANTIZE_PATH):-1]}"
-    return name
+@hookimpl
+def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
+    """Finalize phase 3: quantize the trained student with every ``[[quantize]]`` component.
+    Works with any trainer that keeps its float model in ``model`` and its ``RunData`` in
+    ``data``; the test evaluation (phase 2) gives the scores the variants are compared with."""
+    import json
+
+    trainer = state.components.get("distill")
+    if summary.status not in ("completed", "stopped") or summary.evaluation is None or not state.selected("quantizer"):
+        return
+    if getattr(trainer, "model", None) is None or getattr(trainer, "data", None) is None:
+        return
+    evaluation = json.loads(open(summary.evaluation.file, encoding="utf-8").read()) if summary.evaluation.file else {}
+    variants = quantize_all(trainer, state, evaluation)
+    if not variants:
+        return
+    atomic_write_json(state.run_dir / "quantization.json", {
+        "baseline": state.scratch.get("quantization_baseline"),
+        "variants": variants,
+    })
+    summary.outputs["quantization"] = str(state.run_dir / "quantization.json")
+    keep = ("name", "scheme", "package", "accepted", "scores", "retention", "file_bytes",
+            "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget", "error")
+    summary.quantized = [{k: v.get(k) for k in keep} for v in variants]
+    for v in variants:
+        if v.get("package"):
+            summary.outputs[f"model-{v['name']}"] = v["package"]

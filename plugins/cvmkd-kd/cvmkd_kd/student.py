@@ -13,17 +13,14 @@ from typing import Any
 import attrs
 import torch
 
-from cvmkd_core.builtins.validation import score_all, score_specs
-from cvmkd_core.data.batching import Batch, batches_once
+from cvmkd_nmt.data.batching import Batch, batches_once
 from cvmkd_core.errors import ModelError
-from cvmkd_core.hardware import autocast
+from cvmkd_nmt.hardware import autocast
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import retention
-from cvmkd_core.model.package import load_package, read_metadata, update_metadata
+from cvmkd_nmt.model.package import load_package, read_metadata, update_metadata
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
-from cvmkd_kd.quantize import quantize_all
 from cvmkd_kd.trainer import KDTrainerConfig, Seq2SeqTrainer
 
 log = logging.getLogger("cvmkd")
@@ -35,10 +32,11 @@ TEACHER_CACHE_VERSION = "1"
 def teacher_key(state: RunState, data: Any) -> str:
     """What a trained teacher depends on: corpus, tokenizer, teacher settings, seed, precision."""
     recipe = state.recipe
-    settings = attrs.asdict(recipe.teacher, recurse=False)
+    teacher = recipe.section("teacher")
+    settings = attrs.asdict(teacher, recurse=False)
     settings.pop("checkpoint")
     settings.pop("validate_every")  # validating more often does not change the weights
-    settings["model"] = recipe.teacher.model.to_table()
+    settings["model"] = teacher.model.to_table()
     blob = json.dumps(
         {
             "version": TEACHER_CACHE_VERSION,
@@ -67,10 +65,10 @@ class KDTrainer(Seq2SeqTrainer):
 
     def _prepare(self, state: RunState) -> None:
         recipe = state.recipe
-        checkpoint = recipe.teacher.checkpoint
+        checkpoint = recipe.section("teacher").checkpoint
         if checkpoint:
             # the student must speak the teacher's vocabulary: use the teacher's tokenizer
-            from cvmkd_core.model.package import TOKENIZER
+            from cvmkd_nmt.model.package import TOKENIZER
 
             self.data = prepare_data(state, tokenizer_path=Path(checkpoint) / TOKENIZER)
             self.teacher, _, metadata = load_package(checkpoint)
@@ -111,16 +109,22 @@ class KDTrainer(Seq2SeqTrainer):
             log.info("reusing the cached teacher %s (trained in %s)", cached, metadata.get("trained_in"))
             return model
         recipe = state.recipe
+        teacher = recipe.section("teacher")
         stage = attrs.evolve(
             recipe,
-            run=attrs.evolve(recipe.run, steps=recipe.teacher.steps, validate_every=recipe.teacher.validate_every),
-            distill=TrainerRef(name="teacher", config=recipe.teacher),
+            run=attrs.evolve(
+                recipe.run,
+                steps=teacher.steps,
+                validate_every=teacher.validate_every,
+                keep_checkpoints=max(recipe.run.keep_checkpoints, teacher.average_checkpoints),
+            ),
+            distill=TrainerRef(name="teacher", config=teacher),
             guard=None,
             quantize=[],
             reports=[],
         )
         stage_dir = state.run_dir / "teacher"
-        log.info("training the teacher: %d steps in %s (cached afterwards as %s)", recipe.teacher.steps, stage_dir, cached)
+        log.info("training the teacher: %d steps in %s (cached afterwards as %s)", teacher.steps, stage_dir, cached)
         started = time.perf_counter()
         summary = run_stage(state, stage, stage_dir)
         if summary.status == "interrupted":
@@ -205,51 +209,7 @@ class KDTrainer(Seq2SeqTrainer):
             teacher_logits = self.teacher(batch.src, batch.tgt_in)
         return self.loss_fn(logits, batch.tgt_out, pad, teacher_logits=teacher_logits)
 
-    @hookimpl
-    def cvmkd_finalize(self, state: RunState, summary: Any) -> None:
-        from cvmkd_core.files import atomic_write_json
-
-        Seq2SeqTrainer.cvmkd_finalize(self, state, summary)  # export the model package
-        if self.model is None or self.teacher is None or summary.status not in ("completed", "stopped"):
-            return
-        evaluation = evaluate_on_test(self, state)
-        evaluation["models"] = self._size_and_speed(state)
-        atomic_write_json(state.run_dir / "evaluation.json", evaluation)
-        update_metadata(state.run_dir / "model", {
-            "split": evaluation["split"],
-            "test_scores": evaluation["student"]["scores"],
-            "teacher_test_scores": evaluation["teacher"]["scores"],
-            "retention": evaluation["retention"],
-        })
-        summary.extra["evaluation"] = {k: v for k, v in evaluation.items() if k not in ("student", "teacher")} | {
-            "student": evaluation["student"]["scores"],
-            "teacher": evaluation["teacher"]["scores"],
-        }
-        summary.outputs["evaluation"] = str(state.run_dir / "evaluation.json")
-        variants = quantize_all(self, state, evaluation)
-        if variants:
-            atomic_write_json(state.run_dir / "quantization.json", {
-                "baseline": state.scratch.get("quantization_baseline"),
-                "variants": variants,
-            })
-            summary.outputs["quantization"] = str(state.run_dir / "quantization.json")
-            keep = ("name", "scheme", "package", "accepted", "scores", "retention", "file_bytes",
-                    "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget", "error")
-            summary.extra["quantized"] = [{k: v.get(k) for k in keep} for v in variants if v["accepted"]]
-            rejected = [{k: v.get(k) for k in keep} for v in variants if not v["accepted"]]
-            if rejected:
-                summary.extra["quantization_rejected"] = rejected
-            for v in variants:
-                if v.get("package"):
-                    summary.outputs[f"model-{v['name']}"] = v["package"]
-        for key, share in evaluation["retention"].items():
-            if share is not None:
-                log.info(
-                    "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
-                    key, evaluation["student"]["scores"][key], evaluation["teacher"]["scores"][key], 100 * share,
-                )
-
-    def _size_and_speed(self, state: RunState) -> dict[str, Any]:
+    def measure_models(self, state: RunState) -> dict[str, Any]:
         """The teacher's and the student's size and CPU decoding speed, measured side by side
         (float32, the same sentences) so the comparison report can set them against each other."""
         from cvmkd_kd.quantize import float_copy, size_and_speed
@@ -294,40 +254,3 @@ class KDTrainer(Seq2SeqTrainer):
         hypotheses = self.translate_with_teacher(state, sources, beam_size=beam_size)
         atomic_write_text(path, "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
         return hypotheses
-
-
-def evaluate_on_test(trainer: KDTrainer, state: RunState) -> dict[str, Any]:
-    """Score the student and the teacher on the test split with every selected metric, and
-    analyse the student's errors there."""
-    from cvmkd_core.builtins.analysis import analyse
-    from cvmkd_core.state import TranslationSample
-
-    assert trainer.data is not None
-    test = trainer.data.splits.test or trainer.data.splits.valid
-    split = "test" if trainer.data.splits.test else "valid"
-    sources, references = [p[0] for p in test], [p[1] for p in test]
-    beam = state.recipe.validation.beam_size
-    result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
-    outputs: dict[str, list[str]] = {}
-    for who in ("student", "teacher"):
-        started = time.perf_counter()
-        if who == "student":
-            hypotheses = trainer.translate(state, sources, beam_size=beam)
-        else:  # the teacher's are cached: the same teacher is scored once on the same sentences
-            hypotheses = trainer.teacher_translations(state, sources, beam_size=beam) or []
-        seconds = time.perf_counter() - started
-        outputs[who] = hypotheses
-        result[who] = {
-            "scores": score_all(state, hypotheses, references, sources),
-            "decode_seconds": round(seconds, 2),
-            "examples": [
-                {"source": s, "reference": r, "hypothesis": h}
-                for s, r, h in list(zip(sources, references, hypotheses))[:5]
-            ],
-        }
-    result["retention"] = retention(result["student"]["scores"], result["teacher"]["scores"], score_specs(state))
-    config = state.recipe.validation.analysis
-    if config.enabled:
-        sample = TranslationSample(step=state.step, sources=sources, references=references, hypotheses=outputs["student"])
-        result["student"]["analysis"] = analyse(sample, worst=config.worst, examples=config.examples)
-    return result

@@ -15,14 +15,15 @@ import torch
 
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.errors import ModelError
-from cvmkd_core.data.batching import Batch, BatchStream
-from cvmkd_core.hardware import autocast, describe_hardware, resolve_device, resolve_precision
+from cvmkd_nmt.data.batching import Batch, BatchStream
+from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.model.presets import count_parameters
-from cvmkd_core.recipe import LossRef, TeacherConfig
+from cvmkd_nmt.model.presets import count_parameters
+from cvmkd_core.recipe import LossRef
+from cvmkd_kd.config import TeacherConfig
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.data import RunData, prepare_data
-from cvmkd_core.model.translate import translate
+from cvmkd_nmt.model.translate import translate
 
 log = logging.getLogger("cvmkd")
 
@@ -82,8 +83,8 @@ class Seq2SeqTrainer:
         """Models, tokenizer and data; subclasses add the teacher."""
         self.data = prepare_data(state)
 
-    @hookimpl(tryfirst=True)
-    def cvmkd_run_start(self, state: RunState) -> None:
+    @hookimpl
+    def cvmkd_setup(self, state: RunState) -> None:
         recipe = state.recipe
         self.device = resolve_device(recipe.run.device)
         self.precision = resolve_precision(recipe.run.precision, self.device)
@@ -116,7 +117,7 @@ class Seq2SeqTrainer:
             seed=recipe.run.seed,
         )
         state.batches = self.stream
-        state.objects.update(model=self.model, tokenizer=tokenizer, data=self.data)
+        state.objects.update(model=self.model, tokenizer=tokenizer, data=self.data, role=self.role)
         parameters = count_parameters(self.model)
         state.scratch["trainer"] = {
             "role": self.role,
@@ -208,6 +209,12 @@ class Seq2SeqTrainer:
 
     # --- translation, for validation and reports ------------------------------------------------
 
+    def test_data(self, state: RunState) -> tuple[list[str], list[str], str]:
+        """The test split (the validation split when the corpus has no test split)."""
+        assert self.data is not None
+        test = self.data.splits.test or self.data.splits.valid
+        return [p[0] for p in test], [p[1] for p in test], "test" if self.data.splits.test else "valid"
+
     def validation_data(self, state: RunState) -> tuple[list[str], list[str]]:
         assert self.data is not None
         valid = self.data.splits.valid
@@ -251,8 +258,8 @@ class Seq2SeqTrainer:
         }
 
     @hookimpl
-    def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
-        from cvmkd_core.model.package import save_package
+    def cvmkd_export(self, state: RunState, summary: RunSummary) -> None:
+        from cvmkd_nmt.model.package import save_package
 
         if self.model is None or summary.status not in ("completed", "stopped"):
             return
@@ -273,15 +280,14 @@ class TeacherTrainer(Seq2SeqTrainer):
         # a teacher recipe names its model in [distill.model]; a teacher stage copies [teacher]
         return state.components.get("distill.model") or state.components["teacher.model"]
 
-    @hookimpl(tryfirst=True)
-    def cvmkd_run_start(self, state: RunState) -> None:
+    @hookimpl
+    def cvmkd_check(self, state: RunState) -> None:
         keep = state.recipe.run.keep_checkpoints
         if self.config.average_checkpoints > keep:
             raise ModelError(
                 f"teacher.average_checkpoints = {self.config.average_checkpoints} needs the last "
                 f"{self.config.average_checkpoints} checkpoints, but run.keep_checkpoints = {keep}"
             )
-        Seq2SeqTrainer.cvmkd_run_start(self, state)
 
     @hookimpl
     def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
@@ -298,24 +304,13 @@ class TeacherTrainer(Seq2SeqTrainer):
             log.info("%s", state.stop_reason)
 
     @hookimpl
-    def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
-        if self.model is None or summary.status not in ("completed", "stopped"):
-            return
-        if self.config.average_checkpoints > 1:
+    def cvmkd_export(self, state: RunState, summary: RunSummary) -> None:
+        if self.model is not None and summary.status in ("completed", "stopped") and self.config.average_checkpoints > 1:
             summary.extra["averaging"] = self._average_checkpoints(state)
-        Seq2SeqTrainer.cvmkd_finalize(self, state, summary)
-        if self.data is not None and self.data.splits.test:
-            from cvmkd_core.files import atomic_write_json
-            from cvmkd_core.model.package import update_metadata
-
-            evaluation = self._evaluate_test(state)
-            atomic_write_json(state.run_dir / "evaluation.json", evaluation)
-            update_metadata(state.run_dir / "model", {"test_scores": evaluation["scores"], "split": "test"})
-            summary.extra["evaluation"] = {"teacher": evaluation["scores"]}
-            summary.outputs["evaluation"] = str(state.run_dir / "evaluation.json")
+        Seq2SeqTrainer.cvmkd_export(self, state, summary)
 
     def _validation_scores(self, state: RunState) -> dict[str, float]:
-        from cvmkd_core.builtins.validation import score_all
+        from cvmkd_validation.validation import score_all
 
         sources, references = self.validation_data(state)
         limit = state.recipe.validation.max_sentences
@@ -364,28 +359,6 @@ class TeacherTrainer(Seq2SeqTrainer):
             report["steps"], key, after[key], before[key], "kept" if used else "not kept",
         )
         return report
-
-    def _evaluate_test(self, state: RunState) -> dict[str, Any]:
-        """The final teacher on the test split, once per beam size of ``test_beam_sizes``."""
-        from cvmkd_core.builtins.validation import score_all
-
-        assert self.data is not None
-        test = self.data.splits.test
-        sources, references = [p[0] for p in test], [p[1] for p in test]
-        by_beam: dict[str, Any] = {}
-        for beam in self.config.test_beam_sizes:
-            started = time.perf_counter()
-            hypotheses = self.translate(state, sources, beam_size=beam)
-            seconds = time.perf_counter() - started
-            scores = score_all(state, hypotheses, references, sources)
-            by_beam[str(beam)] = {"scores": scores, "decode_seconds": round(seconds, 2)}
-            log.info(
-                "teacher on the test split, beam %d: %s (%.0fs)",
-                beam, ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), seconds,
-            )
-        first = str(self.config.test_beam_sizes[0])
-        return {"split": "test", "sentences": len(sources), "scores": by_beam[first]["scores"],
-                "beam_size": int(first), "by_beam_size": by_beam}
 
 
 def best_record(history: list[Any]) -> Any:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from cvmkd_core.errors import ModelError
-from cvmkd_core.model.package import load_package
+from cvmkd_nmt.model.package import load_package
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 # the shared tiny recipe, scored with all three sacrebleu metrics and tested for significance
 RECIPE = TINY_KD_RECIPE.replace(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cvmkd_core.testing import write_tiny_corpus
+from cvmkd_testing import write_tiny_corpus
 
 RECIPE = """
 [run]

@@ -1,6 +1,6 @@
 """cvmkd-quant-nbit: weight-only 4/8/16-bit students, layer by layer.
 
-Quantizers (``[[quantize]]`` components), all built on :mod:`cvmkd_core.quant` (``NbitLinear``
+Quantizers (``[[quantize]]`` components), all built on :mod:`cvmkd_nmt.quantized` (``NbitLinear``
 and ``QuantEmbedding``: weights stored in 4 bits packed, 8 bits or float16/bfloat16, dequantized
 on the fly; any device):
 

@@ -1,7 +1,7 @@
 """Per-layer bit plans: which layers a quantizer may touch, what a plan costs in bytes, how a
 plan becomes a model, and the quality-budget rule.
 
-A plan maps every name of :func:`cvmkd_core.quant.quantizable_layers` to a level: 4, 8 or 16
+A plan maps every name of :func:`cvmkd_nmt.quantized.quantizable_layers` to a level: 4, 8 or 16
 bits, or :data:`FP32` (the layer is left as it is). Levels 4 and 8 use the quantizer's
 ``group_size`` where it divides the layer's input width, else one scale per output row (see
 :func:`group_for`); 16 is a float16/bfloat16 copy without scales.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cvmkd_core.metrics import within_budget  # re-exported: the plugin's budget rule is the core's
-from cvmkd_core.quant import EMBEDDINGS, LayerChoice, apply_plan, model_nbytes, quantizable_layers
+from cvmkd_nmt.quantized import EMBEDDINGS, LayerChoice, apply_plan, model_nbytes, quantizable_layers
 
 #: The level of a layer left in float32.
 FP32 = 32
@@ -73,7 +73,7 @@ def ungroupable(infos: dict[str, LayerInfo], names: list[str], group_size: int) 
 
 def weight_bytes(info: LayerInfo, bits: int, group_size: int) -> int:
     """Bytes the layer's weight takes at ``bits`` (data plus float32 scales), as
-    :func:`cvmkd_core.quant.model_nbytes` and the package's ``model.safetensors`` count them."""
+    :func:`cvmkd_nmt.quantized.model_nbytes` and the package's ``model.safetensors`` count them."""
     rows, cols = info.shape
     if bits == FP32:
         return rows * cols * 4

@@ -10,10 +10,10 @@ from typing import Any, Callable
 import attrs
 from torch import nn
 
-from cvmkd_core.components import QuantizationContext, QuantizationResult
+from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult
 from cvmkd_core.config import ConfigValueError, between, ge, one_of
 from cvmkd_core.errors import ModelError
-from cvmkd_core.quant import model_nbytes
+from cvmkd_nmt.quantized import model_nbytes
 from cvmkd_quant_nbit.plans import (
     FP32,
     LayerInfo,

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
-from cvmkd_core.model import greedy_decode
-from cvmkd_core.quant import quantize_tensor
+from cvmkd_nmt.model import greedy_decode
+from cvmkd_nmt.quantized import quantize_tensor
 from cvmkd_quant_nbit.plans import FP32, HALF_DTYPES, LayerInfo, group_for, level_name, weight_of
 
 #: How the measure is described in details.

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvmkd_core.model.package import load_package
-from cvmkd_core.quant import NbitLinear, QuantEmbedding
+from cvmkd_nmt.model.package import load_package
+from cvmkd_nmt.quantized import NbitLinear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_core.model.translate import translate
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_nmt.model.translate import translate
 
 RECIPE = TINY_KD_RECIPE + """
 [[quantize]]

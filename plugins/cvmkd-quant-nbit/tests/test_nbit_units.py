@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvmkd_core.components import QuantizationContext
+from cvmkd_nmt.contracts import QuantizationContext
 from cvmkd_core.config import structure
 from cvmkd_core.errors import ModelError, RecipeError
-from cvmkd_core.model import CvmTransformer, preset
-from cvmkd_core.model.package import load_package, save_package
-from cvmkd_core.quant import NbitLinear, QuantEmbedding, model_nbytes, quantized_state
+from cvmkd_nmt.model import CvmTransformer, preset
+from cvmkd_nmt.model.package import load_package, save_package
+from cvmkd_nmt.quantized import NbitLinear, QuantEmbedding, model_nbytes, quantized_state
 from cvmkd_quant_nbit import (
     NbitConfig,
     NbitQuantizer,
@@ -144,7 +144,7 @@ def test_the_quantizers_are_registered() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from cvmkd_core.data.tokenizer import train_tokenizer
+    from cvmkd_nmt.data.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(40)]

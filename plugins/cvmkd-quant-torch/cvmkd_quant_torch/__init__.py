@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from cvmkd_core.components import QuantizationResult
+from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_core.config import between, ge
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState
@@ -70,7 +70,7 @@ class QatInt8Config:
 
 def int8_plan(model: Any, embeddings: bool) -> dict[str, Any]:
     """Every linear layer in dynamic int8; the embedding group in int8 or left in fp32."""
-    from cvmkd_core.quant import LayerChoice, quantizable_layers
+    from cvmkd_nmt.quantized import LayerChoice, quantizable_layers
 
     plan = {}
     for name in quantizable_layers(model):
@@ -82,7 +82,7 @@ def int8_plan(model: Any, embeddings: bool) -> dict[str, Any]:
 
 
 def convert_int8(model: Any, embeddings: bool) -> tuple[Any, dict[str, Any]]:
-    from cvmkd_core.quant import apply_plan
+    from cvmkd_nmt.quantized import apply_plan
 
     plan = int8_plan(model, embeddings)
     apply_plan(model, plan)
@@ -124,8 +124,8 @@ class QatInt8:
         elif not wanted and qat.is_enabled(model):
             qat.disable(model)  # rolled back to before the start
 
-    @hookimpl(tryfirst=True)
-    def cvmkd_step(self, state: RunState, batch: Any) -> None:
+    @hookimpl
+    def cvmkd_step_start(self, state: RunState, batch: Any) -> None:
         self._sync(state)
 
     @hookimpl

@@ -1,6 +1,6 @@
 """``static-int8``: post-training static int8 quantization, calibrated on validation sentences.
 
-Every linear layer of the encoder and decoder becomes a :class:`cvmkd_core.quant.StaticInt8Linear`:
+Every linear layer of the encoder and decoder becomes a :class:`cvmkd_nmt.quantized.StaticInt8Linear`:
 int8 weights with one scale per output channel, and int8 activations whose per-tensor scale and
 zero point were fixed once from the ranges seen while the model greedy-decoded
 ``calibration_batches`` batches of validation sources (``QuantizationContext.calibration_batches``).
@@ -29,7 +29,7 @@ from typing import Any
 
 import attrs
 
-from cvmkd_core.components import QuantizationResult
+from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_core.config import between, ge, one_of
 from cvmkd_core.errors import ModelError
 
@@ -56,7 +56,7 @@ class StaticInt8Config:
 def static_int8_plan(model: Any, embeddings: bool) -> dict[str, Any]:
     """Static int8 for every linear layer but the output projection; the embedding group (and
     the output projection) in int8 with a dynamic int8 output projection, or left in fp32."""
-    from cvmkd_core.quant import LayerChoice, quantizable_layers
+    from cvmkd_nmt.quantized import LayerChoice, quantizable_layers
 
     table = LayerChoice("dynamic-int8") if embeddings else LayerChoice("fp32")
     plan = {}
@@ -97,8 +97,8 @@ class StaticInt8:
         self.config = config or StaticInt8Config()
 
     def quantize(self, model: Any, context: Any) -> Any:
-        from cvmkd_core.model.decoding import greedy_decode
-        from cvmkd_core.quant import apply_plan, calibrate
+        from cvmkd_nmt.model.decoding import greedy_decode
+        from cvmkd_nmt.quantized import apply_plan, calibrate
 
         config = self.config
         batches = context.calibration_batches(config.calibration_batches)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cvmkd_core.model.presets import preset
-from cvmkd_core.model.transformer import CvmTransformer
+from cvmkd_nmt.model.presets import preset
+from cvmkd_nmt.model.transformer import CvmTransformer
 from cvmkd_quant_torch import qat
 
 

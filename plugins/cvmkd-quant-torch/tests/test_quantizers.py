@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from cvmkd_core import hookimpl
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_core.model.package import load_package
-from cvmkd_core.quant import DynamicInt8Linear, QuantEmbedding
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_nmt.model.package import load_package
+from cvmkd_nmt.quantized import DynamicInt8Linear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
 from cvmkd_core.metrics import within_budget
-from cvmkd_core.model.translate import translate
+from cvmkd_nmt.model.translate import translate
 from cvmkd_quant_torch import qat
 
 RECIPE = TINY_KD_RECIPE + """
@@ -92,7 +92,7 @@ def test_each_int8_variant_is_measured_packaged_and_loads(workdir: Path) -> None
     assert report["variants"][1]["details"]["qat_start_step"] == 8
 
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
+    assert [q["name"] for q in saved["quantized"] if q["accepted"]] == ["dynamic-int8", "qat-int8"]
     assert saved["outputs"]["model-qat-int8"] == str(run_dir / "model-qat-int8")
     # the fp32 package holds plain weights (the fake quantization is a way of computing)
     fp32, _, _ = load_package(run_dir / "model")
@@ -114,7 +114,7 @@ class Breaker:
     """A quantizer that destroys the model: certainly over any quality budget."""
 
     def quantize(self, model: Any, context: Any) -> Any:
-        from cvmkd_core.components import QuantizationResult
+        from cvmkd_nmt.contracts import QuantizationResult
 
         with torch.no_grad():
             for p in model.parameters():
@@ -145,8 +145,8 @@ def test_a_variant_over_budget_is_kept_apart_and_not_gated(workdir: Path) -> Non
     assert broken["budget"]["losses_on_validation"]["composite_share"] > 0.02
     assert (run_dir / "model-breaker-rejected").is_dir() and not (run_dir / "model-breaker").exists()
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
-    assert [q["name"] for q in saved["extra"]["quantization_rejected"]] == ["breaker"]
+    assert [q["name"] for q in saved["quantized"] if q["accepted"]] == ["dynamic-int8", "qat-int8"]
+    assert [q["name"] for q in [q for q in saved["quantized"] if not q["accepted"]]] == ["breaker"]
 
 
 class Crasher:
@@ -179,5 +179,5 @@ def test_a_failing_quantizer_is_recorded_and_the_others_still_run(workdir: Path)
         "error": "RuntimeError: no kernel for this",
     }
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert saved["extra"]["quantization_rejected"][0]["error"] == "RuntimeError: no kernel for this"
-    assert [q["name"] for q in saved["extra"]["quantized"]] == ["dynamic-int8", "qat-int8"]
+    assert [q for q in saved["quantized"] if not q["accepted"]][0]["error"] == "RuntimeError: no kernel for this"
+    assert [q["name"] for q in saved["quantized"] if q["accepted"]] == ["dynamic-int8", "qat-int8"]

@@ -13,9 +13,9 @@ import torch
 
 from cvmkd_core.config import ConfigValueError
 from cvmkd_core.errors import ModelError
-from cvmkd_core.model import CvmTransformer, preset
-from cvmkd_core.model.package import load_package, save_package
-from cvmkd_core.quant import (
+from cvmkd_nmt.model import CvmTransformer, preset
+from cvmkd_nmt.model.package import load_package, save_package
+from cvmkd_nmt.quantized import (
     DynamicInt8Linear,
     QuantEmbedding,
     StaticInt8Linear,
@@ -23,8 +23,8 @@ from cvmkd_core.quant import (
     uncalibrated_layers,
 )
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_core.model.translate import translate
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_nmt.model.translate import translate
 from cvmkd_quant_torch import StaticInt8, StaticInt8Config
 
 RECIPE = TINY_KD_RECIPE + """
@@ -181,4 +181,4 @@ def test_static_int8_variant_is_calibrated_measured_packaged_and_loads(workdir: 
     first, second = load_file(package / "model.safetensors"), load_file(again / "model.safetensors")
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
     saved = json.loads((run_dir / "summary.json").read_text())
-    assert [q["name"] for q in saved["extra"]["quantized"]] == ["static-int8"]
+    assert [q["name"] for q in saved["quantized"] if q["accepted"]] == ["static-int8"]

@@ -18,7 +18,7 @@ Selected in a recipe with ``[[reports]]`` tables; every key is optional (default
     examples = 5
     plots = true             # also write reports/plots/*.png and list them
 
-Each reporter reads the run only through :class:`cvmkd_core.reports.RunView` (the run
+Each reporter reads the run only through :class:`cvmkd_reports.runview.RunView` (the run
 directory's files), at the end of the run or later with ``cvmkd report RUN_DIR``. What the
 reports contain: the comparison of the teacher, the student and every quantized student (size,
 CPU speed, test scores, retention of the teacher, the retention gate's verdict), the validation
@@ -41,7 +41,7 @@ import attrs
 from cvmkd_core.config import ConfigValueError, ge
 from cvmkd_core.files import atomic_write_bytes, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.reports import RunView
+from cvmkd_reports.runview import RunView
 from cvmkd_reports import document, htmlpage, markdown
 from cvmkd_reports.data import gather
 from cvmkd_reports.plots import render_plots
@@ -144,6 +144,35 @@ class JsonReporter:
         path = out_dir / self.config.file
         atomic_write_text(path, json.dumps({**data, "plots": listed}, indent=2, default=str) + "\n")
         return [path, *written]
+
+
+def _report_arguments(parser: Any) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quick")
+    parser.add_argument(
+        "--format", dest="formats", action="append", default=[], metavar="NAME",
+        help="a reporter to run; repeatable (default: the run recipe's [[reports]], else every installed reporter)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/reports")
+    parser.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
+
+
+@hookimpl
+def cvmkd_register_commands(cli: Any) -> None:
+    from cvmkd_reports.runview import report_command
+
+    cli.command(
+        "report",
+        help="write a run's reports (Markdown, HTML with plots, JSON) from its files",
+        configure=_report_arguments,
+        run=report_command,
+    )
+
+
+@hookimpl
+def cvmkd_report(state: Any, summary: Any) -> None:
+    from cvmkd_reports.runview import finalize_reports
+
+    finalize_reports(state, summary)
 
 
 @hookimpl

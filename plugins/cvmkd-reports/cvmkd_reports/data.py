@@ -1,4 +1,4 @@
-"""What a report says, gathered once from a :class:`~cvmkd_core.reports.RunView` into plain,
+"""What a report says, gathered once from a :class:`~cvmkd_reports.runview.RunView` into plain,
 JSON-serialisable data. The Markdown and HTML writers render this and nothing else, so they
 never disagree; the JSON writer writes it as it is.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from cvmkd_core.reports import RunView
+from cvmkd_reports.runview import RunView
 
 COMPOSITE = "composite"
 #: pretty names of the scores the bundled metrics return; any other key is shown as it is
@@ -204,7 +204,8 @@ def _gate_for(gate: Mapping[str, Any] | None, model: str) -> bool | None:
 def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     """Teacher, student and every quantized variant: size, speed, test scores, retention."""
     evaluation = _dict(run.evaluation)
-    summary_eval = _dict(run.extra.get("evaluation"))
+    summary_eval = _dict((run.summary or {}).get("evaluation") or run.extra.get("evaluation"))
+    summary_eval = {**summary_eval, **_dict(summary_eval.get("scores"))}  # {"scores": {"teacher": ...}} since 0.2
     trainer = _dict(run.extra.get("trainer"))
     teacher_info = _dict(trainer.get("teacher"))
     measured_models = _dict(evaluation.get("models"))
@@ -252,7 +253,9 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     rows = [teacher, student]
     variants = quantization.get("variants")
     if not isinstance(variants, list):  # no quantization.json: what summary.json kept of it
-        variants = [*(run.extra.get("quantized") or []), *(run.extra.get("quantization_rejected") or [])]
+        variants = (run.summary or {}).get("quantized") or [
+            *(run.extra.get("quantized") or []), *(run.extra.get("quantization_rejected") or [])
+        ]
     for index, variant in enumerate(v for v in variants if isinstance(v, Mapping)):
         name = str(variant.get("name") or f"quantized[{index}]")
         accepted = variant.get("accepted")
@@ -286,7 +289,7 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     unmeasured = [r["name"] for r in rows if r["latency_ms_per_sentence"] is None and r["throughput_tokens_per_second"] is None]
     if unmeasured:
         notes.append(f"CPU speed not measured for: {', '.join(unmeasured)}")
-    if run.quantization is None and not run.extra.get("quantized"):
+    if run.quantization is None and not ((run.summary or {}).get("quantized") or run.extra.get("quantized")):
         notes.append("no quantized variants (no quantization.json: the recipe has no [[quantize]], or the run ended before it)")
     return {
         "split": split,

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from cvmkd_core.reports import RunView, describe_exception
+from cvmkd_reports.runview import RunView, describe_exception
 from cvmkd_reports.data import COMPOSITE, MB, is_number, score_label, unit_scale
 
 DPI = 110

@@ -15,10 +15,10 @@ import torch
 from cvmkd_core.cli import main
 from cvmkd_core.errors import ReportError
 from cvmkd_core.plugins import build_plugins
-from cvmkd_core.reports import RunView, finalize_reports, select_reporters, write_reports
+from cvmkd_reports.runview import RunView, finalize_reports, select_reporters, write_reports
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.state import RunSummary
-from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_core.state import RunSummary, Selected
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 from cvmkd_reports import HtmlReporter, JsonReporter
 from cvmkd_reports.data import fmt_int, fmt_mb, fmt_ms, fmt_percent, fmt_rate, fmt_score, score_decimals
 
@@ -87,7 +87,7 @@ def test_the_html_page_is_self_contained_and_compares_every_model(run_dir: Path)
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == len(PLOTS)
     assert "<script" not in page and "http://" not in page and "https://" not in page and "<link" not in page
     summary = _json(run_dir / "summary.json")
-    gate = summary["extra"]["gate"]
+    gate = summary["gate"]
     banner = "passed" if gate["passed"] else "failed"
     assert f'<div class="banner {banner}">' in page
     assert gate["verdict"].replace("%", "%") in page.replace("&#x27;", "'")
@@ -135,8 +135,8 @@ def test_the_json_report_holds_the_source_files_numbers(run_dir: Path) -> None:
     assert variant["latency_ms_per_sentence"] == source["latency"]["ms_per_sentence"]
     assert variant["throughput_tokens_per_second"] == source["throughput"]["tokens_per_second"]
     assert variant["accepted"] is source["accepted"]
-    assert report["gate"]["verdict"] == summary["extra"]["gate"]["verdict"]
-    assert report["gate"]["passed"] == summary["extra"]["gate"]["passed"]
+    assert report["gate"]["verdict"] == summary["gate"]["verdict"]
+    assert report["gate"]["passed"] == summary["gate"]["passed"]
     history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in report["validation"]["rows"]] == [h["step"] for h in history] == [6, 12]
     assert [r["scores"] for r in report["validation"]["rows"]] == [h["scores"] for h in history]
@@ -254,12 +254,11 @@ def test_a_failing_reporter_does_not_stop_the_others(run_dir: Path, tmp_path: Pa
 
     # at finalize: a warning, recorded in the summary, and the other reports are still written
     copy = _copy(run_dir, tmp_path / "run")
-    refs = [("reports[0]", SimpleNamespace(name="broken")), ("reports[1]", SimpleNamespace(name="json"))]
-    state = SimpleNamespace(
-        run_dir=copy,
-        components={"reports[0]": Broken(), "reports[1]": JsonReporter()},
-        recipe=SimpleNamespace(component_refs=lambda: refs),
-    )
+    chosen = [
+        Selected(label="broken", path="reports[0]", name="broken", component=Broken()),
+        Selected(label="json", path="reports[1]", name="json", component=JsonReporter()),
+    ]
+    state = SimpleNamespace(run_dir=copy, selected=lambda kind: chosen if kind == "reporter" else [])
     summary = RunSummary(status="completed")
     done = finalize_reports(state, summary)
     assert done["broken"] == [] and (copy / "reports" / "report.json") in done["json"]
@@ -308,7 +307,7 @@ name = "json"
 def test_rollbacks_are_shown_with_their_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cvmkd_core.recipe import load_recipe
     from cvmkd_core.session import Session
-    from cvmkd_core.testing import ToyPlugin
+    from cvmkd_testing import ToyPlugin
 
     monkeypatch.chdir(tmp_path)
     plugins = build_plugins()

@@ -202,7 +202,7 @@ class TensorBoardLogger:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         self._close(state, f"{status} at step {state.step} ({state.iterations} iterations): {type(error).__name__}: {error}")
 
-    @hookimpl(trylast=True)
+    @hookimpl
     def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:
         self._close(
             state,

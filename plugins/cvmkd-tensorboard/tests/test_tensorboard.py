@@ -23,7 +23,7 @@ from cvmkd_core.plugins import Plugins, build_plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.rundir import SUBDIRS
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.testing import TOY_HOOK_FILE, TOY_RECIPE, ToyPlugin
+from cvmkd_testing import TOY_HOOK_FILE, TOY_RECIPE, ToyPlugin, toy_plugin_manager
 
 LOGGERS = """
 [[loggers]]
@@ -38,8 +38,7 @@ RECIPE = TOY_RECIPE + LOGGERS
 @pytest.fixture
 def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Plugins:
     monkeypatch.chdir(tmp_path)
-    plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(ToyPlugin(), name="toy", source="test")
+    plugins = toy_plugin_manager()
     plugins.add_plugin(cvmkd_tensorboard, name="tensorboard", source="test")
     return plugins
 
@@ -215,11 +214,11 @@ def test_a_distillation_logs_the_student_and_the_teacher_stage(tmp_path: Path, m
     import torch
 
     from cvmkd_core.session import open_session
-    from cvmkd_core.testing import TINY_KD_RECIPE, write_tiny_corpus
+    from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.setenv("CVMKD_PLUGINS", "kd,sacrebleu,tensorboard")
+    monkeypatch.setenv("CVMKD_PLUGINS", "nmt,validation,analysis,evaluation,kd,kd-quantize,sacrebleu,tensorboard")
     torch.set_num_threads(1)
     write_tiny_corpus(tmp_path)
     Path("recipe.toml").write_text(TINY_KD_RECIPE + LOGGERS)

@@ -1,0 +1,42 @@
+"""The recipe sections the distillation plugin owns: ``[teacher]`` (load a teacher, or train one)
+and ``[student]`` (the model being distilled)."""
+
+from __future__ import annotations
+
+import attrs
+
+from cvmkd_core.config import between, ge, gt, one_of
+from cvmkd_core.recipe import ModelRef
+
+
+@attrs.frozen
+class TeacherConfig:
+    """``[teacher]``: load a teacher, or train one (cached, so later runs reuse it)."""
+
+    checkpoint: str = ""
+    """a teacher model package (a run's ``model/`` folder); empty: train a teacher or reuse the cached one"""
+    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "teacher-cpu"}))  # type: ignore[valid-type]
+    steps: int = attrs.field(default=2000, validator=gt(0))
+    validate_every: int = attrs.field(default=1000, validator=gt(0))
+    batch_size: int = attrs.field(default=64, validator=gt(0))
+    max_tokens: int = attrs.field(default=0, validator=ge(0))
+    learning_rate: float = attrs.field(default=1e-3, validator=gt(0))
+    warmup_steps: int = attrs.field(default=1000, validator=ge(0))
+    schedule: str = attrs.field(default="inverse_sqrt", validator=one_of("inverse_sqrt", "linear", "constant"))
+    label_smoothing: float = attrs.field(default=0.1, validator=between(0.0, 1.0, high_open=True))
+    weight_decay: float = attrs.field(default=0.0, validator=ge(0))
+    clip_norm: float = attrs.field(default=1.0, validator=ge(0))
+    max_len: int = attrs.field(default=128, validator=gt(0))
+    early_stopping_patience: int = attrs.field(default=0, validator=ge(0))
+    """stop after this many validations in a row without a new best composite score; 0: never"""
+    average_checkpoints: int = attrs.field(default=1, validator=gt(0))
+    """export the mean weights of the last N validated checkpoints when they validate better"""
+    test_beam_sizes: list[int] = attrs.field(factory=lambda: [1], validator=attrs.validators.deep_iterable(gt(0)))
+    """beam sizes the final teacher is scored with on the test split (evaluation.json)"""
+
+
+@attrs.frozen
+class StudentConfig:
+    """``[student]``: the model being distilled."""
+
+    model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "student-cpu"}))  # type: ignore[valid-type]

@@ -1,0 +1,175 @@
+"""Model packages: a folder holding weights (safetensors), config, tokenizer and metadata.
+
+A quantized model (any module from :mod:`cvmkd_nmt.quantized`) is stored as the tensors of
+:func:`~cvmkd_nmt.quantized.quantized_state` in the same model.safetensors, plus
+``quantization.json`` (the spec); see docs/quantization.md.
+
+A package is written into a temporary sibling folder and renamed into place, so a reader never
+sees half a package. Loading checks every piece and says which one is missing or damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from cvmkd_core.errors import ModelError
+from cvmkd_core.files import sha256_file
+from cvmkd_nmt.model.config import ModelConfig
+from cvmkd_nmt.model.transformer import CvmTransformer
+from cvmkd_nmt.quantized import DynamicInt8Linear, StaticInt8Linear, is_quantized, load_quantized, quantized_state
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+METADATA = "metadata.json"
+QUANTIZATION = "quantization.json"
+
+
+def save_package(
+    directory: str | Path,
+    model: CvmTransformer,
+    tokenizer: Any,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``, its config, ``tokenizer`` and ``metadata`` to ``directory``, replacing it."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if is_quantized(model):
+            tensors, spec = quantized_state(model)
+            # the header names the spec format, so the weights alone say they are quantized
+            header = {"format": "pt", "quantization": spec["format"]}
+            save_file(tensors, str(tmp / WEIGHTS), metadata=header)
+            (tmp / QUANTIZATION).write_text(json.dumps(spec, indent=2) + "\n")
+        else:
+            # save_model understands the tied embeddings that save_file would refuse
+            save_model(model, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        tokenizer.save(tmp)
+        meta = dict(metadata or {})
+        meta.setdefault("format", "cvmkd-model/1")
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        meta["tokenizer_sha256"] = tokenizer.sha256
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model package {directory}: {METADATA} is missing") from None
+    except ValueError as exc:
+        raise ModelError(f"model package {directory}: {METADATA} is damaged ({exc})") from None
+
+
+def update_metadata(directory: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``fields`` into a package's metadata.json (atomically); returns the new metadata.
+    The weights are untouched, so their recorded sha256 stays valid."""
+    from cvmkd_core.files import atomic_write_json
+
+    meta = read_metadata(directory)
+    meta.update(fields)
+    atomic_write_json(Path(directory) / METADATA, meta)
+    return meta
+
+
+def load_package(directory: str | Path, device: str | torch.device = "cpu") -> tuple[CvmTransformer, Any, dict[str, Any]]:
+    """Load a package written by :func:`save_package`: (model in eval mode, tokenizer, metadata)."""
+    from cvmkd_nmt.data.tokenizer import Tokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelError(f"no model package at {directory}")
+    for name in (WEIGHTS, CONFIG, TOKENIZER, METADATA):
+        if not (directory / name).is_file():
+            raise ModelError(f"model package {directory}: {name} is missing")
+    metadata = read_metadata(directory)
+    expected = metadata.get("weights_sha256")
+    if expected and sha256_file(directory / WEIGHTS) != expected:
+        raise ModelError(f"model package {directory}: {WEIGHTS} is damaged (sha256 mismatch)")
+    try:
+        config = ModelConfig.from_dict(json.loads((directory / CONFIG).read_text("utf-8")))
+    except ValueError as exc:
+        raise ModelError(f"model package {directory}: {CONFIG} is damaged ({exc})") from None
+    model = CvmTransformer(config)
+    if (directory / QUANTIZATION).is_file():
+        _load_quantized(directory, model, device)
+    else:
+        try:
+            load_model(model, str(directory / WEIGHTS), device=str(device))
+        except Exception as exc:
+            if _quantized_weights(directory / WEIGHTS):
+                raise ModelError(
+                    f"model package {directory}: {QUANTIZATION} is missing (the weights are quantized)"
+                ) from None
+            raise ModelError(f"model package {directory}: {WEIGHTS} does not fit {CONFIG} ({exc})") from None
+    tokenizer = Tokenizer.load(directory / TOKENIZER)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ModelError(
+            f"model package {directory}: tokenizer has {tokenizer.vocab_size} pieces but the model "
+            f"expects {config.vocab_size}"
+        )
+    model.to(device).eval()
+    return model, tokenizer, metadata
+
+
+def _quantized_weights(path: Path) -> bool:
+    """True when a safetensors file holds quantized tensors (header tag or ``*.qdata`` names)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            return "quantization" in meta or any(k.endswith(".qdata") for k in handle.keys())
+    except Exception:
+        return False
+
+
+def _load_quantized(directory: Path, model: CvmTransformer, device: str | torch.device) -> None:
+    """Rebuild the quantized modules of ``model`` from the package's spec and tensors."""
+    try:
+        spec = json.loads((directory / QUANTIZATION).read_text("utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"model package {directory}: {QUANTIZATION} is damaged ({exc})") from None
+    try:
+        tensors = load_file(str(directory / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"model package {directory}: {WEIGHTS} is damaged ({exc})") from None
+    try:
+        load_quantized(model, spec, tensors)
+    except Exception as exc:  # ModelError names the bad entry; anything else is damage too
+        raise ModelError(
+            f"model package {directory}: {QUANTIZATION} or {WEIGHTS} is damaged: "
+            + (str(exc).splitlines() or [type(exc).__name__])[0]
+        ) from None
+    if torch.device(device).type != "cpu" and any(
+        isinstance(m, (DynamicInt8Linear, StaticInt8Linear)) for m in model.modules()
+    ):
+        raise ModelError(
+            f"model package {directory}: its int8 layers run on the CPU only, "
+            f"cannot load it on {device}"
+        )

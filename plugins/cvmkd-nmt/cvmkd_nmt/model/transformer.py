@@ -1,0 +1,362 @@
+"""The native "cvm" pre-norm encoder-decoder transformer, with a key/value cache for decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvmkd_core.errors import ModelError
+from cvmkd_nmt.model.config import ModelConfig
+
+# A padding mask in this module is a bool tensor (B, S), True at pad positions (the
+# nn.Transformer convention). Masks handed to scaled_dot_product_attention are the
+# opposite: True where attention is allowed.
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    """The (max_len, d_model) sin/cos table of Vaswani et al. (sin on even, cos on odd dims)."""
+    position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
+    inv_freq = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model)
+    )
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table.float()
+
+
+def _key_keep_mask(pad_mask: Tensor | None) -> Tensor | None:
+    """(B, 1, 1, S) 'may attend' mask from a (B, S) pad mask, or None when nothing is padded."""
+    if pad_mask is None:
+        return None
+    keep = ~pad_mask
+    # An all-pad row would make every score -inf and the softmax NaN; letting it attend
+    # to its (meaningless) pads keeps NaN out of the batch, and the row is ignored anyway.
+    keep = keep | ~keep.any(dim=1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention with separate nn.Linear projections, so dynamic int8 quantization covers all."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, S, head_dim) of ``x``; cached by the decoder."""
+        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
+
+    def attend(
+        self,
+        x: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Attend from queries ``x`` (B, T, D) to given keys/values; returns (B, T, D)."""
+        q = self._split(self.q_proj(x))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """Position-wise two-layer MLP."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + feed-forward block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.d_model)
+        self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.ff_norm = nn.LayerNorm(config.d_model)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, keep_mask: Tensor | None) -> Tensor:
+        h = self.self_attn_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=keep_mask))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention and feed-forward block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.d_model)
+        self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.cross_attn_norm = nn.LayerNorm(config.d_model)
+        self.cross_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.ff_norm = nn.LayerNorm(config.d_model)
+        self.ff = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        cross_mask: Tensor | None,
+        self_mask: Tensor | None = None,
+        self_causal: bool = False,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One block; returns the output and this layer's self-attention keys/values
+        (``past_kv`` prepended), which incremental decoding caches."""
+        h = self.self_attn_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        x = x + self.dropout(
+            self.self_attn.attend(h, k, v, attn_mask=self_mask, is_causal=self_causal)
+        )
+        h = self.cross_attn_norm(x)
+        x = x + self.dropout(self.cross_attn.attend(h, cross_k, cross_v, attn_mask=cross_mask))
+        return x + self.dropout(self.ff(self.ff_norm(x))), (k, v)
+
+
+class DecoderCache:
+    """Per-layer self-attention keys/values grown one step at a time, and cross-attention
+    keys/values computed once from the encoder memory. Tensors are (B, H, len, head_dim)."""
+
+    def __init__(self) -> None:
+        self.self_k: list[Tensor] = []
+        self.self_v: list[Tensor] = []
+        self.cross_k: list[Tensor] = []
+        self.cross_v: list[Tensor] = []
+        # (B, 1, 1, S) 'may attend' mask over the source, or None without source padding.
+        self.cross_mask: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of target positions already decoded (the position of the next token)."""
+        return self.self_k[0].size(2) if self.self_k else 0
+
+    def reorder(self, index: Tensor, include_cross: bool = True) -> DecoderCache:
+        """Select batch rows by ``index`` (beam search), in place; returns self.
+
+        ``include_cross=False`` skips the cross-attention tensors, valid when ``index``
+        only permutes rows that share the same source (beams of one sentence).
+        """
+        self.self_k = [t.index_select(0, index) for t in self.self_k]
+        self.self_v = [t.index_select(0, index) for t in self.self_v]
+        if include_cross:
+            self.cross_k = [t.index_select(0, index) for t in self.cross_k]
+            self.cross_v = [t.index_select(0, index) for t in self.cross_v]
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask.index_select(0, index)
+        return self
+
+
+class CvmTransformer(nn.Module):
+    """Pre-norm encoder-decoder transformer with sinusoidal positions and optional tied embeddings.
+
+    Attribute names are stable whatever the config: ``src_embed``, ``tgt_embed`` and
+    ``output_proj`` always exist; when tied they are the same matrix (and ``tgt_embed is
+    src_embed``), so a state dict holds three keys that alias one tensor.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.src_embed = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
+        if config.tie_embeddings:
+            self.tgt_embed = self.src_embed
+        else:
+            self.tgt_embed = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
+        self.output_proj = nn.Linear(d, config.vocab_size, bias=False)
+        self.embed_scale = math.sqrt(d)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        # A buffer, not a parameter: max_len costs no weights and is not saved in checkpoints.
+        self.register_buffer(
+            "positions", sinusoidal_positions(config.max_len, d), persistent=False
+        )
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(config) for _ in range(config.n_encoder_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(d)
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(config) for _ in range(config.n_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform projections, zero biases, N(0, d^-1/2) embeddings (pad row zero).
+
+        The embedding std d^-1/2 times the sqrt(d) input scale gives unit-variance inputs,
+        and keeps the initial logits of a tied output projection near unit scale.
+        """
+        d = self.config.d_model
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        for embed in {id(m): m for m in (self.src_embed, self.tgt_embed)}.values():
+            nn.init.normal_(embed.weight, mean=0.0, std=d**-0.5)
+            with torch.no_grad():
+                embed.weight[self.config.pad_id].zero_()
+        if self.config.tie_embeddings:
+            self.output_proj.weight = self.src_embed.weight
+        else:
+            nn.init.normal_(self.output_proj.weight, mean=0.0, std=d**-0.5)
+
+    # -- input checks -------------------------------------------------------------------
+
+    def _check_ids(self, ids: Tensor, what: str) -> None:
+        if ids.dim() != 2:
+            raise ModelError(
+                f"{what} must be a (batch, length) tensor, got shape {tuple(ids.shape)}"
+            )
+        if ids.dtype != torch.long:
+            raise ModelError(f"{what} must hold int64 token ids, got {ids.dtype}")
+        if ids.size(1) > self.config.max_len:
+            raise ModelError(
+                f"{what} has length {ids.size(1)}, more than the model's max_len "
+                f"{self.config.max_len}; filter or truncate longer sentences"
+            )
+        if ids.numel() and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
+            raise ModelError(
+                f"{what} holds token ids outside [0, {self.config.vocab_size}) "
+                f"(min {int(ids.min())}, max {int(ids.max())}): does the tokenizer match the model?"
+            )
+
+    def _embed(self, embed: nn.Embedding, ids: Tensor, start: int = 0) -> Tensor:
+        x = embed(ids) * self.embed_scale + self.positions[start : start + ids.size(1)]
+        return self.embed_dropout(x)
+
+    # -- encoder --------------------------------------------------------------------------
+
+    def encode(self, src_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode (B, S) source ids into memory (B, S, D) and the (B, S) pad mask (True = pad)."""
+        self._check_ids(src_ids, "source")
+        src_pad_mask = src_ids.eq(self.config.pad_id)
+        # Without padding, SDPA can take its unmasked (faster) path.
+        keep = _key_keep_mask(src_pad_mask) if bool(src_pad_mask.any()) else None
+        x = self._embed(self.src_embed, src_ids)
+        for layer in self.encoder_layers:
+            x = layer(x, keep)
+        return self.encoder_norm(x), src_pad_mask
+
+    # -- decoder --------------------------------------------------------------------------
+
+    def _cross_mask(self, src_pad_mask: Tensor | None) -> Tensor | None:
+        if src_pad_mask is None or not bool(src_pad_mask.any()):
+            return None
+        return _key_keep_mask(src_pad_mask)
+
+    def decode(self, tgt_in_ids: Tensor, memory: Tensor, src_pad_mask: Tensor | None) -> Tensor:
+        """Full (teacher-forced) decoder pass: (B, T) target inputs -> (B, T, V) logits."""
+        self._check_ids(tgt_in_ids, "target")
+        t = tgt_in_ids.size(1)
+        tgt_pad = tgt_in_ids.eq(self.config.pad_id)
+        # With right padding (the usual teacher-forcing batch) the causal mask already hides
+        # every pad from every real token, so the fast is_causal path is exact; only a pad
+        # followed by a real token (left padding, gaps) needs an explicit mask.
+        if bool((tgt_pad[:, :-1] & ~tgt_pad[:, 1:]).any()):
+            causal = torch.ones(t, t, dtype=torch.bool, device=tgt_in_ids.device).tril()
+            diag = torch.eye(t, dtype=torch.bool, device=tgt_in_ids.device)
+            # The diagonal keeps pad query rows from attending to nothing (NaN); real
+            # tokens see themselves anyway, so their outputs are unaffected.
+            self_mask: Tensor | None = (causal & ~tgt_pad[:, None, None, :]) | diag
+            causal_flag = False
+        else:
+            self_mask, causal_flag = None, True
+        cross_mask = self._cross_mask(src_pad_mask)
+        x = self._embed(self.tgt_embed, tgt_in_ids)
+        for layer in self.decoder_layers:
+            cross_k, cross_v = layer.cross_attn.project_kv(memory)
+            x, _ = layer(x, cross_k, cross_v, cross_mask, self_mask, causal_flag)
+        return self.output_proj(self.decoder_norm(x))
+
+    def decode_step(
+        self,
+        tgt_token_ids_last: Tensor,
+        memory: Tensor,
+        src_pad_mask: Tensor | None,
+        cache: DecoderCache | None = None,
+    ) -> tuple[Tensor, DecoderCache]:
+        """Decode one position for every row: (B,) or (B, 1) ids -> (B, V) logits and the cache.
+
+        Pass ``cache=None`` on the first step (with the bos token); the returned cache is
+        updated in place and must be passed back on the next step. Decoder inputs are
+        assumed pad-free (no self-attention pad mask is applied to cached positions).
+        """
+        ids = tgt_token_ids_last.view(-1, 1)
+        if cache is None:
+            cache = DecoderCache()
+        pos = cache.length
+        if pos >= self.config.max_len:
+            raise ModelError(
+                f"cannot decode position {pos}: the model's max_len is {self.config.max_len}"
+            )
+        first = not cache.cross_k
+        if first:
+            cache.cross_mask = self._cross_mask(src_pad_mask)
+        cross_mask = cache.cross_mask
+        x = self._embed(self.tgt_embed, ids, start=pos)
+        for i, layer in enumerate(self.decoder_layers):
+            if first:
+                cross_k, cross_v = layer.cross_attn.project_kv(memory)
+                cache.cross_k.append(cross_k)
+                cache.cross_v.append(cross_v)
+                past = None
+            else:
+                past = (cache.self_k[i], cache.self_v[i])
+            # The single new query may see every cached position: no causal mask needed.
+            x, (k, v) = layer(x, cache.cross_k[i], cache.cross_v[i], cross_mask, past_kv=past)
+            if first:
+                cache.self_k.append(k)
+                cache.self_v.append(v)
+            else:
+                cache.self_k[i], cache.self_v[i] = k, v
+        logits = self.output_proj(self.decoder_norm(x))
+        return logits[:, -1], cache
+
+    # -- training entry point ---------------------------------------------------------------
+
+    def forward(self, src_ids: Tensor, tgt_in_ids: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V) for source ids (B, S) and decoder inputs (B, T)."""
+        memory, src_pad_mask = self.encode(src_ids)
+        return self.decode(tgt_in_ids, memory, src_pad_mask)

@@ -1,0 +1,198 @@
+"""The core's own components: the "cvm" transformer and corpora read from files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cvmkd_nmt.contracts import CorpusSplits
+from cvmkd_core.config import ConfigValueError, ge, gt, one_of
+from cvmkd_core.errors import CorpusError
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_nmt.model.presets import PRESETS
+
+
+@attrs.frozen
+class TokenizerConfig:
+    """``[tokenizer]``: the joint SentencePiece vocabulary shared by teacher and student."""
+
+    vocab_size: int = attrs.field(default=8000, validator=gt(4))
+    model_type: str = attrs.field(default="unigram", validator=one_of("unigram", "bpe"))
+
+
+@attrs.frozen
+class CvmSpec:
+    """``model = {name = "cvm", preset = "student-cpu", d_model = 256, ...}``: a preset, with any
+    dimension overridden. The vocabulary size always comes from the tokenizer."""
+
+    preset: str = attrs.field(default="student-cpu", validator=one_of(*sorted(PRESETS)))
+    d_model: int | None = attrs.field(default=None, validator=gt(0))
+    n_heads: int | None = attrs.field(default=None, validator=gt(0))
+    n_encoder_layers: int | None = attrs.field(default=None, validator=gt(0))
+    n_decoder_layers: int | None = attrs.field(default=None, validator=gt(0))
+    d_ff: int | None = attrs.field(default=None, validator=gt(0))
+    dropout: float | None = attrs.field(default=None, validator=ge(0))
+    max_len: int | None = attrs.field(default=None, validator=gt(0))
+    tie_embeddings: bool | None = None
+    activation: str | None = attrs.field(default=None, validator=one_of("gelu", "relu"))
+
+
+class CvmModel:
+    """The native pre-norm encoder-decoder transformer, with cached incremental decoding."""
+
+    def __init__(self, spec: CvmSpec) -> None:
+        self.spec = spec
+
+    def model_config(self, vocab_size: int) -> Any:
+        from cvmkd_nmt.model.presets import preset
+
+        overrides = {
+            f.name: getattr(self.spec, f.name)
+            for f in attrs.fields(CvmSpec)
+            if f.name != "preset" and getattr(self.spec, f.name) is not None
+        }
+        return preset(self.spec.preset, vocab_size=vocab_size, **overrides)
+
+    def build(self, vocab_size: int) -> Any:
+        from cvmkd_nmt.model.transformer import CvmTransformer
+
+        return CvmTransformer(self.model_config(vocab_size))
+
+
+@attrs.frozen
+class FilesConfig:
+    """``[corpus] name = "files"``: a parallel corpus from local files.
+
+    ``format``: ``tsv`` (source TAB target per line), ``jsonl`` (``{"src": ..., "tgt": ...}``)
+    or ``parallel`` (two line-aligned files: ``<path>.<source_lang>`` and
+    ``<path>.<target_lang>``). Without ``valid``/``test`` files, that many pairs are held out of
+    ``train`` at random (seeded).
+    """
+
+    train: str = attrs.field(default="")
+    valid: str = ""
+    test: str = ""
+    format: str = attrs.field(default="tsv", validator=one_of("tsv", "jsonl", "parallel"))
+    source_lang: str = "src"
+    target_lang: str = "tgt"
+    valid_size: int = attrs.field(default=1000, validator=ge(0))
+    test_size: int = attrs.field(default=1000, validator=ge(0))
+    seed: int = attrs.field(default=1234, validator=ge(0))
+    max_words: int = attrs.field(default=200, validator=gt(0))
+    max_ratio: float = attrs.field(default=3.0, validator=gt(0))
+
+    def __attrs_post_init__(self) -> None:
+        if not self.train:
+            raise ConfigValueError("train: give the training file (the corpus 'files' reads local files)")
+
+
+def fingerprint_pairs(*splits: Any) -> str:
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(b"\x00split\x00")
+        for src, tgt in split:
+            digest.update(src.encode())
+            digest.update(b"\t")
+            digest.update(tgt.encode())
+            digest.update(b"\n")
+    return digest.hexdigest()
+
+
+class FilesCorpus:
+    """Parallel text from TSV, JSONL or line-aligned file pairs."""
+
+    def __init__(self, config: FilesConfig) -> None:
+        self.config = config
+
+    def _read(self, path: str) -> Any:
+        from cvmkd_nmt.data.readers import read_jsonl, read_parallel, read_tsv
+
+        c = self.config
+        if c.format == "tsv":
+            return read_tsv(path)
+        if c.format == "jsonl":
+            return read_jsonl(path)
+        return read_parallel(f"{path}.{c.source_lang}", f"{path}.{c.target_lang}")
+
+    def load(self) -> CorpusSplits:
+        from cvmkd_nmt.data.readers import filter_pairs, split_pairs
+
+        c = self.config
+        train = self._read(c.train)
+        valid = self._read(c.valid) if c.valid else None
+        test = self._read(c.test) if c.test else None
+        held_valid = 0 if valid is not None else c.valid_size
+        held_test = 0 if test is not None else c.test_size
+        if held_valid or held_test:
+            train, split_valid, split_test = split_pairs(train, held_valid, held_test, seed=c.seed)
+            valid = valid if valid is not None else split_valid
+            test = test if test is not None else split_test
+        train, dropped = filter_pairs(train, max_len=c.max_words, max_ratio=c.max_ratio)
+        if not train:
+            raise CorpusError(f"{c.train}: no training pairs left after length filtering")
+        if not valid:
+            raise CorpusError(f"{c.valid or c.train}: no validation pairs (set valid or valid_size)")
+        return CorpusSplits(
+            name=f"files:{Path(c.train).name}",
+            source_lang=c.source_lang,
+            target_lang=c.target_lang,
+            train=list(train),
+            valid=list(valid),
+            test=list(test or []),
+            fingerprint=fingerprint_pairs(train, valid, test or []),
+            notes={"filtered_out": dropped},
+        )
+
+
+@hookimpl
+def cvmkd_register(register: Any) -> None:
+    register.model("cvm", CvmModel, config=CvmSpec)
+    register.corpus("files", FilesCorpus, config=FilesConfig)
+    register.section("tokenizer", TokenizerConfig)
+
+
+# --- commands and the run's outcome ---------------------------------------------------------------
+
+
+def _translate_arguments(parser: Any) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME")
+    parser.add_argument("--input", "-i", default="-", metavar="FILE", help="one sentence per line (default: stdin)")
+    parser.add_argument("--output", "-o", default="-", metavar="FILE", help="one translation per line (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="sentences decoded together (default 32)")
+    parser.add_argument("--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, or auto")
+
+
+def _translate(args: Any) -> int:
+    from cvmkd_nmt.model.translate import translate_command
+
+    return translate_command(args)
+
+
+@hookimpl
+def cvmkd_register_commands(cli: Any) -> None:
+    cli.command(
+        "translate",
+        help="translate text with a model package (fp32 or quantized)",
+        configure=_translate_arguments,
+        run=_translate,
+    )
+
+
+@hookimpl
+def cvmkd_record_outcome(state: Any, summary: Any) -> None:
+    """Record the run's provenance and outcome (gate verdict, status, wall time) in every model
+    package, now that the summary is complete."""
+    import logging
+
+    from cvmkd_nmt.provenance import stamp_packages
+
+    try:
+        stamp_packages(state, summary, state.plugins)
+    except Exception as exc:  # the packages stay loadable without it; say so, don't fail the run
+        logging.getLogger("cvmkd").warning(
+            "could not record the run's outcome in the model packages: %s: %s", type(exc).__name__, exc
+        )

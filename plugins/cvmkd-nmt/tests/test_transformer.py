@@ -1,0 +1,250 @@
+"""Tests of the cvm transformer's config, presets, masks, limits and bf16/int8 compatibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cvmkd_core.errors import ModelError
+from cvmkd_nmt.model import (
+    PRESETS,
+    CvmTransformer,
+    ModelConfig,
+    count_parameters,
+    estimate_parameters,
+    greedy_decode,
+    preset,
+)
+
+
+def _tiny(**overrides: object) -> CvmTransformer:
+    torch.manual_seed(0)
+    return CvmTransformer(preset("tiny", **overrides)).eval()
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, 64, (3, 9), generator=g)
+    src[0, 6:] = 0
+    src[1, 4:] = 0
+    tgt = torch.randint(4, 64, (3, 7), generator=g)
+    tgt[:, 0] = 1
+    tgt[2, 5:] = 0
+    return src, tgt
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json() -> None:
+    cfg = preset("student-cpu", dropout=0.3, tie_embeddings=False)
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert ModelConfig.from_dict(data) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"d_model": -1}, "ModelConfig.d_model must be > 0, got -1"),
+        ({"n_encoder_layers": 0}, "ModelConfig.n_encoder_layers must be > 0, got 0"),
+        ({"d_model": 30, "n_heads": 4}, "d_model must be divisible by n_heads"),
+        ({"dropout": 1.5}, "ModelConfig.dropout must be in [0, 1), got 1.5"),
+        ({"tie_embeddings": "yes"}, "ModelConfig.tie_embeddings must be true or false"),
+        ({"n_heads": True}, "ModelConfig.n_heads must be an integer"),
+        ({"activation": "swish"}, "ModelConfig.activation must be one of gelu, relu"),
+        ({"eos_id": 64}, "ModelConfig.eos_id must be < vocab_size (64), got 64"),
+        ({"bos_id": 0}, "pad_id, bos_id and eos_id must be distinct"),
+    ],
+)
+def test_bad_config_raises_model_error(overrides: dict, message: str) -> None:
+    with pytest.raises(ModelError) as err:
+        preset("tiny", **overrides)
+    assert message in str(err.value)
+
+
+def test_from_dict_rejects_unknown_and_missing_keys() -> None:
+    data = preset("tiny").to_dict()
+    with pytest.raises(ModelError, match="unknown model config key.*d_modle"):
+        ModelConfig.from_dict({**data, "d_modle": 3})
+    del data["vocab_size"]
+    with pytest.raises(ModelError, match="missing key.*vocab_size"):
+        ModelConfig.from_dict(data)
+
+
+def test_unknown_preset_lists_known_names() -> None:
+    with pytest.raises(ModelError) as err:
+        preset("teacher-huge")
+    assert "'teacher-huge'" in str(err.value)
+    for name in PRESETS:
+        assert name in str(err.value)
+    with pytest.raises(ModelError, match="unknown model config key"):
+        preset("tiny", layers=3)
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"),
+    [
+        ("teacher-base", (32000, 768, 12, 12, 12, 3072)),
+        ("student-base", (32000, 512, 8, 6, 6, 2048)),
+        ("teacher-cpu", (8000, 256, 4, 4, 4, 1024)),
+        ("student-cpu", (8000, 160, 4, 3, 3, 768)),
+        ("tiny", (64, 32, 2, 2, 2, 64)),
+    ],
+)
+def test_preset_dimensions(name: str, dims: tuple[int, ...]) -> None:
+    cfg = preset(name)
+    got = (
+        cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers,
+        cfg.d_ff,
+    )
+    assert got == dims
+    assert (cfg.pad_id, cfg.bos_id, cfg.eos_id) == (0, 1, 2)
+    assert cfg.tie_embeddings
+
+
+def test_parameter_counts_and_size_ratios() -> None:
+    # The estimate is exact (checked on built models, tied and untied), so the base
+    # sizes need not be instantiated here.
+    for cfg in (preset("tiny"), preset("tiny", tie_embeddings=False), preset("student-cpu")):
+        assert count_parameters(CvmTransformer(cfg)) == estimate_parameters(cfg)
+    teacher_cpu = estimate_parameters(preset("teacher-cpu"))
+    student_cpu = estimate_parameters(preset("student-cpu"))
+    assert 0.30 < student_cpu / teacher_cpu < 0.50
+    assert 200e6 < estimate_parameters(preset("teacher-base")) < 240e6
+    assert 55e6 < estimate_parameters(preset("student-base")) < 65e6
+
+
+def test_tied_embeddings_share_one_matrix() -> None:
+    model = _tiny()
+    assert model.tgt_embed is model.src_embed
+    assert model.output_proj.weight is model.src_embed.weight
+    untied = _tiny(tie_embeddings=False)
+    assert untied.output_proj.weight is not untied.src_embed.weight
+    assert untied.tgt_embed is not untied.src_embed
+    # max_len is a non-persistent buffer: it must not inflate checkpoints.
+    assert "positions" not in model.state_dict()
+
+
+def test_init_is_deterministic_under_manual_seed() -> None:
+    a, b = _tiny().state_dict(), _tiny().state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- forward and masks ------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_encode() -> None:
+    model = _tiny()
+    src, tgt = _batch()
+    logits = model(src, tgt)
+    assert logits.shape == (3, 7, 64)
+    assert torch.isfinite(logits).all()
+    memory, pad_mask = model.encode(src)
+    assert memory.shape == (3, 9, 32)
+    assert torch.equal(pad_mask, src.eq(0))
+
+
+def test_causal_mask_future_token_does_not_change_earlier_logits() -> None:
+    model = _tiny()
+    src, tgt = _batch()
+    changed = tgt.clone()
+    changed[:, 4] = (changed[:, 4] + 7) % 60 + 4
+    a, b = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_source_padding_does_not_change_outputs() -> None:
+    model = _tiny()
+    src, tgt = _batch()
+    batched = model(src, tgt)
+    for i in range(src.size(0)):
+        n = int(src[i].ne(0).sum())
+        alone = model(src[i : i + 1, :n], tgt[i : i + 1])
+        torch.testing.assert_close(alone, batched[i : i + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_target_pad_mask_matches_causal_path() -> None:
+    # A right-padded batch takes the is_causal path; adding one row with a pad before a
+    # real token forces the explicit causal+pad mask, which must give the same logits.
+    model = _tiny()
+    src, tgt = _batch()
+    fast = model(src, tgt)
+    gap = torch.tensor([[1, 9, 0, 0, 11, 12, 0]])
+    masked = model(torch.cat([src, src[:1]]), torch.cat([tgt, gap]))
+    real = tgt.ne(0)  # outputs at pad positions are don't-care and may differ
+    torch.testing.assert_close(masked[:3][real], fast[real])
+    assert torch.isfinite(masked).all()
+
+
+def test_inputs_longer_than_max_len_raise_model_error() -> None:
+    model = _tiny(max_len=8)
+    ok = torch.full((1, 8), 5)
+    too_long = torch.full((1, 9), 5)
+    model(ok, ok)
+    with pytest.raises(ModelError, match="source has length 9, more than the model's max_len 8"):
+        model(too_long, ok)
+    with pytest.raises(ModelError, match="target has length 9"):
+        model(ok, too_long)
+    memory, pad_mask = model.encode(ok)
+    cache = None
+    for _ in range(8):
+        _, cache = model.decode_step(torch.tensor([5]), memory, pad_mask, cache)
+    with pytest.raises(ModelError, match="max_len is 8"):
+        model.decode_step(torch.tensor([5]), memory, pad_mask, cache)
+
+
+def test_out_of_vocabulary_ids_raise_model_error() -> None:
+    model = _tiny()
+    with pytest.raises(ModelError, match="outside \\[0, 64\\)"):
+        model(torch.tensor([[5, 64]]), torch.tensor([[1]]))
+
+
+def test_dropout_is_active_only_in_training() -> None:
+    model = _tiny(dropout=0.5)
+    src, tgt = _batch()
+    model.train()
+    assert not torch.equal(model(src, tgt), model(src, tgt))
+    model.eval()
+    assert torch.equal(model(src, tgt), model(src, tgt))
+
+
+# -- bf16 and int8 ----------------------------------------------------------------------------
+
+
+def test_bf16_autocast_forward_backward_and_decode() -> None:
+    model = _tiny()
+    src, tgt = _batch()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(src, tgt)
+        assert logits.shape == (3, 7, 64)
+        loss = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), tgt.flatten(), ignore_index=0
+        )
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(logits.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = greedy_decode(model, src, max_len_b=5)
+    assert len(out) == 3 and all(isinstance(t, int) for row in out for t in row)
+    assert model.training
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_dynamic_int8_quantization_runs() -> None:
+    model = _tiny()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.output_proj) is not nn.Linear
+    src, tgt = _batch()
+    assert quantized(src, tgt).shape == (3, 7, 64)
+    out = greedy_decode(quantized, src, max_len_b=5)
+    assert len(out) == 3 and all(0 < len(row) <= 15 for row in out)

@@ -1,0 +1,127 @@
+"""Test evaluation (``cvmkd_evaluate``, finalize phase 2): the trained model, and its teacher when
+the trainer has one, translate the test split and are scored with every selected metric; the
+student's errors there are analysed. The full record goes to ``evaluation.json``; the test split's
+sources and references and each model's translations go beside it as plain text, one line per
+sentence (``test.src``, ``test.ref``, ``test.<model>.hyp``), so anyone can score them again.
+
+It works with any trainer that offers the :class:`TestTranslator` methods; a trainer may also offer
+``measure_models(state) -> {name: {...}}`` (size and speed of its models), stored as ``models``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol, runtime_checkable
+
+from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.metrics import retention
+from cvmkd_core.state import RunState, RunSummary, TestEvaluation, TranslationSample
+from cvmkd_validation.analysis import analyse
+from cvmkd_validation.validation import score_all, score_specs
+
+log = logging.getLogger("cvmkd")
+
+EVALUATION_FILE = "evaluation.json"
+
+
+@runtime_checkable
+class TestTranslator(Protocol):
+    """What test evaluation needs from the trainer."""
+
+    #: "student" or "teacher": the name the trained model's scores are stored under
+    role: str
+
+    def test_data(self, state: RunState) -> tuple[list[str], list[str], str]:
+        """Sources, references and the split's name ("test", or "valid" without a test split)."""
+        ...
+
+    def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
+
+
+def _lines(texts: list[str]) -> str:
+    return "".join(t.replace("\n", " ") + "\n" for t in texts)
+
+
+def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = None) -> dict[str, Any]:
+    """Score the trained model (and the teacher) on the test split; returns the full record."""
+    sources, references, split = trainer.test_data(state)
+    beam = state.recipe.validation.beam_size
+    role = getattr(trainer, "role", "student")
+    result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
+    outputs: dict[str, list[str]] = {}
+    who = [role] + (["teacher"] if role != "teacher" and hasattr(trainer, "teacher_translations") else [])
+    for name in who:
+        started = time.perf_counter()
+        if name == role:
+            hypotheses = trainer.translate(state, sources, beam_size=beam)
+        else:  # the teacher's are cached: the same teacher is scored once on the same sentences
+            hypotheses = trainer.teacher_translations(state, sources, beam_size=beam)
+            if hypotheses is None:
+                continue
+        seconds = time.perf_counter() - started
+        outputs[name] = hypotheses
+        result[name] = {
+            "scores": score_all(state, hypotheses, references, sources),
+            "decode_seconds": round(seconds, 2),
+            "hypotheses": f"{split}.{name}.hyp",
+            "examples": [
+                {"source": s, "reference": r, "hypothesis": h}
+                for s, r, h in list(zip(sources, references, hypotheses))[:5]
+            ],
+        }
+    for extra in extra_beams or []:
+        if extra == beam:
+            continue
+        started = time.perf_counter()
+        hypotheses = trainer.translate(state, sources, beam_size=extra)
+        result[role].setdefault("by_beam_size", {})[str(extra)] = {
+            "scores": score_all(state, hypotheses, references, sources),
+            "decode_seconds": round(time.perf_counter() - started, 2),
+        }
+    if "teacher" in result and role != "teacher":
+        result["retention"] = retention(result[role]["scores"], result["teacher"]["scores"], score_specs(state))
+    config = state.recipe.validation.analysis
+    if config.enabled:
+        sample = TranslationSample(step=state.step, sources=sources, references=references, hypotheses=outputs[role])
+        result[role]["analysis"] = analyse(sample, worst=config.worst, examples=config.examples)
+    atomic_write_text(state.run_dir / f"{split}.src", _lines(sources))
+    atomic_write_text(state.run_dir / f"{split}.ref", _lines(references))
+    for name, hypotheses in outputs.items():
+        atomic_write_text(state.run_dir / f"{split}.{name}.hyp", _lines(hypotheses))
+    return result
+
+
+@hookimpl
+def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
+    trainer = state.components.get("distill")
+    if summary.status not in ("completed", "stopped") or not isinstance(trainer, TestTranslator):
+        return
+    if getattr(trainer, "model", True) is None:
+        return
+    extra_beams = list(getattr(getattr(trainer, "config", None), "test_beam_sizes", None) or [])
+    record = evaluate(state, trainer, extra_beams=extra_beams)
+    if hasattr(trainer, "measure_models"):
+        record["models"] = trainer.measure_models(state)
+    path = state.run_dir / EVALUATION_FILE
+    atomic_write_json(path, record)
+    role = getattr(trainer, "role", "student")
+    summary.evaluation = TestEvaluation(
+        split=record["split"],
+        sentences=record["sentences"],
+        beam_size=record["beam_size"],
+        scores={name: record[name]["scores"] for name in (role, "teacher") if name in record},
+        retention=record.get("retention", {}),
+        file=str(path),
+    )
+    summary.outputs["evaluation"] = str(path)
+    for key, share in summary.evaluation.retention.items():
+        if share is not None:
+            log.info(
+                "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
+                key, record[role]["scores"][key], record["teacher"]["scores"][key], 100 * share,
+            )
+    if role == "teacher" or "teacher" not in record:
+        scores = record[role]["scores"]
+        log.info("%s on the %s split: %s", role, record["split"], ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
