@@ -26,19 +26,19 @@ import json
 import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from cvmkd_validation.validation import score_all
-from cvmkd_nmt.model.package import WEIGHTS, load_package, save_package
-from cvmkd_nmt.quantized import LayerChoice, apply_plan, model_nbytes, quantizable_layers
 from cvmkd_core.session import open_session
 from cvmkd_core.state import RunState
 from cvmkd_kd.quantize import measure_speed
+from cvmkd_nmt.model.package import WEIGHTS, load_package, save_package
 from cvmkd_nmt.model.translate import source_batches, translate
+from cvmkd_nmt.quantized import LayerChoice, apply_plan, model_nbytes, quantizable_layers
+from cvmkd_validation.validation import score_all
 
 
 def plan_all(model: Any, choice: LayerChoice) -> Any:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cvmkd_core import __version__
 from cvmkd_core.errors import CvmkdError, describe_failure, one_line
@@ -135,10 +137,10 @@ def _setup_logging(debug: bool, quiet: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cvmkd_core.builtins import progress
     from cvmkd_core.session import open_session, run_session
 
-    progress.set_mode("lines" if args.quiet else "auto")
+    if args.quiet:  # the progress plugin (cvmkd-monitor) prints lines instead of a bar
+        os.environ["CVMKD_PROGRESS"] = "lines"
     session = open_session(args.recipe, args.overrides, args.hook_files)
     summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
     log.info(
@@ -161,9 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cvmkd_core.session import open_session
+    from cvmkd_core.rundir import run_dir_for
+    from cvmkd_core.session import open_session, prepare_state
 
     session = open_session(args.recipe, args.overrides, args.hook_files)
+    prepare_state(session, run_dir_for(session.recipe))  # builds every component; writes nothing
     refs = session.recipe.component_refs()
     chosen = ", ".join(f"{path}={ref.name}" for path, ref in refs)
     print(f"ok: {args.recipe}: {len(refs)} components ({chosen})")

@@ -9,7 +9,8 @@ Plugins use :func:`structure` and the validators below for their own config clas
 from __future__ import annotations
 
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import cattrs
@@ -110,11 +111,11 @@ def _strict_bool(value: Any, _type: Any) -> bool:
 
 
 def _is_list(t: Any) -> bool:
-    return typing.get_origin(t) in (list, typing.List)
+    return typing.get_origin(t) in (list, list)
 
 
 def _is_dict(t: Any) -> bool:
-    return typing.get_origin(t) in (dict, typing.Dict) or t is dict
+    return typing.get_origin(t) in (dict, dict) or t is dict
 
 
 def _make_converter() -> cattrs.Converter:

@@ -65,7 +65,8 @@ import random
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
-from cvmkd_core.recipe import ComponentRef, Recipe
+from cvmkd_core.recipe import Recipe
 from cvmkd_core.state import Event, Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
 
 log = logging.getLogger("cvmkd")
@@ -91,7 +92,10 @@ def instantiate_components(plugins: Plugins, state: RunState) -> None:
         obj = component.factory(ref.config) if component.config is not None else component.factory()
         state.components[path] = obj
         if _has_hookimpls(obj):
-            plugins.add_plugin(obj, name=f"{ref.kind}:{ref.name}@{path}")
+            name = f"{ref.kind}:{ref.name}@{path}"
+            if plugins.pm.has_plugin(name):  # the session's earlier run: its instance is done
+                plugins.pm.unregister(name=name)
+            plugins.add_plugin(obj, name=name)
 
 
 def _has_hookimpls(obj: Any) -> bool:
@@ -187,19 +191,21 @@ class Loop:
         self.state = state
         self.checkpoints = CheckpointStore(state.run_dir / "checkpoints", keep=recipe.run.keep_checkpoints)
 
-    def run(self, *, resume: bool = False) -> RunSummary:
+    def run(self, *, resume: bool = False, checked: bool = False) -> RunSummary:
+        """Run the loop; ``checked``: ``cvmkd_check`` has passed already (``prepare_state``)."""
         state = self.state
         summary = RunSummary()
         with _interrupts(state):
-            self._run(summary, resume)
+            self._run(summary, resume, checked)
         return summary
 
-    def _run(self, summary: RunSummary, resume: bool) -> None:
+    def _run(self, summary: RunSummary, resume: bool, checked: bool) -> None:
         state, hook = self.state, self.pm.hook
         failed: BaseException | None = None
         try:
             hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
-            hook.cvmkd_check(state=state)
+            if not checked:
+                hook.cvmkd_check(state=state)
             hook.cvmkd_setup(state=state)
             hook.cvmkd_run_start(state=state)
             if state.batches is None:

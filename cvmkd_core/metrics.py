@@ -1,5 +1,6 @@
-"""How scores are read: each metric's declared direction and range, the composite score,
-retention against the teacher, and a paired bootstrap test for sentence-averaged metrics.
+"""How scores are read: the metric contract (:class:`Metric`, with its optional methods in
+:class:`SentenceMetric` and :class:`PairedTestMetric`), each score's declared direction and
+range, the composite score, and retention against the teacher.
 
 A metric component declares every key its ``score`` returns::
 
@@ -25,14 +26,40 @@ is better, ``(high - v) / (high - low)`` otherwise, clamped (TER above 100 count
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
-import torch
 
 from cvmkd_core.errors import MetricError
 
 COMPOSITE = "composite"
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """A metric component: ``scores`` declares every key ``score`` returns."""
+
+    scores: Mapping[str, ScoreSpec]
+
+    def score(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class SentenceMetric(Protocol):
+    """A metric whose corpus score is the mean of sentence scores (ROUGE, BERTScore); validation
+    calls ``sentence_scores`` instead of ``score`` and keeps them for its paired test."""
+
+    def sentence_scores(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, list[float]]: ...
+
+
+@runtime_checkable
+class PairedTestMetric(Protocol):
+    """A corpus-level metric with its own significance test against a baseline (BLEU)."""
+
+    def paired_test(
+        self, baseline: list[str], hypotheses: list[str], references: list[str], sources: list[str], *, samples: int
+    ) -> dict[str, dict[str, Any]]: ...
 
 
 @attrs.frozen
@@ -123,77 +150,17 @@ def retention(student: Mapping[str, float], teacher: Mapping[str, float], specs:
     return shares
 
 
-def deltas(current: Mapping[str, float], previous: Mapping[str, float]) -> dict[str, float]:
-    """``current - previous`` per shared key (raw units; whether that is good depends on the spec)."""
-    return {k: current[k] - previous[k] for k in current if k in previous}
-
-
-def paired_bootstrap(
-    baseline: Sequence[float], current: Sequence[float], *, samples: int = 1000, seed: int = 12345
-) -> dict[str, Any]:
-    """Paired bootstrap resampling over per-sentence scores whose mean is the corpus score.
-
-    Follows sacrebleu's paired bootstrap (Koehn 2004, as in Moses): resample sentence indices
-    with replacement, recompute both means, and take as p-value the share of centred resampled
-    differences at least as large as the observed one. Returns ``p_value``, ``delta`` (current
-    minus baseline), and the current system's bootstrap mean and 95% interval.
-    """
-    if len(baseline) != len(current):
-        raise ValueError(f"paired test needs equal lengths, got {len(baseline)} and {len(current)}")
-    n = len(current)
-    if n == 0:
-        return {"p_value": None, "delta": 0.0}
-    a = torch.tensor(list(baseline), dtype=torch.float64)
-    b = torch.tensor(list(current), dtype=torch.float64)
-    if torch.equal(a, b):
-        # every resampled difference would be 0: the statistic is degenerate, nothing changed
-        return {"p_value": 1.0, "delta": 0.0}
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(0, n, (samples, n), generator=generator)
-    mean_a, mean_b = a[index].mean(1), b[index].mean(1)
-    observed = abs(float(b.mean() - a.mean()))
-    sample_diffs = (mean_b - mean_a).abs()
-    centred = sample_diffs - sample_diffs.mean()
-    p_value = (int((centred > observed).sum()) + 1) / (samples + 1)
-    low, high = torch.quantile(mean_b, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {
-        "p_value": p_value,
-        "delta": float(b.mean() - a.mean()),
-        "mean": float(mean_b.mean()),
-        "ci95": [low, high],
-    }
-
-
-def within_budget(
-    scores: Mapping[str, float], reference: Mapping[str, float], *, max_bleu_loss: float, max_composite_loss: float
-) -> tuple[bool, dict[str, float]]:
-    """The quality budget of a quantized model: whether ``scores`` lose at most ``max_bleu_loss``
-    BLEU points and ``max_composite_loss`` (a share) of the composite score against
-    ``reference`` (the fp32 student's); and the losses. One rule for the orchestrator that
-    accepts or rejects a variant and for quantizers that fall back per layer to stay within it."""
-    losses: dict[str, float] = {}
-    if "bleu" in scores and "bleu" in reference:
-        losses["bleu"] = reference["bleu"] - scores["bleu"]
-    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
-        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
-    ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
-    return ok, losses
-
-
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
 __all__ = [
-    "within_budget",
     "COMPOSITE",
     "COMPOSITE_SPEC",
     "ScoreSpec",
     "all_specs",
     "composite",
     "composite_weights",
-    "deltas",
     "metric_specs",
-    "paired_bootstrap",
     "retention",
 ]

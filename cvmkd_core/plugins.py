@@ -11,15 +11,16 @@ Environment switches (in the spirit of pytest and llm):
 from __future__ import annotations
 
 import importlib
-import inspect
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import types
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 import pluggy
@@ -36,7 +37,6 @@ ENV_BLOCK = "CVMKD_BLOCK_PLUGINS"
 #: The core's own plugins, registered exactly like third-party ones, in this order.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),
-    ("cvmkd.progress", "cvmkd_core.builtins.progress"),
 )
 
 

@@ -15,15 +15,15 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import attrs
 import tomli_w
 
 from cvmkd_core.config import (
     ConfigValueError,
-    between,
     converter,
     describe,
     error_lines,
@@ -169,44 +169,6 @@ class RunConfig:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / ".cache"
 
 
-def _weights(instance: Any, attribute: attrs.Attribute, value: dict[str, float]) -> None:
-    for key, weight in value.items():
-        if weight < 0:
-            raise ConfigValueError(f"weight of {key!r} must be >= 0, got {weight!r}")
-    if value and sum(value.values()) <= 0:
-        raise ConfigValueError("weights must add up to more than 0")
-
-
-@attrs.frozen
-class AnalysisConfig:
-    """``[validation.analysis]``: the error analysis stored with every validation record."""
-
-    enabled: bool = True
-    worst: int = attrs.field(default=5, validator=ge(0))
-    """how many of the worst sentences (by sentence chrF) to keep, with source and reference"""
-    examples: int = attrs.field(default=3, validator=ge(0))
-    """how many examples to keep of each problem (loops, copies, empty output, regressions)"""
-    regression_drop: float = attrs.field(default=20.0, validator=gt(0))
-    """a sentence "got clearly worse" when its chrF fell by at least this since the previous validation"""
-
-
-@attrs.frozen
-class ValidationConfig:
-    """``[validation]``: which metrics score the student, how it decodes, what is compared."""
-
-    metrics: list[MetricRef] = attrs.field(factory=list)  # type: ignore[valid-type]
-    beam_size: int = attrs.field(default=1, validator=gt(0))
-    max_sentences: int = attrs.field(default=0, validator=ge(0))
-    composite: dict[str, float] = attrs.field(factory=dict, validator=_weights)
-    """weights of the composite score over score keys; empty: equal weights over every key"""
-    teacher: bool = True
-    """score the teacher once on the same sentences, for retention"""
-    significance_samples: int = attrs.field(default=1000, validator=ge(0))
-    """paired bootstrap resamples against the previous validation; 0: no test"""
-    save_hypotheses: bool = True
-    analysis: AnalysisConfig = attrs.field(factory=AnalysisConfig)
-
-
 @attrs.frozen
 class Recipe:
     """A whole recipe. Sections not given take the defaults shown in ``docs/recipes.md``."""
@@ -214,7 +176,6 @@ class Recipe:
     run: RunConfig = attrs.field(factory=RunConfig)
     corpus: CorpusRef | None = None  # type: ignore[valid-type]
     distill: TrainerRef = attrs.field(factory=lambda: TrainerRef(name="kd"))  # type: ignore[valid-type]
-    validation: ValidationConfig = attrs.field(factory=ValidationConfig)
     guard: DetectorRef | None = None  # type: ignore[valid-type]
     quantize: list[QuantizerRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     reports: list[ReporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
@@ -326,12 +287,31 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: invalid TOML: {exc}") from None
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; any other value (arrays included) replaces the base's."""
+#: tables whose ``name`` key is a setting, not the choice of a component
+NOT_COMPONENT_TABLES = frozenset({("run",)})
+
+
+def _switches_component(path: tuple[str, ...], base: Any, value: Any) -> bool:
+    """A component table that names another component: its settings belong to the old one."""
+    return (
+        path not in NOT_COMPONENT_TABLES
+        and isinstance(base, dict)
+        and isinstance(value, dict)
+        and "name" in value
+        and "name" in base
+        and value["name"] != base["name"]
+    )
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Tables merge key by key; any other value (arrays included) replaces the base's. A
+    component table that names a different component (``[corpus] name = "files"`` over
+    ``name = "bible"``) replaces the base's table instead of merging into it."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        path = (*_path, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _switches_component(path, merged[key], value):
+            merged[key] = deep_merge(merged[key], value, path)
         else:
             merged[key] = value
     return merged
@@ -390,6 +370,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise RecipeError(f"--set {text!r}: {where} is not a table")
             table[part] = current = dict(current)
             table = current
+        if parts[-1] == "name" and tuple(parts[:-1]) not in NOT_COMPONENT_TABLES and table.get("name", value) != value:
+            table.clear()  # another component: the old one's settings do not apply to it
         table[parts[-1]] = value
     return data
 
@@ -474,7 +456,6 @@ __all__ = [
     "LoggerRef",
     "TrainerRef",
     "RunConfig",
-    "ValidationConfig",
     "Recipe",
     "load_recipe",
     "structure_recipe",

@@ -8,7 +8,8 @@ order plugins were installed in.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 

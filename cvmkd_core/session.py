@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import attrs
 
@@ -53,40 +53,33 @@ def open_session(
         recipe = structure_recipe(data, plugins.registry)
     except RecipeError as exc:
         raise RecipeError(exc.problems, source=str(recipe_path)) from None
-    try:
-        check_composite(recipe, plugins)
-    except MetricError as exc:
-        raise RecipeError(str(exc), source=str(recipe_path)) from None
     return Session(recipe=recipe, plugins=plugins, recipe_path=recipe_path)
 
 
-def check_composite(recipe: Recipe, plugins: Plugins) -> None:
-    """The composite's weights must name scores the selected metrics declare: checked before a
-    run starts, with metric instances made only to read their declarations."""
-    from cvmkd_core.metrics import all_specs, composite_weights
-
-    metrics = []
-    for _label, path, ref in recipe.selected("metric"):
-        component = plugins.registry.get(ref.kind, ref.name)
-        obj = component.factory(ref.config) if component.config is not None else component.factory()
-        metrics.append((path, obj))
-    if metrics:
-        composite_weights(recipe.validation.composite, all_specs(metrics), "validation.composite")
+def prepare_state(session: Session, run_dir: Path) -> RunState:
+    """The run's state with every selected component built, and ``cvmkd_check`` passed: the
+    settings are checked against each other before anything is written."""
+    state = RunState(
+        recipe=session.recipe,
+        pm=session.plugins.pm,
+        registry=session.plugins.registry,
+        run_dir=run_dir,
+        plugins=session.plugins,
+    )
+    instantiate_components(session.plugins, state)
+    try:
+        session.plugins.pm.hook.cvmkd_check(state=state)
+    except MetricError as exc:  # a score the recipe names that no selected metric returns
+        raise RecipeError(str(exc), source=str(session.recipe_path)) from None
+    return state
 
 
 def run_session(session: Session, run_dir: str | Path | None = None, *, resume: bool = False) -> tuple[RunSummary, Path]:
     """Run the recipe; returns the summary and the run directory."""
     path = run_dir_for(session.recipe, run_dir)
+    state = prepare_state(session, path)
     prepare_run_dir(path, session.recipe, resume=resume)
-    state = RunState(
-        recipe=session.recipe,
-        pm=session.plugins.pm,
-        registry=session.plugins.registry,
-        run_dir=path,
-        plugins=session.plugins,
-    )
-    instantiate_components(session.plugins, state)
-    summary = Loop(session.recipe, session.plugins, state).run(resume=resume)
+    summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
     return summary, path
 
 
@@ -108,4 +101,4 @@ def run_stage(parent: RunState, recipe: Recipe, run_dir: Path) -> RunSummary:
     return Loop(recipe, plugins, state).run(resume=resume)
 
 
-__all__ = ["Session", "open_session", "run_session", "run_stage", "RECIPE_FILE"]
+__all__ = ["Session", "open_session", "prepare_state", "run_session", "run_stage", "RECIPE_FILE"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import attrs
 

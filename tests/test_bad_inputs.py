@@ -13,17 +13,16 @@ run recovers by itself (a damaged last checkpoint).
 
 from __future__ import annotations
 
-import os
-
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import shutil
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import attrs
 import pytest

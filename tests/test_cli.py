@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from cvmkd_core.cli import main
-
 from cvmkd_testing import TOY_HOOK_FILE, TOY_RECIPE
 
 CUSTOM_HOOK = """
@@ -27,8 +26,10 @@ def cvmkd_step_end(state, result):
 
 @pytest.fixture(autouse=True)
 def _only_builtins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The core's CLI behaviour, whatever plugins this environment has installed."""
+    """The core's CLI behaviour with the validation plugin (the toy runs validate), whatever
+    else this environment has installed."""
     monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("CVMKD_PLUGINS", "validation,analysis,evaluation")
 
 
 def _cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -41,7 +42,7 @@ def test_check_accepts_a_correct_recipe(write, toy_hook_file, capsys) -> None:
     recipe = write("r.toml", TOY_RECIPE)
     status, out, err = _cli("check", str(recipe), "--plugin", str(toy_hook_file), capsys=capsys)
     assert status == 0, err
-    assert out.startswith(f"ok: {recipe}: 3 components (distill=toy, validation.metrics[0]=exact, loggers[0]=jsonl)")
+    assert out.startswith(f"ok: {recipe}: 3 components (distill=toy, loggers[0]=jsonl, validation.metrics[0]=exact)")
     assert not Path("runs").exists()
 
 
@@ -137,17 +138,18 @@ def test_a_plugin_raising_during_the_run_is_one_line(write, toy_hook_file, capsy
 
 
 def test_plugins_lists_builtins_in_text_and_json(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CVMKD_PLUGINS", "validation,nmt")
+    monkeypatch.setenv("CVMKD_PLUGINS", "validation,nmt,progress")
     status, out, _ = _cli("plugins", capsys=capsys)
     assert status == 0
     assert "cvmkd.jsonl [cvmkd" in out and "logger jsonl" in out
     status, out, _ = _cli("plugins", "--json", capsys=capsys)
     listed = {p["name"]: p for p in json.loads(out)}
     assert listed["cvmkd.jsonl"]["components"][0]["name"] == "jsonl"
-    assert listed["cvmkd.progress"]["hooks"] == ["cvmkd_event", "cvmkd_finalize", "cvmkd_run_error", "cvmkd_step_end"]
+    assert listed["progress"]["distribution"] == "cvmkd-monitor"
+    assert listed["progress"]["hooks"] == ["cvmkd_event", "cvmkd_finalize", "cvmkd_run_error", "cvmkd_step_end"]
     # the translation stack comes from plugin distributions, listed with their hooks
     assert listed["validation"]["distribution"] == "cvmkd-validation"
-    assert listed["validation"]["hooks"] == ["cvmkd_check", "cvmkd_validate"]
+    assert listed["validation"]["hooks"] == ["cvmkd_check", "cvmkd_register", "cvmkd_validate"]
     assert listed["nmt"]["hooks"] == ["cvmkd_record_outcome", "cvmkd_register", "cvmkd_register_commands"]
 
 

@@ -16,7 +16,6 @@ from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
 from cvmkd_core.state import Rollback
-
 from cvmkd_testing import TOY_RECIPE
 
 

@@ -8,16 +8,17 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from cvmkd_core.cli import main
+from cvmkd_core.session import open_session, run_session
 from cvmkd_nmt.model.package import load_package
 from cvmkd_nmt.model.translate import translate
-from cvmkd_core.session import open_session, run_session
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """

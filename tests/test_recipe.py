@@ -8,8 +8,7 @@ import pytest
 
 from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import Plugins
-from cvmkd_core.recipe import Recipe, apply_overrides, load_recipe, parse_override
-
+from cvmkd_core.recipe import Recipe, apply_overrides, load_recipe, parse_override, read_recipe_tables
 from cvmkd_testing import TOY_RECIPE
 
 
@@ -54,6 +53,49 @@ def test_extends_merges_tables_and_overrides_keys(write, toy_plugins: Plugins) -
     assert recipe.run.steps == 9
     assert recipe.run.validate_every == 3  # from the base
     assert recipe.run.name == "toy"
+
+
+def test_a_child_that_names_another_component_replaces_the_table(write) -> None:
+    """Switching a component drops the old one's settings; keeping it merges them."""
+    base = write(
+        "base.toml",
+        """
+        [run]
+        name = "base"
+        steps = 5
+        [corpus]
+        name = "bible"
+        direction = "fr-en"
+        valid_size = 10
+        [distill.loss]
+        name = "kd"
+        temperature = 6.0
+        alpha = 0.8
+        """,
+    )
+    child = write(
+        "child.toml",
+        """
+        extends = "base.toml"
+        [run]
+        name = "child"
+        [corpus]
+        name = "files"
+        train = "train.tsv"
+        [distill.loss]
+        name = "kd"
+        temperature = 2.0
+        """,
+    )
+    data = read_recipe_tables(child)
+    assert data["corpus"] == {"name": "files", "train": "train.tsv"}  # no 'direction' of the bible
+    assert data["distill"]["loss"] == {"name": "kd", "temperature": 2.0, "alpha": 0.8}  # same component: merged
+    assert data["run"] == {"name": "child", "steps": 5}  # run.name is a setting, not a component
+    again = apply_overrides(read_recipe_tables(base), ["corpus.name=files", "corpus.train=t.tsv", "run.name=x"])
+    assert again["corpus"] == {"name": "files", "train": "t.tsv"}
+    assert again["run"] == {"name": "x", "steps": 5}
+    same = apply_overrides(read_recipe_tables(base), ["corpus.name=bible"])
+    assert same["corpus"] == {"name": "bible", "direction": "fr-en", "valid_size": 10}
 
 
 def test_extends_chain_and_cycle(write) -> None:

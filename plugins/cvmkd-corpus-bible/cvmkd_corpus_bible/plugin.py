@@ -6,10 +6,10 @@ from typing import Any
 
 import attrs
 
-from cvmkd_nmt.contracts import CorpusSplits
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_corpus_bible.bible import DIRECTIONS, bible_splits
+from cvmkd_nmt.contracts import CorpusSplits
 
 
 @attrs.frozen
@@ -34,8 +34,8 @@ class BibleCorpus:
         self.config = config
 
     def load(self) -> CorpusSplits:
-        from cvmkd_nmt.plugin import fingerprint_pairs
         from cvmkd_nmt.data.readers import filter_pairs
+        from cvmkd_nmt.plugin import fingerprint_pairs
 
         c = self.config
         train, valid, test = bible_splits(c.direction, c.valid_size, c.test_size, seed=c.seed)

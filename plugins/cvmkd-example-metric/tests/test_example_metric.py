@@ -14,7 +14,6 @@ import pytest
 from cvmkd_core.config import structure
 from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import build_plugins
-
 from cvmkd_example_metric import ExactMatch, ExactMatchConfig  # rename this
 
 PLUGIN = "example-metric"          # the entry-point name in pyproject.toml: rename this

@@ -77,16 +77,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
-from cvmkd_validation.validation import score_specs
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
 from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.metrics import ScoreSpec
 from cvmkd_core.state import GateVerdict, Rollback, RunState, RunSummary, StepResult, ValidationRecord
+from cvmkd_validation.validation import score_specs
 
 __version__ = "0.1.0"
 

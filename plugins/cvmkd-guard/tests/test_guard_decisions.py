@@ -14,12 +14,12 @@ import torch
 from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
 from cvmkd_core.metrics import COMPOSITE_SPEC, ScoreSpec
-from cvmkd_core.plugins import build_plugins
-from cvmkd_core.recipe import MetricRef, Recipe, ValidationConfig, load_recipe
+from cvmkd_core.recipe import MetricRef, Recipe, load_recipe
 from cvmkd_core.registry import Registry
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
-from cvmkd_testing import TOY_RECIPE, ExactMatch, ToyPlugin, toy_plugin_manager
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
+from cvmkd_testing import TOY_RECIPE, ExactMatch, toy_plugin_manager
+from cvmkd_validation.config import ValidationConfig
 
 HIGHER = COMPOSITE_SPEC
 TER = ScoreSpec(higher_is_better=False, low=0.0, high=100.0)
@@ -291,7 +291,7 @@ def test_a_recipe_selects_the_guard_with_its_settings(tmp_path: Path) -> None:
 
 def test_the_watched_and_gated_scores_must_exist(tmp_path: Path) -> None:
     state = state_for(tmp_path)
-    state.recipe = Recipe(validation=ValidationConfig(metrics=[MetricRef(name="exact")]))
+    state.recipe = Recipe(sections={"validation": ValidationConfig(metrics=[MetricRef(name="exact")])})
     state.components["validation.metrics[0]"] = ExactMatch()
     with pytest.raises(MetricError) as caught:
         Guard(GuardConfig(score="bleu")).cvmkd_check(state=state)

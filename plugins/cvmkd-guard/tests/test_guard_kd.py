@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_nmt.model.package import load_package
 from cvmkd_core.session import open_session, run_session
+from cvmkd_nmt.model.package import load_package
 from cvmkd_testing import write_tiny_corpus
 
 # A teacher that learns the word mapping in 60 steps, and a student that climbs steadily from
@@ -223,9 +223,8 @@ def test_the_retention_gate_judges_the_test_evaluation_and_keeps_every_output(
 
 
 def test_an_unknown_score_fails_before_the_teacher_is_trained(kd_dir: Path) -> None:
-    from cvmkd_core.errors import MetricError
+    from cvmkd_core.errors import RecipeError
 
-    with pytest.raises(MetricError, match=r"^guard.score: no selected metric returns 'blue'; available scores: bleu, chrf, ter, composite$"):
+    with pytest.raises(RecipeError, match=r"guard.score: no selected metric returns 'blue'; available scores: bleu, chrf, ter, composite$"):
         run("typo", "guard.score=blue", "run.cache_dir=empty-cache")
-    assert not (kd_dir / "runs" / "typo" / "teacher").exists()
-    assert json.loads((kd_dir / "runs" / "typo" / "summary.json").read_text())["status"] == "failed"
+    assert not (kd_dir / "runs" / "typo").exists()  # checked before anything is written

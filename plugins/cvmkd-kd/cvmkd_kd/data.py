@@ -12,9 +12,9 @@ from typing import Any
 
 import attrs
 
-from cvmkd_nmt.contracts import Corpus, CorpusSplits
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.state import RunState
+from cvmkd_nmt.contracts import Corpus, CorpusSplits
 
 log = logging.getLogger("cvmkd")
 

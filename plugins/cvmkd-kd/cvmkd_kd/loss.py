@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-from typing import Any
-
 import attrs
 import torch
 import torch.nn.functional as F

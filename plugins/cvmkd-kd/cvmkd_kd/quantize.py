@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from cvmkd_validation.validation import score_all, score_specs
-from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult
 from cvmkd_core.errors import CvmkdError
-from cvmkd_core.metrics import COMPOSITE, retention, within_budget
-from cvmkd_nmt.model.translate import source_batches
 from cvmkd_core.files import atomic_write_json
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.metrics import COMPOSITE, retention
 from cvmkd_core.state import RunState, RunSummary
+from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_budget
+from cvmkd_nmt.model.translate import source_batches
+from cvmkd_validation.validation import score_all, score_specs
 
 log = logging.getLogger("cvmkd")
 
@@ -100,7 +100,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         return []
     assert trainer.data is not None and trainer.model is not None
     tokenizer = trainer.data.tokenizer
-    config = state.recipe.validation
+    config = state.recipe.section("validation")
     valid = trainer.data.splits.valid
     limit = config.max_sentences or len(valid)
     sources, references = [p[0] for p in valid][:limit], [p[1] for p in valid][:limit]

@@ -13,15 +13,14 @@ from typing import Any
 import attrs
 import torch
 
-from cvmkd_nmt.data.batching import Batch, batches_once
 from cvmkd_core.errors import ModelError
-from cvmkd_nmt.hardware import autocast
-from cvmkd_core.hookspecs import hookimpl
-from cvmkd_nmt.model.package import load_package, read_metadata, update_metadata
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
 from cvmkd_kd.trainer import KDTrainerConfig, Seq2SeqTrainer
+from cvmkd_nmt.data.batching import Batch, batches_once
+from cvmkd_nmt.hardware import autocast
+from cvmkd_nmt.model.package import load_package, read_metadata
 
 log = logging.getLogger("cvmkd")
 

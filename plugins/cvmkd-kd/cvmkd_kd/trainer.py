@@ -15,14 +15,14 @@ import torch
 
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.errors import ModelError
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.recipe import LossRef
+from cvmkd_core.state import RunState, RunSummary, StepResult
+from cvmkd_kd.config import TeacherConfig
+from cvmkd_kd.data import RunData, prepare_data
 from cvmkd_nmt.data.batching import Batch, BatchStream
 from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
-from cvmkd_core.hookspecs import hookimpl
 from cvmkd_nmt.model.presets import count_parameters
-from cvmkd_core.recipe import LossRef
-from cvmkd_kd.config import TeacherConfig
-from cvmkd_core.state import RunState, RunSummary, StepResult
-from cvmkd_kd.data import RunData, prepare_data
 from cvmkd_nmt.model.translate import translate
 
 log = logging.getLogger("cvmkd")
@@ -313,10 +313,10 @@ class TeacherTrainer(Seq2SeqTrainer):
         from cvmkd_validation.validation import score_all
 
         sources, references = self.validation_data(state)
-        limit = state.recipe.validation.max_sentences
+        limit = state.recipe.section("validation").max_sentences
         if limit:
             sources, references = sources[:limit], references[:limit]
-        beam = state.recipe.validation.beam_size
+        beam = state.recipe.section("validation").beam_size
         return score_all(state, self.translate(state, sources, beam_size=beam), references, sources)
 
     def _average_checkpoints(self, state: RunState) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cvmkd_core.errors import ModelError
-from cvmkd_nmt.model.package import load_package
 from cvmkd_core.session import open_session, run_session
+from cvmkd_nmt.model.package import load_package
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 # the shared tiny recipe, scored with all three sacrebleu metrics and tested for significance

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import os
-
 from typing import Any
 
 import attrs

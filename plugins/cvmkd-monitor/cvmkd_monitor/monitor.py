@@ -23,8 +23,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any
 
 from cvmkd_core.errors import CvmkdError, RunDirError
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from cvmkd_monitor import monitor as monitor_module
 from cvmkd_core.cli import main
 from cvmkd_core.files import atomic_write_json
+from cvmkd_monitor import monitor as monitor_module
 from cvmkd_monitor.monitor import Monitor, render
 
 T0 = 1_700_000_000.0

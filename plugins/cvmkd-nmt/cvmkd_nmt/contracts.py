@@ -3,10 +3,13 @@ protocols and the records they exchange)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
+import torch
 
+from cvmkd_core.metrics import COMPOSITE
 
 
 @attrs.frozen
@@ -74,3 +77,19 @@ class Quantizer(Protocol):
     change in place) into a quantized model that translates like it."""
 
     def quantize(self, model: Any, context: QuantizationContext) -> QuantizationResult: ...
+
+
+def within_budget(
+    scores: Mapping[str, float], reference: Mapping[str, float], *, max_bleu_loss: float, max_composite_loss: float
+) -> tuple[bool, dict[str, float]]:
+    """The quality budget of a quantized model: whether ``scores`` lose at most ``max_bleu_loss``
+    BLEU points and ``max_composite_loss`` (a share) of the composite score against
+    ``reference`` (the fp32 student's); and the losses. One rule for the orchestrator that
+    accepts or rejects a variant and for quantizers that fall back per layer to stay within it."""
+    losses: dict[str, float] = {}
+    if "bleu" in scores and "bleu" in reference:
+        losses["bleu"] = reference["bleu"] - scores["bleu"]
+    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
+        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
+    ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
+    return ok, losses

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def autocast(device: torch.device, precision: str) -> ContextManager[Any]:
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     """Mixed precision for forward passes; a no-op in fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_nmt.plugin import CvmModel, CvmSpec, FilesConfig, FilesCorpus
 from cvmkd_core.config import structure
 from cvmkd_core.errors import CorpusError, RecipeError
+from cvmkd_nmt.plugin import CvmModel, CvmSpec, FilesConfig, FilesCorpus
 
 
 def test_a_preset_with_overrides_takes_its_vocabulary_from_the_tokenizer() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmkd_core.errors import CorpusError, CvmkdError
 from cvmkd_nmt.data.readers import (
     Pair,
     PairList,
@@ -17,7 +18,6 @@ from cvmkd_nmt.data.readers import (
     read_tsv,
     split_pairs,
 )
-from cvmkd_core.errors import CorpusError, CvmkdError
 
 
 def write(path: Path, data: str | bytes) -> Path:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_quant_nbit.plans import within_budget
+from cvmkd_nmt.contracts import within_budget
 from cvmkd_quant_nbit.quantizers import (
     NbitConfig,
     NbitQuantizer,

@@ -16,7 +16,6 @@ import attrs
 import torch
 from torch import nn
 
-from cvmkd_core.metrics import within_budget  # re-exported: the plugin's budget rule is the core's
 from cvmkd_nmt.quantized import EMBEDDINGS, LayerChoice, apply_plan, model_nbytes, quantizable_layers
 
 #: The level of a layer left in float32.

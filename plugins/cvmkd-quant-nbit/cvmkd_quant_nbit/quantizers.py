@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from torch import nn
 
-from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult
 from cvmkd_core.config import ConfigValueError, between, ge, one_of
 from cvmkd_core.errors import ModelError
+from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_budget
 from cvmkd_nmt.quantized import model_nbytes
 from cvmkd_quant_nbit.plans import (
     FP32,
@@ -25,7 +26,6 @@ from cvmkd_quant_nbit.plans import (
     level_name,
     next_level,
     ungroupable,
-    within_budget,
 )
 from cvmkd_quant_nbit.sensitivity import Sensitivity
 

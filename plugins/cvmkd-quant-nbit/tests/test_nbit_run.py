@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvmkd_nmt.model.package import load_package
-from cvmkd_nmt.quantized import NbitLinear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
-from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+from cvmkd_nmt.model.package import load_package
 from cvmkd_nmt.model.translate import translate
+from cvmkd_nmt.quantized import NbitLinear, QuantEmbedding
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """
 [[quantize]]

@@ -33,10 +33,10 @@ from typing import Any
 
 import attrs
 
-from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_core.config import between, ge
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState
+from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_quant_torch import qat
 from cvmkd_quant_torch.static import StaticInt8, StaticInt8Config
 

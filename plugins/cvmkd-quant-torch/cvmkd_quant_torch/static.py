@@ -29,9 +29,9 @@ from typing import Any
 
 import attrs
 
-from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_core.config import between, ge, one_of
 from cvmkd_core.errors import ModelError
+from cvmkd_nmt.contracts import QuantizationResult
 
 log = logging.getLogger("cvmkd")
 

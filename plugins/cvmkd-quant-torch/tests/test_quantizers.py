@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cvmkd_core import hookimpl
-from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_nmt.model.package import load_package
-from cvmkd_nmt.quantized import DynamicInt8Linear, QuantEmbedding
 from cvmkd_core.session import open_session, run_session
-from cvmkd_core.metrics import within_budget
+from cvmkd_nmt.contracts import within_budget
+from cvmkd_nmt.model.package import load_package
 from cvmkd_nmt.model.translate import translate
+from cvmkd_nmt.quantized import DynamicInt8Linear, QuantEmbedding
 from cvmkd_quant_torch import qat
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """
 [[quantize]]

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from cvmkd_core.config import ConfigValueError
 from cvmkd_core.errors import ModelError
+from cvmkd_core.session import open_session, run_session
 from cvmkd_nmt.model import CvmTransformer, preset
 from cvmkd_nmt.model.package import load_package, save_package
+from cvmkd_nmt.model.translate import translate
 from cvmkd_nmt.quantized import (
     DynamicInt8Linear,
     QuantEmbedding,
@@ -22,10 +23,8 @@ from cvmkd_nmt.quantized import (
     quantizable_layers,
     uncalibrated_layers,
 )
-from cvmkd_core.session import open_session, run_session
-from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
-from cvmkd_nmt.model.translate import translate
 from cvmkd_quant_torch import StaticInt8, StaticInt8Config
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """
 [[quantize]]

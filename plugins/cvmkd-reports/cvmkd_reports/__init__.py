@@ -41,10 +41,10 @@ import attrs
 from cvmkd_core.config import ConfigValueError, ge
 from cvmkd_core.files import atomic_write_bytes, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_reports.runview import RunView
 from cvmkd_reports import document, htmlpage, markdown
 from cvmkd_reports.data import gather
 from cvmkd_reports.plots import render_plots
+from cvmkd_reports.runview import RunView
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,8 @@ each, what the run directory lacks and what that leaves out of the report.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cvmkd_reports.runview import RunView
 

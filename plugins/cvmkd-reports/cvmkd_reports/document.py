@@ -21,7 +21,8 @@ A block is a dict with a ``type``:
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cvmkd_reports.data import (
     COMPOSITE,

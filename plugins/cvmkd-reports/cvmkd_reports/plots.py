@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from cvmkd_reports.runview import RunView, describe_exception
 from cvmkd_reports.data import COMPOSITE, MB, is_number, score_label, unit_scale
+from cvmkd_reports.runview import RunView, describe_exception
 
 DPI = 110
 #: the colours of the validation scores, the model kinds and the rollbacks

@@ -25,11 +25,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from cvmkd_core.errors import (
-    ComponentError, CvmkdError, RecipeError, ReportError, RunDirError, describe_failure, one_line,
+    ComponentError,
+    CvmkdError,
+    RecipeError,
+    ReportError,
+    RunDirError,
+    describe_failure,
+    one_line,
 )
 from cvmkd_core.files import atomic_write_json
 

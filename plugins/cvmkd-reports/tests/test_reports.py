@@ -15,12 +15,12 @@ import torch
 from cvmkd_core.cli import main
 from cvmkd_core.errors import ReportError
 from cvmkd_core.plugins import build_plugins
-from cvmkd_reports.runview import RunView, finalize_reports, select_reporters, write_reports
 from cvmkd_core.session import open_session, run_session
 from cvmkd_core.state import RunSummary, Selected
-from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 from cvmkd_reports import HtmlReporter, JsonReporter
 from cvmkd_reports.data import fmt_int, fmt_mb, fmt_ms, fmt_percent, fmt_rate, fmt_score, score_decimals
+from cvmkd_reports.runview import RunView, finalize_reports, select_reporters, write_reports
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = TINY_KD_RECIPE + """
 [guard]

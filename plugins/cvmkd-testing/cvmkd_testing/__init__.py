@@ -10,7 +10,8 @@ hypotheses equal to their reference). Register it for one test and unregister it
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import torch

@@ -200,7 +200,7 @@ def _summary(f: dict[str, Any]) -> str:
 
 @hookimpl
 def cvmkd_analyze(state: RunState, sample: TranslationSample) -> dict[str, Any]:
-    config = state.recipe.validation.analysis
+    config = state.recipe.section("validation").analysis
     findings = analyse(sample, worst=config.worst, examples=config.examples, regression_drop=config.regression_drop)
     log.info("analysis at step %d: %s", sample.step, findings["summary"])
     return {"errors": findings}

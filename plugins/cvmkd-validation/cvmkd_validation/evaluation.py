@@ -47,7 +47,7 @@ def _lines(texts: list[str]) -> str:
 def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = None) -> dict[str, Any]:
     """Score the trained model (and the teacher) on the test split; returns the full record."""
     sources, references, split = trainer.test_data(state)
-    beam = state.recipe.validation.beam_size
+    beam = state.recipe.section("validation").beam_size
     role = getattr(trainer, "role", "student")
     result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
     outputs: dict[str, list[str]] = {}
@@ -82,7 +82,7 @@ def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = N
         }
     if "teacher" in result and role != "teacher":
         result["retention"] = retention(result[role]["scores"], result["teacher"]["scores"], score_specs(state))
-    config = state.recipe.validation.analysis
+    config = state.recipe.section("validation").analysis
     if config.enabled:
         sample = TranslationSample(step=state.step, sources=sources, references=references, hypotheses=outputs[role])
         result[role]["analysis"] = analyse(sample, worst=config.worst, examples=config.examples)

@@ -26,16 +26,17 @@ from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.metrics import (
     COMPOSITE,
+    PairedTestMetric,
     ScoreSpec,
+    SentenceMetric,
     all_specs,
     composite,
     composite_weights,
-    deltas,
     metric_specs,
-    paired_bootstrap,
     retention,
 )
 from cvmkd_core.state import RunState, TranslationSample, ValidationRecord, ValidationResult
+from cvmkd_validation.statistics import deltas, paired_bootstrap
 
 log = logging.getLogger("cvmkd")
 
@@ -73,7 +74,7 @@ def score_metrics(
     for path, metric in selected_metrics(state):
         started = time.perf_counter()
         declared = all_specs([(path, metric)])
-        if hasattr(metric, "sentence_scores"):
+        if isinstance(metric, SentenceMetric):
             per_sentence = metric.sentence_scores(hypotheses, references, sources)
             values = {k: (sum(v) / len(v) if v else 0.0) for k, v in per_sentence.items()}
             for key, v in per_sentence.items():
@@ -112,11 +113,18 @@ def higher_is_better(state: RunState) -> dict[str, bool]:
 
 
 def _weights(state: RunState) -> dict[str, float]:
-    return composite_weights(state.recipe.validation.composite, score_specs(state), "validation.composite")
+    return composite_weights(state.recipe.section("validation").composite, score_specs(state), "validation.composite")
 
 
 def _memory(state: RunState) -> dict[str, Any]:
     return state.scratch.setdefault(MEMORY, {})
+
+
+@hookimpl
+def cvmkd_register(register: Any) -> None:
+    from cvmkd_validation.config import ValidationConfig
+
+    register.section("validation", ValidationConfig)
 
 
 @hookimpl
@@ -136,7 +144,7 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
         raise CvmkdError(
             f"trainer {state.recipe.distill.name!r} cannot translate, so metrics cannot score it"
         )
-    config = state.recipe.validation
+    config = state.recipe.section("validation")
     sources, references = trainer.validation_data(state)
     if config.max_sentences:
         sources, references = sources[: config.max_sentences], references[: config.max_sentences]
@@ -192,7 +200,7 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    if state.recipe.validation.analysis.enabled:
+    if state.recipe.section("validation").analysis.enabled:
         sample = TranslationSample(
             step=state.step,
             sources=sources,
@@ -245,13 +253,13 @@ def _teacher(
     state: RunState, trainer: Any, sources: list[str], references: list[str], memory: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The teacher's scores on the validation sentences: translated and scored once per run."""
-    if not state.recipe.validation.teacher or not hasattr(trainer, "teacher_translations"):
+    if not state.recipe.section("validation").teacher or not hasattr(trainer, "teacher_translations"):
         return None
     cached = memory.get("teacher")
     if cached is not None and cached["sources"] == len(sources):
         return cached
     started = time.perf_counter()
-    hypotheses = trainer.teacher_translations(state, sources, beam_size=state.recipe.validation.beam_size)
+    hypotheses = trainer.teacher_translations(state, sources, beam_size=state.recipe.section("validation").beam_size)
     if hypotheses is None:
         return None
     decode_seconds = time.perf_counter() - started
@@ -264,7 +272,7 @@ def _teacher(
     }
     directory = state.run_dir / "validation"
     atomic_write_text(directory / "teacher.hyp.txt", _lines(hypotheses))
-    atomic_write_json(directory / "teacher.json", {**record, "beam_size": state.recipe.validation.beam_size})
+    atomic_write_json(directory / "teacher.json", {**record, "beam_size": state.recipe.section("validation").beam_size})
     log.info(
         "teacher on the %d validation sentences: %s",
         len(sources), ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
@@ -301,14 +309,14 @@ def _significance(
     sentence_scores: dict[str, list[float]],
     memory: dict[str, Any],
 ) -> dict[str, Any]:
-    samples = state.recipe.validation.significance_samples
+    samples = state.recipe.section("validation").significance_samples
     seed = state.recipe.run.seed + 12345
     results: dict[str, Any] = {}
     remembered = memory.get("previous") or {}
-    for path, metric in selected_metrics(state):
-        if hasattr(metric, "paired_test"):
+    for _path, metric in selected_metrics(state):
+        if isinstance(metric, PairedTestMetric):
             results.update(metric.paired_test(baseline, hypotheses, references, sources, samples=samples))
-        elif hasattr(metric, "sentence_scores"):
+        elif isinstance(metric, SentenceMetric):
             before = remembered.get("sentence_scores") or {}
             keys = list(metric.scores)
             if any(k not in before for k in keys):

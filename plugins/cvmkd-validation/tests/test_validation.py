@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from cvmkd_core import hookimpl
-from cvmkd_validation.analysis import analyse, repeated_unit
 from cvmkd_core.cli import main
 from cvmkd_core.errors import MetricError
 from cvmkd_core.metrics import (
@@ -19,7 +18,6 @@ from cvmkd_core.metrics import (
     composite,
     composite_weights,
     metric_specs,
-    paired_bootstrap,
     retention,
 )
 from cvmkd_core.plugins import Plugins
@@ -27,6 +25,8 @@ from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
 from cvmkd_core.state import TranslationSample
 from cvmkd_testing import TOY_RECIPE
+from cvmkd_validation.analysis import analyse, repeated_unit
+from cvmkd_validation.statistics import paired_bootstrap
 
 SPECS = {
     "bleu": ScoreSpec(True, 0, 100),

@@ -9,8 +9,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 import torch
 
@@ -55,9 +56,8 @@ def translate(
 ) -> list[str]:
     """Translations of ``sources`` in their order. Sentences longer than the model's maximum
     length are cut (their tail is not translated)."""
-    from cvmkd_nmt.model.decoding import beam_search, greedy_decode
-
     from cvmkd_nmt.data.batching import pad_rows
+    from cvmkd_nmt.model.decoding import beam_search, greedy_decode
 
     device = torch.device(device)
     encoded = encode_sources(tokenizer, sources, model.config.max_len)

@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from cvmkd_core.builtins import progress
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
+from cvmkd_monitor import progress
 from cvmkd_testing import TOY_RECIPE
 
 
 @pytest.fixture(autouse=True)
-def _reset_mode() -> Iterator[None]:
+def _reset_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv(progress.ENV_MODE, raising=False)  # restored after the test
     yield
-    progress.set_mode("auto")
+
+
+@pytest.fixture
+def toy_plugins(toy_plugins: Plugins) -> Plugins:
+    """The toy plugins, and the progress display under test."""
+    toy_plugins.add_plugin(progress, name="progress", source="test")
+    return toy_plugins
 
 
 def _cvmkd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

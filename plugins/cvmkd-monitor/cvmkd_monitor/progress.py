@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -23,21 +24,26 @@ log = logging.getLogger("cvmkd.progress")
 
 INTERVAL_SECONDS = 30.0
 
-#: "auto": a bar on a terminal, lines otherwise; "lines": always lines; "off": nothing
+#: "auto": a bar on a terminal, lines otherwise; "lines": always lines; "off": nothing.
+#: ``cvmkd run --quiet`` sets CVMKD_PROGRESS=lines; a user may set it too.
 MODES = ("auto", "lines", "off")
-_mode = "auto"
+ENV_MODE = "CVMKD_PROGRESS"
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_MODE, "auto")
+    return mode if mode in MODES else "auto"
 
 
 def set_mode(mode: str) -> None:
-    """Chosen by the CLI: ``--quiet`` asks for "lines"."""
-    global _mode
+    """For tests and embedding programs: the same as setting CVMKD_PROGRESS."""
     if mode not in MODES:
         raise ValueError(f"progress mode {mode!r}; expected one of {MODES}")
-    _mode = mode
+    os.environ[ENV_MODE] = mode
 
 
 def _use_bar() -> bool:
-    return _mode == "auto" and sys.stderr.isatty()
+    return _mode() == "auto" and sys.stderr.isatty()
 
 
 class Progress:
@@ -81,7 +87,7 @@ class Progress:
 
     @hookimpl
     def cvmkd_event(self, state: RunState, name: str, data: dict[str, Any]) -> None:
-        if _mode == "off":
+        if _mode() == "off":
             return
         if name in ("run_start", "resume", "rollback"):
             self.started = self.last_report = time.perf_counter()
@@ -100,7 +106,7 @@ class Progress:
 
     @hookimpl
     def cvmkd_step_end(self, state: RunState, result: StepResult) -> None:
-        if _mode == "off":
+        if _mode() == "off":
             return
         if self.bar is not None:
             self.bar.update(state.step - self.bar.n)
