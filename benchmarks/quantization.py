@@ -90,7 +90,9 @@ def component_schemes(
     sources, references = [p[0] for p in valid], [p[1] for p in valid]
 
     def evaluate(model: Any) -> dict[str, float]:
-        return score_all(state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources)
+        return score_all(
+            state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources
+        )
 
     def calibration_batches(count: int) -> list[torch.Tensor]:
         return source_batches(tokenizer, sources, max_len, 32, count)
@@ -103,12 +105,21 @@ def component_schemes(
                 reference["scores"] = evaluate(model)
             component = registry.get("quantizer", name)
             quantizer = component.factory(component.make_config(options))
-            context = QuantizationContext(tokenizer=tokenizer, sources=sources, references=references, evaluate=evaluate,
-                                          reference_scores=reference["scores"], calibration_batches=calibration_batches,
-                                          seed=seed)
+            context = QuantizationContext(
+                tokenizer=tokenizer,
+                sources=sources,
+                references=references,
+                evaluate=evaluate,
+                reference_scores=reference["scores"],
+                calibration_batches=calibration_batches,
+                seed=seed,
+            )
             result = quantizer.quantize(model, context)
-            summary = {k: v for k, v in result.details.items() if k in ("bits", "kept_stage", "ratio", "target_ratio",
-                                                                        "achieved_ratio", "within_budget", "levels")}
+            summary = {
+                k: v
+                for k, v in result.details.items()
+                if k in ("bits", "kept_stage", "ratio", "target_ratio", "achieved_ratio", "within_budget", "levels")
+            }
             print(f"# {name} {options}: {json.dumps(summary, default=str)}", flush=True)
             return result.model
 
@@ -141,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-sentences", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="run only the schemes whose name contains this text")
-    parser.add_argument("--valid", type=int, default=300,
-                        help="validation sentences the quantizer components calibrate and judge the budget on")
+    parser.add_argument(
+        "--valid",
+        type=int,
+        default=300,
+        help="validation sentences the quantizer components calibrate and judge the budget on",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -154,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         if path.startswith("validation.metrics["):
             component = registry.get(ref.kind, ref.name)
             components[path] = component.factory(ref.config) if component.config is not None else component.factory()
-    state = RunState(recipe=recipe, pm=session.plugins.pm, registry=registry, run_dir=args.run_dir, components=components)
+    state = RunState(
+        recipe=recipe, pm=session.plugins.pm, registry=registry, run_dir=args.run_dir, components=components
+    )
     corpus_ref = recipe.corpus
     corpus = registry.get("corpus", corpus_ref.name).factory(corpus_ref.config)
     test = corpus.load().test
@@ -165,16 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = fp32.float().eval()
     base_file = (args.run_dir / "model" / WEIGHTS).stat().st_size
     base_memory = model_nbytes(fp32)
-    base_scores = score_all(state, translate(fp32, tokenizer, sources, device="cpu", precision="fp32"), references, sources)
+    base_scores = score_all(
+        state, translate(fp32, tokenizer, sources, device="cpu", precision="fp32"), references, sources
+    )
     speed = sources[: args.speed_sentences]
     latency = sources[: args.latency_sentences]
-    print(f"# {args.run_dir}: fp32 student, {sum(p.numel() for p in fp32.parameters()):,} parameters, "
-          f"file {base_file / 1e6:.2f} MB; test BLEU {base_scores['bleu']:.2f}, composite {base_scores.get('composite', float('nan')):.2f} "
-          f"({len(sources)} sentences); torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"# {args.run_dir}: fp32 student, {sum(p.numel() for p in fp32.parameters()):,} parameters, "
+        f"file {base_file / 1e6:.2f} MB; test BLEU {base_scores['bleu']:.2f}, composite {base_scores.get('composite', float('nan')):.2f} "
+        f"({len(sources)} sentences); torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     rows = []
     all_schemes = schemes(args.run_dir)
-    all_schemes.update(component_schemes(registry, state, corpus.load().valid[: args.valid], tokenizer,
-                                       recipe.run.seed, fp32.config.max_len))
+    all_schemes.update(
+        component_schemes(
+            registry, state, corpus.load().valid[: args.valid], tokenizer, recipe.run.seed, fp32.config.max_len
+        )
+    )
     for name, make in all_schemes.items():
         if args.only and args.only not in name:
             continue
@@ -189,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                 base = measure_speed(fp32, tokenizer, texts, batch_size=int(batch))
                 this = measure_speed(model, tokenizer, texts, batch_size=int(batch))
                 ratios[batch].append(this["tokens_per_second"] / base["tokens_per_second"])
-        scores = score_all(state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources)
+        scores = score_all(
+            state, translate(model, tokenizer, sources, device="cpu", precision="fp32"), references, sources
+        )
         size = file_bytes(model, tokenizer)
         row = {
             "scheme": name,
@@ -198,17 +225,23 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s_ratio_batch32": round(statistics.median(ratios["32"]), 2),
             "tokens_per_s_ratio_batch1": round(statistics.median(ratios["1"]), 2),
             "bleu_delta": round(scores["bleu"] - base_scores["bleu"], 2),
-            "composite_delta": round(scores.get("composite", float("nan")) - base_scores.get("composite", float("nan")), 2),
+            "composite_delta": round(
+                scores.get("composite", float("nan")) - base_scores.get("composite", float("nan")), 2
+            ),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
-    print("| scheme | file / fp32 | memory / fp32 | tokens/s ×, batch 32 | tokens/s ×, batch 1 | Δ BLEU | Δ composite |")
+    print(
+        "| scheme | file / fp32 | memory / fp32 | tokens/s ×, batch 32 | tokens/s ×, batch 1 | Δ BLEU | Δ composite |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         file_ratio = f"{100 * r['file_ratio']:.1f}%" if r["file_ratio"] else "n/a"
-        print(f"| {r['scheme']} | {file_ratio} | {100 * r['memory_ratio']:.1f}% | {r['tokens_per_s_ratio_batch32']:.2f} | "
-              f"{r['tokens_per_s_ratio_batch1']:.2f} | {r['bleu_delta']:+.2f} | {r['composite_delta']:+.2f} |")
+        print(
+            f"| {r['scheme']} | {file_ratio} | {100 * r['memory_ratio']:.1f}% | {r['tokens_per_s_ratio_batch32']:.2f} | "
+            f"{r['tokens_per_s_ratio_batch1']:.2f} | {r['bleu_delta']:+.2f} | {r['composite_delta']:+.2f} |"
+        )
     return 0
 
 

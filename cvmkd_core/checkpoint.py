@@ -145,6 +145,7 @@ class CheckpointStore:
         order = list(reversed(entries))
         if which == "best":
             best = self.best(entries)
+            assert best is not None  # entries is not empty
             order = [best] + [e for e in order if e is not best]
         problems = []
         for entry in order:

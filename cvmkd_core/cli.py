@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe")
     _recipe_args(run)
     run.add_argument("--run-dir", metavar="DIR", help="write the run here (default: run.output_dir/run.name)")
-    run.add_argument("--resume", action="store_true", help="continue the run in its run directory from its last checkpoint")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in its run directory from its last checkpoint"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar; only progress lines, warnings and errors")
     _common(run)
 
@@ -145,8 +147,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
     log.info(
         "run %s: %s at step %d (%d iterations, %d rollbacks) in %.1fs; outputs in %s",
-        session.recipe.run.name, summary.status, summary.final_step,
-        summary.iterations_executed, summary.rollbacks, summary.wall_seconds, run_dir,
+        session.recipe.run.name,
+        summary.status,
+        summary.final_step,
+        summary.iterations_executed,
+        summary.rollbacks,
+        summary.wall_seconds,
+        run_dir,
     )
     if summary.status == "interrupted":
         print(

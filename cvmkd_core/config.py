@@ -138,7 +138,7 @@ def _make_converter() -> cattrs.Converter:
                 try:
                     out.append(item_hook(item, item_type))
                 except Exception as exc:  # collected with its index, like cattrs does
-                    exc.__notes__ = [
+                    exc.__notes__ = [  # type: ignore[attr-defined]  # PEP 678 notes, as cattrs adds them
                         *getattr(exc, "__notes__", []),
                         IterableValidationNote(f"Structuring @ index {index}", index, item_type),
                     ]
@@ -159,12 +159,14 @@ def _make_converter() -> cattrs.Converter:
 
     def attrs_hook_factory(cls: type) -> Callable[[Any, Any], Any]:
         attrs.resolve_types(cls)
-        overrides = {}
+        overrides: dict[str, Any] = {}
         for field in attrs.fields(cls):
             if field.validator is None:
                 continue
             overrides[field.name] = override(struct_hook=_validated_hook(conv, field))
-        inner = make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True, **overrides)
+        inner: Callable[[Any, Any], Any] = make_dict_structure_fn(
+            cls, conv, _cattrs_forbid_extra_keys=True, **overrides
+        )
 
         def structure_attrs(value: Any, _t: Any) -> Any:
             if not isinstance(value, dict):

@@ -45,7 +45,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -210,7 +210,7 @@ class Loop:
             hook.cvmkd_run_start(state=state)
             if state.batches is None:
                 raise PluginError(
-                    f"trainer {self.recipe.distill.name!r} set up no batch stream in cvmkd_setup"
+                    f"trainer {self.recipe.distill.name!r} set up no batch stream in cvmkd_setup"  # type: ignore[attr-defined]
                 )
             if resume:
                 self._resume()
@@ -268,7 +268,11 @@ class Loop:
         elapsed = max(time.time() - state.started_at, 1e-9)
         log.info(
             "validation at step %d took %.1fs; validation so far: %.0fs, %.1f%% of the run's %.0fs",
-            state.step, seconds, state.validation_seconds, 100 * state.validation_seconds / elapsed, elapsed,
+            state.step,
+            seconds,
+            state.validation_seconds,
+            100 * state.validation_seconds / elapsed,
+            elapsed,
         )
         record = ValidationRecord(
             step=state.step,
@@ -299,7 +303,9 @@ class Loop:
         self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
         score = record.scores.get("composite") if record is not None else None
         entry = self.checkpoints.save(state.step, state.iterations, payload, score=score)
-        state.emit(Event.CHECKPOINT, step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None)
+        state.emit(
+            Event.CHECKPOINT, step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None
+        )
 
     def _store_record(self, record: ValidationRecord) -> None:
         directory = self.state.run_dir / "validation"
@@ -327,7 +333,11 @@ class Loop:
             state.request_stop(f"{decision.reason}; restored step {state.step} and stopped")
         log.warning(
             "rollback %d: %s; restored step %d (%s), learning-rate scale now %g",
-            state.rollbacks, decision.reason, state.step, entry.file, state.lr_scale,
+            state.rollbacks,
+            decision.reason,
+            state.step,
+            entry.file,
+            state.lr_scale,
         )
         state.emit(
             "rollback",

@@ -35,9 +35,7 @@ ENV_PLUGINS = "CVMKD_PLUGINS"
 ENV_BLOCK = "CVMKD_BLOCK_PLUGINS"
 
 #: The core's own plugins, registered exactly like third-party ones, in this order.
-DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),
-)
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (("cvmkd.jsonl", "cvmkd_core.builtins.jsonl_logger"),)
 
 
 @attrs.define
@@ -116,9 +114,7 @@ class Plugins:
                 continue
             if ep.name in self.infos:
                 continue  # the same distribution seen twice on sys.path
-            info = PluginInfo(
-                name=ep.name, source="entrypoint", module=ep.value, distribution=dist, version=version
-            )
+            info = PluginInfo(name=ep.name, source="entrypoint", module=ep.value, distribution=dist, version=version)
             try:
                 plugin = ep.load()
             except Exception as exc:  # reported, and an error once the recipe needs it
@@ -147,9 +143,7 @@ class Plugins:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[module_name]
-            raise PluginLoadError(
-                f"hook file {path} failed to import: {type(exc).__name__}: {exc}"
-            ) from None
+            raise PluginLoadError(f"hook file {path} failed to import: {type(exc).__name__}: {exc}") from None
         self._register(module, PluginInfo(name=name, source="file", module=str(path)))
         self._call_register(name, module)
 
@@ -178,8 +172,7 @@ class Plugins:
         except Exception as exc:
             info = self.infos.get(name)
             raise PluginLoadError(
-                f"plugin {info.label if info else name}: cvmkd_register failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin {info.label if info else name}: cvmkd_register failed: {type(exc).__name__}: {exc}"
             ) from None
 
     def register_components(self) -> None:
@@ -190,7 +183,14 @@ class Plugins:
         """Register a plugin object after start-up (component instances, tests); its components
         are registered too. Plugins added from outside a run (``source != "component"``) are
         carried over by :meth:`fresh`."""
-        self._register(plugin, PluginInfo(name=name, source=source, module=plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__))
+        self._register(
+            plugin,
+            PluginInfo(
+                name=name,
+                source=source,
+                module=plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__,
+            ),
+        )
         if source != "component":
             self.extra.append((name, plugin))
         self._call_register(name, plugin)
@@ -217,11 +217,7 @@ class Plugins:
         out = []
         for name, info in self.infos.items():
             plugin = self.pm.get_plugin(name)
-            hooks = (
-                sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
-                if plugin is not None
-                else []
-            )
+            hooks = sorted(c.name for c in self.pm.get_hookcallers(plugin) or []) if plugin is not None else []
             out.append(
                 {
                     "name": name,
@@ -246,7 +242,7 @@ def _explain(plugin: Any, exc: pluggy.PluginValidationError) -> str:
         if not attr.startswith("cvmkd_"):
             continue
         function = getattr(plugin, attr, None)
-        if getattr(function, "cvmkd_impl", None) is None:
+        if function is None or getattr(function, "cvmkd_impl", None) is None:
             continue
         spec = getattr(hookspecs, attr, None)
         if spec is None:

@@ -44,9 +44,7 @@ EXTENDS_KEY = "extends"
 RECIPE_HOOK_FILES_KEY = "hook_files"
 
 # The registry components are resolved against while a recipe is being structured.
-_active_registry: contextvars.ContextVar[Registry | None] = contextvars.ContextVar(
-    "cvmkd_registry", default=None
-)
+_active_registry: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("cvmkd_registry", default=None)
 
 
 @contextlib.contextmanager
@@ -109,9 +107,7 @@ def _structure_ref(value: Any, cls: type[ComponentRef]) -> ComponentRef:
             raise ConfigValueError(f"name: expected a string, got {describe(name)}")
         options = {k: v for k, v in value.items() if k != "name"}
     else:
-        raise ConfigValueError(
-            f"expected a {cls.kind} name or a table with 'name', got {describe(value)}"
-        )
+        raise ConfigValueError(f"expected a {cls.kind} name or a table with 'name', got {describe(value)}")
     registry = _active_registry.get()
     if registry is None:
         return cls(name=name, options=options)
@@ -125,13 +121,11 @@ def _structure_ref(value: Any, cls: type[ComponentRef]) -> ComponentRef:
             raise ConfigValueError(f"{cls.kind} {name!r} takes no settings, got {keys}")
         return cls(name=name, options={}, config=None)
     # Structured by the component's own config class; nested errors keep their path.
-    config = converter.structure(options, component.config)
+    config: Any = converter.structure(options, component.config)
     return cls(name=name, options=options, config=config)
 
 
-converter.register_structure_hook_func(
-    lambda t: isinstance(t, type) and issubclass(t, ComponentRef), _structure_ref
-)
+converter.register_structure_hook_func(lambda t: isinstance(t, type) and issubclass(t, ComponentRef), _structure_ref)
 
 
 # --- the core sections --------------------------------------------------------------------------
@@ -141,9 +135,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _valid_run_name(_instance: Any, _attribute: Any, value: str) -> None:
     if not _RUN_NAME.match(value):
-        raise ConfigValueError(
-            f"must be letters, digits, '.', '_' or '-' (a folder name), got {value!r}"
-        )
+        raise ConfigValueError(f"must be letters, digits, '.', '_' or '-' (a folder name), got {value!r}")
 
 
 @attrs.frozen
@@ -156,9 +148,7 @@ class RunConfig:
     validate_every: int = attrs.field(default=1000, validator=gt(0))
     seed: int = attrs.field(default=0, validator=ge(0))
     device: str = attrs.field(default="auto", validator=one_of("auto", "cpu", "cuda"))
-    precision: str = attrs.field(
-        default="auto", validator=one_of("auto", "bf16", "fp16", "fp32")
-    )
+    precision: str = attrs.field(default="auto", validator=one_of("auto", "bf16", "fp16", "fp32"))
     log_every: int = attrs.field(default=1, validator=gt(0))
     keep_checkpoints: int = attrs.field(default=2, validator=ge(1))
     hook_files: list[str] = attrs.field(factory=list)
@@ -204,7 +194,7 @@ class Recipe:
         for path, ref in refs:
             label = ref.name
             if names.count(ref.name) > 1 and path.endswith("]"):
-                label = f"{ref.name}-{path[path.rindex('[') + 1:-1]}"
+                label = f"{ref.name}-{path[path.rindex('[') + 1 : -1]}"
             out.append((label, path, ref))
         return out
 
@@ -221,7 +211,9 @@ class Recipe:
 
 def _unstructure_recipe(value: Any) -> Any:
     if isinstance(value, Recipe):
-        tables = {f.name: _unstructure_recipe(getattr(value, f.name)) for f in attrs.fields(Recipe) if f.name != "sections"}
+        tables = {
+            f.name: _unstructure_recipe(getattr(value, f.name)) for f in attrs.fields(Recipe) if f.name != "sections"
+        }
         return {**tables, **{k: _unstructure_recipe(v) for k, v in sorted(value.sections.items())}}
     if isinstance(value, ComponentRef):
         return _unstructure_recipe(value.to_table())
@@ -310,7 +302,11 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any], _path: tuple[str,
     merged = dict(base)
     for key, value in override.items():
         path = (*_path, key)
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _switches_component(path, merged[key], value):
+        if (
+            isinstance(value, dict)
+            and isinstance(merged.get(key), dict)
+            and not _switches_component(path, merged[key], value)
+        ):
             merged[key] = deep_merge(merged[key], value, path)
         else:
             merged[key] = value
@@ -329,7 +325,7 @@ def read_recipe_tables(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, A
         return data
     if not isinstance(parent, str):
         raise RecipeError(f"{path}: extends: expected a file name, got {describe(parent)}")
-    parent_path = (path.parent / parent)
+    parent_path = path.parent / parent
     if not parent_path.is_file():
         raise RecipeError(f"{path}: extends: no such recipe file: {parent_path}")
     base = read_recipe_tables(parent_path, (*_chain, path))
@@ -431,9 +427,7 @@ def structure_recipe(data: dict[str, Any], registry: Registry | None) -> Recipe:
     return result
 
 
-def load_recipe(
-    path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None
-) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, registry: Registry | None = None) -> Recipe:
     """Read, merge, override and structure a recipe; raise RecipeError naming every problem."""
     path = Path(path)
     data = read_recipe_tables(path)

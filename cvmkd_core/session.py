@@ -74,7 +74,9 @@ def prepare_state(session: Session, run_dir: Path) -> RunState:
     return state
 
 
-def run_session(session: Session, run_dir: str | Path | None = None, *, resume: bool = False) -> tuple[RunSummary, Path]:
+def run_session(
+    session: Session, run_dir: str | Path | None = None, *, resume: bool = False
+) -> tuple[RunSummary, Path]:
     """Run the recipe; returns the summary and the run directory."""
     path = run_dir_for(session.recipe, run_dir)
     state = prepare_state(session, path)

@@ -37,8 +37,18 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 
 # --- the inputs the cases start from -----------------------------------------------------------
 
-WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
-         "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
+WORDS = {
+    "le": "the",
+    "chat": "cat",
+    "chien": "dog",
+    "mange": "eats",
+    "voit": "sees",
+    "petit": "small",
+    "grand": "big",
+    "oiseau": "bird",
+    "poisson": "fish",
+    "un": "a",
+}
 
 #: a distillation with the real ``kd`` trainer on ``corpus.tsv``; every kd case fails before training
 KD_RECIPE = """
@@ -374,137 +384,320 @@ RUN_KEYS = "cache_dir, device, hook_files, keep_checkpoints, log_every, name, ou
 
 CASES: list[Case] = [
     # --- recipes (tests/test_recipe.py holds the full catalogue of recipe mistakes) ---
-    Case("malformed-toml", check("bad.toml"),
-         "error: {cwd}/bad.toml: invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 5)",
-         2, setup=(_write("bad.toml", "[run\nsteps = 1\n"),)),
-    Case("unknown-key", check("bad.toml"),
-         f"error: bad.toml: run: unknown key 'stesp'; known keys: {RUN_KEYS}",
-         2, setup=(_write("bad.toml", TOY_RECIPE.replace("steps = 6", "stesp = 6")),)),
-    Case("wrong-type", check("bad.toml"),
-         "error: bad.toml: run.steps: expected an integer, got string 'six'",
-         2, setup=(_write("bad.toml", TOY_RECIPE.replace("steps = 6", 'steps = "six"')),)),
-    Case("out-of-range", check("bad.toml"),
-         "error: bad.toml: run.validate_every: must be > 0, got 0",
-         2, setup=(_write("bad.toml", TOY_RECIPE.replace("validate_every = 3", "validate_every = 0")),)),
-    Case("unknown-metric", toy("--set", 'validation.metrics=["exact", "blue"]'),
-         "error: r.toml: validation.metrics[1]: unknown metric 'blue'; available: exact", 2),
-    Case("unknown-trainer", toy("--set", "distill.name=toyy"),
-         "error: r.toml: distill: unknown trainer 'toyy'; available: toy", 2),
-    Case("unknown-composite-score", toy("--set", "validation.composite={bleu = 1.0}"),
-         "error: r.toml: validation.composite: no selected metric returns 'bleu'; available scores: exact", 2),
-    Case("set-without-equals", toy("--set", "run.steps"),
-         "error: --set 'run.steps': expected section.key=value", 2),
-    Case("set-unknown-path", toy("--set", "run.stepz=3"),
-         f"error: r.toml: run: unknown key 'stepz'; known keys: {RUN_KEYS}", 2),
-    Case("set-below-a-value", toy("--set", "run.steps.max=3"),
-         "error: --set 'run.steps.max=3': run.steps is not a table", 2),
-    Case("missing-recipe", ["run", "nope.toml"],
-         "error: no such recipe file: {cwd}/nope.toml", 2),
-    Case("extends-missing-file", check("child.toml"),
-         "error: {cwd}/child.toml: extends: no such recipe file: {cwd}/base.toml",
-         2, setup=(_write("child.toml", 'extends = "base.toml"\n[run]\nsteps = 2\n'),)),
-    Case("extends-cycle", check("a.toml"),
-         "error: {cwd}/b.toml: extends: cycle a.toml -> b.toml -> a.toml",
-         2, setup=(_write("a.toml", 'extends = "b.toml"\n'), _write("b.toml", 'extends = "a.toml"\n'))),
+    Case(
+        "malformed-toml",
+        check("bad.toml"),
+        "error: {cwd}/bad.toml: invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 5)",
+        2,
+        setup=(_write("bad.toml", "[run\nsteps = 1\n"),),
+    ),
+    Case(
+        "unknown-key",
+        check("bad.toml"),
+        f"error: bad.toml: run: unknown key 'stesp'; known keys: {RUN_KEYS}",
+        2,
+        setup=(_write("bad.toml", TOY_RECIPE.replace("steps = 6", "stesp = 6")),),
+    ),
+    Case(
+        "wrong-type",
+        check("bad.toml"),
+        "error: bad.toml: run.steps: expected an integer, got string 'six'",
+        2,
+        setup=(_write("bad.toml", TOY_RECIPE.replace("steps = 6", 'steps = "six"')),),
+    ),
+    Case(
+        "out-of-range",
+        check("bad.toml"),
+        "error: bad.toml: run.validate_every: must be > 0, got 0",
+        2,
+        setup=(_write("bad.toml", TOY_RECIPE.replace("validate_every = 3", "validate_every = 0")),),
+    ),
+    Case(
+        "unknown-metric",
+        toy("--set", 'validation.metrics=["exact", "blue"]'),
+        "error: r.toml: validation.metrics[1]: unknown metric 'blue'; available: exact",
+        2,
+    ),
+    Case(
+        "unknown-trainer",
+        toy("--set", "distill.name=toyy"),
+        "error: r.toml: distill: unknown trainer 'toyy'; available: toy",
+        2,
+    ),
+    Case(
+        "unknown-composite-score",
+        toy("--set", "validation.composite={bleu = 1.0}"),
+        "error: r.toml: validation.composite: no selected metric returns 'bleu'; available scores: exact",
+        2,
+    ),
+    Case("set-without-equals", toy("--set", "run.steps"), "error: --set 'run.steps': expected section.key=value", 2),
+    Case(
+        "set-unknown-path",
+        toy("--set", "run.stepz=3"),
+        f"error: r.toml: run: unknown key 'stepz'; known keys: {RUN_KEYS}",
+        2,
+    ),
+    Case(
+        "set-below-a-value",
+        toy("--set", "run.steps.max=3"),
+        "error: --set 'run.steps.max=3': run.steps is not a table",
+        2,
+    ),
+    Case("missing-recipe", ["run", "nope.toml"], "error: no such recipe file: {cwd}/nope.toml", 2),
+    Case(
+        "extends-missing-file",
+        check("child.toml"),
+        "error: {cwd}/child.toml: extends: no such recipe file: {cwd}/base.toml",
+        2,
+        setup=(_write("child.toml", 'extends = "base.toml"\n[run]\nsteps = 2\n'),),
+    ),
+    Case(
+        "extends-cycle",
+        check("a.toml"),
+        "error: {cwd}/b.toml: extends: cycle a.toml -> b.toml -> a.toml",
+        2,
+        setup=(_write("a.toml", 'extends = "b.toml"\n'), _write("b.toml", 'extends = "a.toml"\n')),
+    ),
     # --- corpora (read at run start by the kd trainer) ---
-    Case("corpus-missing-file", kd("--set", "corpus.train=missing.tsv"),
-         "error: no such corpus file: missing.tsv", 2, kd=True),
-    Case("corpus-empty-file", kd("--set", "corpus.train=empty.tsv"),
-         "error: empty.tsv: no sentence pairs (empty file)", 2, kd=True, setup=(_write("empty.tsv", ""),)),
-    Case("corpus-misaligned-parallel", kd("--set", "corpus.format=parallel", "--set", "corpus.train=par"),
-         "error: par.src has 3 lines but par.tgt has 2", 2, kd=True,
-         setup=(_write("par.src", "le chat\nle chien\nun oiseau\n"), _write("par.tgt", "the cat\nthe dog\n"))),
-    Case("corpus-tsv-line-without-tab", kd("--set", "corpus.train=notab.tsv"),
-         "error: notab.tsv: line 2: expected 2 tab-separated fields, got 1", 2, kd=True,
-         setup=(_write("notab.tsv", "le chat\tthe cat\nle chien the dog\n"),)),
-    Case("corpus-not-utf8", kd("--set", "corpus.train=latin1.tsv"),
-         "error: latin1.tsv: line 2: invalid UTF-8 (byte 0xe9 at column 4)", 2, kd=True,
-         setup=(_write_bytes("latin1.tsv", "le chat\tthe cat\ncaf\xe9\tcoffee\n".encode("latin-1")),)),
+    Case(
+        "corpus-missing-file",
+        kd("--set", "corpus.train=missing.tsv"),
+        "error: no such corpus file: missing.tsv",
+        2,
+        kd=True,
+    ),
+    Case(
+        "corpus-empty-file",
+        kd("--set", "corpus.train=empty.tsv"),
+        "error: empty.tsv: no sentence pairs (empty file)",
+        2,
+        kd=True,
+        setup=(_write("empty.tsv", ""),),
+    ),
+    Case(
+        "corpus-misaligned-parallel",
+        kd("--set", "corpus.format=parallel", "--set", "corpus.train=par"),
+        "error: par.src has 3 lines but par.tgt has 2",
+        2,
+        kd=True,
+        setup=(_write("par.src", "le chat\nle chien\nun oiseau\n"), _write("par.tgt", "the cat\nthe dog\n")),
+    ),
+    Case(
+        "corpus-tsv-line-without-tab",
+        kd("--set", "corpus.train=notab.tsv"),
+        "error: notab.tsv: line 2: expected 2 tab-separated fields, got 1",
+        2,
+        kd=True,
+        setup=(_write("notab.tsv", "le chat\tthe cat\nle chien the dog\n"),),
+    ),
+    Case(
+        "corpus-not-utf8",
+        kd("--set", "corpus.train=latin1.tsv"),
+        "error: latin1.tsv: line 2: invalid UTF-8 (byte 0xe9 at column 4)",
+        2,
+        kd=True,
+        setup=(_write_bytes("latin1.tsv", "le chat\tthe cat\ncaf\xe9\tcoffee\n".encode("latin-1")),),
+    ),
     # --- teacher packages (teacher.checkpoint) ---
-    Case("teacher-package-missing", kd("--set", "teacher.checkpoint=nopkg"),
-         "error: no such tokenizer model: nopkg/tokenizer.model (no folder nopkg)", 2, kd=True),
-    Case("teacher-weights-truncated", kd("--set", "teacher.checkpoint=pkg"),
-         "error: model package pkg: model.safetensors is damaged (sha256 mismatch)", 2, kd=True,
-         setup=(_package("pkg", _truncate_weights),)),
-    Case("teacher-config-missing", kd("--set", "teacher.checkpoint=pkg"),
-         "error: model package pkg: config.json is missing", 2, kd=True,
-         setup=(_package("pkg", _remove_config),)),
-    Case("teacher-vocabulary-mismatch", kd("--set", "teacher.checkpoint=pkg"),
-         "error: model package pkg: tokenizer has 24 pieces but the model expects 30", 2, kd=True,
-         setup=(_package("pkg", _swap_tokenizer),)),
+    Case(
+        "teacher-package-missing",
+        kd("--set", "teacher.checkpoint=nopkg"),
+        "error: no such tokenizer model: nopkg/tokenizer.model (no folder nopkg)",
+        2,
+        kd=True,
+    ),
+    Case(
+        "teacher-weights-truncated",
+        kd("--set", "teacher.checkpoint=pkg"),
+        "error: model package pkg: model.safetensors is damaged (sha256 mismatch)",
+        2,
+        kd=True,
+        setup=(_package("pkg", _truncate_weights),),
+    ),
+    Case(
+        "teacher-config-missing",
+        kd("--set", "teacher.checkpoint=pkg"),
+        "error: model package pkg: config.json is missing",
+        2,
+        kd=True,
+        setup=(_package("pkg", _remove_config),),
+    ),
+    Case(
+        "teacher-vocabulary-mismatch",
+        kd("--set", "teacher.checkpoint=pkg"),
+        "error: model package pkg: tokenizer has 24 pieces but the model expects 30",
+        2,
+        kd=True,
+        setup=(_package("pkg", _swap_tokenizer),),
+    ),
     # --- cvmkd translate: model packages and options ---
-    Case("translate-package-missing", ["translate", "--model", "nopkg"],
-         "error: no model package at nopkg", 2),
-    Case("translate-weights-truncated",
-         ["translate", "--model", "pkg", "-i", "in.txt", "-o", "runs/earlier/train.jsonl"],
-         "error: model package pkg: model.safetensors is damaged (sha256 mismatch)", 2, kd=True,
-         setup=(_package("pkg", _truncate_weights), _write("in.txt", "le chat\n"))),
-    Case("translate-tokenizer-mismatch", ["translate", "--model", "pkg", "-i", "in.txt"],
-         "error: model package pkg: tokenizer has 24 pieces but the model expects 30", 2, kd=True,
-         setup=(_package("pkg", _swap_tokenizer), _write("in.txt", "le chat\n"))),
-    Case("translate-input-missing", ["translate", "--model", "pkg", "-i", "missing.txt"],
-         "error: --input missing.txt: no such file", 2, kd=True, setup=(_package("pkg"),)),
-    Case("translate-input-not-utf8", ["translate", "--model", "pkg", "-i", "latin1.txt", "-o", "out.txt"],
-         "error: --input latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)", 2, kd=True,
-         setup=(_package("pkg"), _write_bytes("latin1.txt", "caf\xe9 noir\n".encode("latin-1"))),
-         check=lambda root: _absent(root, "out.txt")),
-    Case("translate-batch-size-zero", ["translate", "--model", "pkg", "--batch-size", "0"],
-         "error: --batch-size must be at least 1 (got 0)", 2),
+    Case("translate-package-missing", ["translate", "--model", "nopkg"], "error: no model package at nopkg", 2),
+    Case(
+        "translate-weights-truncated",
+        ["translate", "--model", "pkg", "-i", "in.txt", "-o", "runs/earlier/train.jsonl"],
+        "error: model package pkg: model.safetensors is damaged (sha256 mismatch)",
+        2,
+        kd=True,
+        setup=(_package("pkg", _truncate_weights), _write("in.txt", "le chat\n")),
+    ),
+    Case(
+        "translate-tokenizer-mismatch",
+        ["translate", "--model", "pkg", "-i", "in.txt"],
+        "error: model package pkg: tokenizer has 24 pieces but the model expects 30",
+        2,
+        kd=True,
+        setup=(_package("pkg", _swap_tokenizer), _write("in.txt", "le chat\n")),
+    ),
+    Case(
+        "translate-input-missing",
+        ["translate", "--model", "pkg", "-i", "missing.txt"],
+        "error: --input missing.txt: no such file",
+        2,
+        kd=True,
+        setup=(_package("pkg"),),
+    ),
+    Case(
+        "translate-input-not-utf8",
+        ["translate", "--model", "pkg", "-i", "latin1.txt", "-o", "out.txt"],
+        "error: --input latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)",
+        2,
+        kd=True,
+        setup=(_package("pkg"), _write_bytes("latin1.txt", "caf\xe9 noir\n".encode("latin-1"))),
+        check=lambda root: _absent(root, "out.txt"),
+    ),
+    Case(
+        "translate-batch-size-zero",
+        ["translate", "--model", "pkg", "--batch-size", "0"],
+        "error: --batch-size must be at least 1 (got 0)",
+        2,
+    ),
     # --- cvmkd monitor and cvmkd report: run directories ---
     Case("monitor-missing-run-dir", ["monitor", "runs/gone"], "error: no run directory at runs/gone", 2),
-    Case("monitor-folder-without-run", ["monitor", "notes"],
-         "error: notes is not a run directory: it holds no recipe.toml, train.jsonl or teacher/", 2),
+    Case(
+        "monitor-folder-without-run",
+        ["monitor", "notes"],
+        "error: notes is not a run directory: it holds no recipe.toml, train.jsonl or teacher/",
+        2,
+    ),
     Case("report-missing-run-dir", ["report", "runs/gone"], "error: no run directory at runs/gone", 2),
-    Case("report-folder-without-run", ["report", "notes"],
-         "error: notes is not a run directory: it holds none of recipe.toml, summary.json, train.jsonl", 2),
-    Case("report-unknown-format", ["report", "runs/earlier", "--format", "pdf"],
-         "error: unknown reporter 'pdf'; available: html, json, markdown", 2, plugins="reports"),
+    Case(
+        "report-folder-without-run",
+        ["report", "notes"],
+        "error: notes is not a run directory: it holds none of recipe.toml, summary.json, train.jsonl",
+        2,
+    ),
+    Case(
+        "report-unknown-format",
+        ["report", "runs/earlier", "--format", "pdf"],
+        "error: unknown reporter 'pdf'; available: html, json, markdown",
+        2,
+        plugins="reports",
+    ),
     # --- run directories ---
-    Case("run-dir-parent-is-a-file", toy("--set", "run.output_dir=blocker"),
-         "error: cannot write run directory blocker/toy: Not a directory",
-         2, setup=(_write("blocker", "a file where a folder should be\n"),)),
-    Case("run-dir-exists", toy(),
-         "error: run directory runs/toy exists already; choose another run.name or --run-dir, "
-         "or pass --resume to continue that run", 2, setup=(_toy_run,)),
-    Case("resume-folder-without-run", toy("--resume", "--run-dir", "notes"),
-         "error: cannot resume: notes holds no run (recipe.toml is missing)", 2),
-    Case("resume-missing-folder", toy("--resume", "--run-dir", "runs/gone"),
-         "error: cannot resume: no run directory runs/gone", 2),
+    Case(
+        "run-dir-parent-is-a-file",
+        toy("--set", "run.output_dir=blocker"),
+        "error: cannot write run directory blocker/toy: Not a directory",
+        2,
+        setup=(_write("blocker", "a file where a folder should be\n"),),
+    ),
+    Case(
+        "run-dir-exists",
+        toy(),
+        "error: run directory runs/toy exists already; choose another run.name or --run-dir, "
+        "or pass --resume to continue that run",
+        2,
+        setup=(_toy_run,),
+    ),
+    Case(
+        "resume-folder-without-run",
+        toy("--resume", "--run-dir", "notes"),
+        "error: cannot resume: notes holds no run (recipe.toml is missing)",
+        2,
+    ),
+    Case(
+        "resume-missing-folder",
+        toy("--resume", "--run-dir", "runs/gone"),
+        "error: cannot resume: no run directory runs/gone",
+        2,
+    ),
     # --- checkpoints ---
-    Case("disk-full-while-checkpointing", toy("--plugin", "full_disk.py"),
-         f"error: cannot write checkpoint {CKPT_6}: No space left on device", 2,
-         setup=(_write("full_disk.py", FULL_DISK_HOOKS),), check=_after_full_disk),
-    Case("resume-last-checkpoint-damaged", toy("--resume", "--run-dir", "runs/toy"),
-         "", 0, setup=(_toy_run, _truncate(CKPT_6)), may_change=("runs/toy/",), check=_after_fallback,
-         warning=f"checkpoint {CKPT_6} is damaged (sha256 mismatch); trying an earlier checkpoint",
-         stdout="completed: runs/toy"),
-    Case("resume-every-checkpoint-damaged", toy("--resume", "--run-dir", "runs/toy"),
-         f"error: no usable checkpoint: checkpoint {CKPT_6} is damaged (sha256 mismatch); "
-         f"checkpoint {CKPT_3} is damaged (sha256 mismatch)", 2, setup=(_toy_run, _truncate(CKPT_6, CKPT_3))),
-    Case("resume-manifest-damaged", toy("--resume", "--run-dir", "runs/toy"),
-         "error: runs/toy/checkpoints/manifest.json: damaged checkpoint manifest "
-         "(Expecting value: line 1 column 1 (char 0))", 2,
-         setup=(_toy_run, _write("runs/toy/checkpoints/manifest.json", "not json\n"))),
-    Case("resume-pickled-object", toy("--resume", "--run-dir", "runs/toy"),
-         f"error: no usable checkpoint: checkpoint {CKPT_6} refused: it would unpickle exec, but a "
-         "checkpoint may hold only tensors and plain values (torch.load with weights_only=True); "
-         f"checkpoint {CKPT_3} refused: it would unpickle exec, but a checkpoint may hold only "
-         "tensors and plain values (torch.load with weights_only=True)",
-         2, setup=(_toy_run, _plant_pickles), check=_nothing_planted),
+    Case(
+        "disk-full-while-checkpointing",
+        toy("--plugin", "full_disk.py"),
+        f"error: cannot write checkpoint {CKPT_6}: No space left on device",
+        2,
+        setup=(_write("full_disk.py", FULL_DISK_HOOKS),),
+        check=_after_full_disk,
+    ),
+    Case(
+        "resume-last-checkpoint-damaged",
+        toy("--resume", "--run-dir", "runs/toy"),
+        "",
+        0,
+        setup=(_toy_run, _truncate(CKPT_6)),
+        may_change=("runs/toy/",),
+        check=_after_fallback,
+        warning=f"checkpoint {CKPT_6} is damaged (sha256 mismatch); trying an earlier checkpoint",
+        stdout="completed: runs/toy",
+    ),
+    Case(
+        "resume-every-checkpoint-damaged",
+        toy("--resume", "--run-dir", "runs/toy"),
+        f"error: no usable checkpoint: checkpoint {CKPT_6} is damaged (sha256 mismatch); "
+        f"checkpoint {CKPT_3} is damaged (sha256 mismatch)",
+        2,
+        setup=(_toy_run, _truncate(CKPT_6, CKPT_3)),
+    ),
+    Case(
+        "resume-manifest-damaged",
+        toy("--resume", "--run-dir", "runs/toy"),
+        "error: runs/toy/checkpoints/manifest.json: damaged checkpoint manifest "
+        "(Expecting value: line 1 column 1 (char 0))",
+        2,
+        setup=(_toy_run, _write("runs/toy/checkpoints/manifest.json", "not json\n")),
+    ),
+    Case(
+        "resume-pickled-object",
+        toy("--resume", "--run-dir", "runs/toy"),
+        f"error: no usable checkpoint: checkpoint {CKPT_6} refused: it would unpickle exec, but a "
+        "checkpoint may hold only tensors and plain values (torch.load with weights_only=True); "
+        f"checkpoint {CKPT_3} refused: it would unpickle exec, but a checkpoint may hold only "
+        "tensors and plain values (torch.load with weights_only=True)",
+        2,
+        setup=(_toy_run, _plant_pickles),
+        check=_nothing_planted,
+    ),
     # --- plugins: hook files that fail to load, and hooks that raise ---
-    Case("hook-file-missing", toy("--plugin", "nohooks.py"),
-         "error: no such hook file: nohooks.py", 2),
-    Case("hook-file-does-not-import", toy("--plugin", "broken.py"),
-         "error: hook file broken.py failed to import: SyntaxError: '(' was never closed (broken.py, line 1)",
-         2, setup=(_write("broken.py", "def cvmkd_step_end(state, result:\n"),)),
-    Case("hook-name-misspelt", toy("--plugin", "typo.py"),
-         "error: plugin file:{cwd}/typo.py: unknown hook 'cvmkd_stepend' (a misspelt name?); "
-         "hooks are listed in docs/hooks.md", 2,
-         setup=(_write("typo.py", "from cvmkd_core import hookimpl\n\n\n@hookimpl\ndef cvmkd_stepend(state, result):\n    pass\n"),)),
+    Case("hook-file-missing", toy("--plugin", "nohooks.py"), "error: no such hook file: nohooks.py", 2),
+    Case(
+        "hook-file-does-not-import",
+        toy("--plugin", "broken.py"),
+        "error: hook file broken.py failed to import: SyntaxError: '(' was never closed (broken.py, line 1)",
+        2,
+        setup=(_write("broken.py", "def cvmkd_step_end(state, result:\n"),),
+    ),
+    Case(
+        "hook-name-misspelt",
+        toy("--plugin", "typo.py"),
+        "error: plugin file:{cwd}/typo.py: unknown hook 'cvmkd_stepend' (a misspelt name?); "
+        "hooks are listed in docs/hooks.md",
+        2,
+        setup=(
+            _write(
+                "typo.py",
+                "from cvmkd_core import hookimpl\n\n\n@hookimpl\ndef cvmkd_stepend(state, result):\n    pass\n",
+            ),
+        ),
+    ),
     # cvmkd_register runs while plugins load: a PluginLoadError, exit 2, nothing written
-    Case("hook-raises-in-cvmkd_register", toy("--plugin", "raiser.py"),
-         "error: plugin file:{cwd}/raiser.py: cvmkd_register failed: ValueError: boom", 2,
-         setup=(_raiser("cvmkd_register"),)),
+    Case(
+        "hook-raises-in-cvmkd_register",
+        toy("--plugin", "raiser.py"),
+        "error: plugin file:{cwd}/raiser.py: cvmkd_register failed: ValueError: boom",
+        2,
+        setup=(_raiser("cvmkd_register"),),
+    ),
     raising("cvmkd_configure", check=_summary_failed),
     raising("cvmkd_run_start"),
     raising("cvmkd_step"),
@@ -637,11 +830,15 @@ def test_a_failure_outside_any_hook_keeps_the_plain_form() -> None:
     except KeyError as exc:
         line = describe_failure(exc)
     # the hook is named, at the line of the hook that was running
-    assert line == f"cvmkd_step_end in {__file__}:{cvmkd_step_end.__code__.co_firstlineno + 1} raised KeyError: 'missing'"
+    assert (
+        line == f"cvmkd_step_end in {__file__}:{cvmkd_step_end.__code__.co_firstlineno + 1} raised KeyError: 'missing'"
+    )
     assert describe_failure(ValueError("two\nlines")) == "ValueError: two lines"
 
 
-def test_a_manifest_that_cannot_be_written_deletes_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_manifest_that_cannot_be_written_deletes_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The manifest is written before pruned checkpoints are deleted: when it fails, the previous
     manifest still lists only files that exist."""
     import errno
@@ -656,7 +853,10 @@ def test_a_manifest_that_cannot_be_written_deletes_no_checkpoint(tmp_path: Path,
     monkeypatch.setattr(checkpoint_module, "atomic_write_json", full_disk)
     with pytest.raises(checkpoint_module.CheckpointError) as info:
         store.save(2, 2, {"core": {"step": 2}}, score=None)
-    assert str(info.value) == f"cannot write checkpoint manifest {store.directory / 'manifest.json'}: No space left on device"
+    assert (
+        str(info.value)
+        == f"cannot write checkpoint manifest {store.directory / 'manifest.json'}: No space left on device"
+    )
     assert_intact(tmp_path, before)
     entry, payload = store.load("last")
     assert (entry, payload) == (first, {"core": {"step": 1}})

@@ -90,7 +90,9 @@ def test_a_custom_hook_file_is_called_during_a_run(write, toy_hook_file, capsys)
 
 def test_hook_files_named_in_the_recipe_are_relative_to_it(write, capsys) -> None:
     write("recipes/hooks/toy_hooks.py", TOY_HOOK_FILE)
-    recipe = write("recipes/r.toml", TOY_RECIPE.replace('name = "toy"\n', 'name = "toy"\nhook_files = ["hooks/toy_hooks.py"]\n', 1))
+    recipe = write(
+        "recipes/r.toml", TOY_RECIPE.replace('name = "toy"\n', 'name = "toy"\nhook_files = ["hooks/toy_hooks.py"]\n', 1)
+    )
     status, _, err = _cli("run", str(recipe), "--run-dir", "elsewhere", capsys=capsys)
     assert status == 0, err
     assert (Path("elsewhere") / "train.jsonl").is_file()
@@ -129,7 +131,10 @@ def test_plugin_errors_are_one_line_and_debug_shows_the_traceback(write, capsys)
 
 def test_a_plugin_raising_during_the_run_is_one_line(write, toy_hook_file, capsys) -> None:
     recipe = write("r.toml", TOY_RECIPE)
-    hook = write("raiser.py", "from cvmkd_core import hookimpl\n@hookimpl\ndef cvmkd_step_end(state):\n    raise ValueError('boom')\n")
+    hook = write(
+        "raiser.py",
+        "from cvmkd_core import hookimpl\n@hookimpl\ndef cvmkd_step_end(state):\n    raise ValueError('boom')\n",
+    )
     status, _, err = _cli("run", str(recipe), "--plugin", str(toy_hook_file), "--plugin", str(hook), capsys=capsys)
     assert status == 1
     (line,) = err.splitlines()
@@ -200,11 +205,16 @@ def test_a_pip_installed_plugin_is_listed_and_usable(tmp_path: Path, write, toy_
         listed = subprocess.run([*cvmkd, "plugins", "--json"], capture_output=True, text=True, check=True, env=env)
         (plugin,) = [p for p in json.loads(listed.stdout) if p["name"] == "tmp-metric"]
         assert (plugin["distribution"], plugin["version"]) == ("cvmkd-tmp-metric", "0.0.7")
-        assert plugin["components"] == [{"kind": "metric", "name": "words", "description": "Mean hypothesis length in words."}]
+        assert plugin["components"] == [
+            {"kind": "metric", "name": "words", "description": "Mean hypothesis length in words."}
+        ]
         recipe = write("r.toml", TOY_RECIPE.replace('metrics = ["exact"]', 'metrics = ["exact", "words"]'))
         done = subprocess.run(
             [*cvmkd, "run", str(recipe), "--plugin", str(toy_hook_file), "--quiet"],
-            capture_output=True, text=True, cwd=tmp_path, env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
         )
         assert done.returncode == 0, done.stderr
         last = json.loads((tmp_path / "runs/toy/validation/history.jsonl").read_text().splitlines()[-1])

@@ -29,7 +29,9 @@ def test_every_hook_is_typed_and_has_a_docstring() -> None:
     for name in _hook_names():
         spec = getattr(hookspecs, name)
         assert inspect.getdoc(spec), name
-        assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(spec).parameters.values()), name
+        assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(spec).parameters.values()), (
+            name
+        )
 
 
 def test_every_core_recipe_key_is_in_the_recipes_reference() -> None:

@@ -39,8 +39,19 @@ def _install_template(tmp_path: Path) -> dict[str, str]:
     shutil.copytree(TEMPLATE, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install",
-         "--no-deps", "--no-build-isolation", "--target", str(site), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "-q",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(source),
+        ],
         check=True,
     )
     assert (site / "cvmkd_example_metric-0.1.0.dist-info" / "entry_points.txt").is_file()
@@ -58,7 +69,11 @@ def test_the_template_installs_passes_its_tests_and_scores_in_a_run(tmp_path: Pa
     # The package imported is the one in the temporary folder, not the source in the repository.
     where = subprocess.run(
         [*python, "-c", "import cvmkd_example_metric as m; print(m.__file__)"],
-        capture_output=True, text=True, check=True, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "site")
 
@@ -66,7 +81,10 @@ def test_the_template_installs_passes_its_tests_and_scores_in_a_run(tmp_path: Pa
     # despite the conftest.py exclusion.
     tests = subprocess.run(
         [*python, "-m", "pytest", "plugins/cvmkd-example-metric/tests", "-p", "no:cacheprovider", "-q"],
-        capture_output=True, text=True, env=env, cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     assert tests.returncode == 0, tests.stdout + tests.stderr
     assert " passed" in tests.stdout and "failed" not in tests.stdout
@@ -74,10 +92,15 @@ def test_the_template_installs_passes_its_tests_and_scores_in_a_run(tmp_path: Pa
     # (b) `cvmkd plugins --json` lists it, with its distribution and metric.
     cvmkd = [*python, "-m", "cvmkd_core.cli"]
     quiet = {**env, "PYTHONWARNINGS": "ignore"}
-    listed = subprocess.run([*cvmkd, "plugins", "--json"], capture_output=True, text=True, check=True, env=quiet, cwd=tmp_path)
+    listed = subprocess.run(
+        [*cvmkd, "plugins", "--json"], capture_output=True, text=True, check=True, env=quiet, cwd=tmp_path
+    )
     (plugin,) = [p for p in json.loads(listed.stdout) if p["name"] == "example-metric"]
     assert (plugin["source"], plugin["distribution"], plugin["version"], plugin["error"]) == (
-        "entrypoint", "cvmkd-example-metric", "0.1.0", None,
+        "entrypoint",
+        "cvmkd-example-metric",
+        "0.1.0",
+        None,
     )
     assert [(c["kind"], c["name"]) for c in plugin["components"]] == [("metric", "exact_match")]
 
@@ -94,7 +117,10 @@ def test_the_template_installs_passes_its_tests_and_scores_in_a_run(tmp_path: Pa
     assert 'metrics = ["exact", "exact_match"]' in recipe.read_text() and "learning_rate = 0.2" in recipe.read_text()
     done = subprocess.run(
         [*cvmkd, "run", str(recipe), "--plugin", str(toy_hook_file), "--quiet"],
-        capture_output=True, text=True, env=quiet, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=quiet,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (tmp_path / "runs/toy/validation/history.jsonl").read_text().splitlines()]

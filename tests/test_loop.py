@@ -101,11 +101,15 @@ def test_hook_order_of_a_tiny_run(write, toy_plugins: Plugins, recorder: Recorde
         "configure",
         "run_start",
         "event run_start",
-        "step 1", "step_end 1",
-        "step 2", "step_end 2",
+        "step 1",
+        "step_end 1",
+        "step 2",
+        "step_end 2",
         *validation(2, 0),
-        "step 3", "step_end 3",
-        "step 4", "step_end 4",
+        "step 3",
+        "step_end 3",
+        "step 4",
+        "step_end 4",
         *validation(4, 1),
         "event run_end",
         "finalize completed",
@@ -113,7 +117,9 @@ def test_hook_order_of_a_tiny_run(write, toy_plugins: Plugins, recorder: Recorde
 
 
 def test_runs_exactly_the_recipe_steps_and_validates_every_n_and_at_the_end(write, toy_plugins: Plugins) -> None:
-    summary, run_dir = run_session(_session(write, toy_plugins, overrides=["run.steps=7", "run.validate_every=3", "distill.learning_rate=0.2"]))
+    summary, run_dir = run_session(
+        _session(write, toy_plugins, overrides=["run.steps=7", "run.validate_every=3", "distill.learning_rate=0.2"])
+    )
     lines = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
     steps = [line["step"] for line in lines if "event" not in line]
     assert steps == [1, 2, 3, 4, 5, 6, 7]
@@ -237,8 +243,9 @@ def test_rollback_restores_the_best_checkpoint_and_continues(write, toy_plugins:
     toy_plugins.add_plugin(DropDetector(), name="detector", source="test")
     # the weight converges by step 6, is thrown off at step 7, validated at 9 -> rollback to 6
     session = _session(
-        write, toy_plugins, overrides=["run.steps=12", "run.validate_every=3", "distill.sabotage_at_step=7",
-                                       "distill.learning_rate=0.2"]
+        write,
+        toy_plugins,
+        overrides=["run.steps=12", "run.validate_every=3", "distill.sabotage_at_step=7", "distill.learning_rate=0.2"],
     )
     summary, run_dir = run_session(session)
     assert summary.status == "completed"
@@ -250,7 +257,13 @@ def test_rollback_restores_the_best_checkpoint_and_continues(write, toy_plugins:
     assert rollback["from_step"] == 9 and rollback["to_step"] == 6
     assert rollback["lr_scale"] == 0.5
     history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
-    assert [(h["step"], h["rolled_back"]) for h in history] == [(3, False), (6, False), (9, True), (9, False), (12, False)]
+    assert [(h["step"], h["rolled_back"]) for h in history] == [
+        (3, False),
+        (6, False),
+        (9, True),
+        (9, False),
+        (12, False),
+    ]
     assert history[-1]["scores"]["exact"] == 100.0
     lrs = [e["lr"] for e in events if "lr" in e]
     assert lrs[-1] == pytest.approx(0.1)  # halved after the rollback

@@ -21,7 +21,9 @@ from cvmkd_nmt.model.package import load_package
 from cvmkd_nmt.model.translate import translate
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = TINY_KD_RECIPE + """
+RECIPE = (
+    TINY_KD_RECIPE
+    + """
 [guard]
 name = "guard"
 retention_threshold = 0.01
@@ -37,6 +39,7 @@ bits = 4
 max_bleu_loss = 100.0
 max_composite_loss = 1.0
 """
+)
 
 SOURCES = ["le chat mange", "", "le petit chien voit le chat", "le chien"]
 
@@ -77,8 +80,9 @@ def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tup
         assert meta["gate"]["checks"] and meta["gate"]["passed"] is all(c["passed"] for c in meta["gate"]["checks"])
         revision = meta["source_revision"]
         if revision is not None:  # the tests run from a git checkout of cvmkd
-            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  cwd=Path(__file__).parent).stdout.strip()
+            head = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
             assert revision["commit"] == head
         if package.name == "model":
             assert meta["quantization"] == {"scheme": "none", "bits": 32}
@@ -86,7 +90,7 @@ def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tup
             assert meta["retention"] == evaluation["retention"]
             assert [c["model"] for c in meta["gate"]["checks"]] == ["student"] * len(meta["gate"]["checks"])
         else:
-            name = package.name[len("model-"):]
+            name = package.name[len("model-") :]
             assert meta["quantization"]["scheme"] == quantized[name]["scheme"] == meta["scheme"]
             assert meta["test_scores"] == quantized[name]["scores"]
             assert meta["retention"] == quantized[name]["retention"]
@@ -94,7 +98,9 @@ def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tup
         load_package(package)  # stamping the metadata left the weights' recorded sha256 valid
 
 
-def test_teacher_and_student_size_and_speed_are_measured_side_by_side(finished_run: tuple[Path, dict[str, Any]]) -> None:
+def test_teacher_and_student_size_and_speed_are_measured_side_by_side(
+    finished_run: tuple[Path, dict[str, Any]],
+) -> None:
     run_dir, _ = finished_run
     models = json.loads((run_dir / "evaluation.json").read_text())["models"]
     student_meta = json.loads((run_dir / "model" / "metadata.json").read_text())
@@ -102,7 +108,9 @@ def test_teacher_and_student_size_and_speed_are_measured_side_by_side(finished_r
     assert models["teacher"]["parameters"] == student_meta["teacher"]["parameters"]
     assert models["student"]["file_bytes"] == (run_dir / "model" / "model.safetensors").stat().st_size
     root = run_dir.parent.parent  # the run was made there; the recorded paths are relative to it
-    assert models["teacher"]["file_bytes"] == (root / student_meta["teacher"]["path"] / "model.safetensors").stat().st_size
+    assert (
+        models["teacher"]["file_bytes"] == (root / student_meta["teacher"]["path"] / "model.safetensors").stat().st_size
+    )
     for who in ("teacher", "student"):
         assert models[who]["latency"]["batch_size"] == 1 and models[who]["throughput"]["batch_size"] == 32
         assert models[who]["latency"]["tokens_per_second"] > 0 and models[who]["throughput"]["tokens_per_second"] > 0
@@ -134,7 +142,10 @@ def test_translate_reads_stdin_and_writes_stdout(finished_run: tuple[Path, dict[
     package = run_dir / "model-dynamic-int8"
     done = subprocess.run(
         [sys.executable, "-m", "cvmkd_core.cli", "translate", "--model", str(package)],
-        input="\n".join(SOURCES) + "\n", capture_output=True, text=True, timeout=300,
+        input="\n".join(SOURCES) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     model, tokenizer, _ = load_package(package)
@@ -154,15 +165,21 @@ def _copy_package(package: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-100]),
-         "model.safetensors is damaged (sha256 mismatch)"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-100]),
+            "model.safetensors is damaged (sha256 mismatch)",
+        ),
         (lambda p: (p / "tokenizer.model").unlink(), "tokenizer.model is missing"),
         (lambda p: (p / "quantization.json").write_text("{"), "quantization.json is damaged"),
         (lambda p: (p / "config.json").write_text("[1"), "config.json is damaged"),
     ],
 )
 def test_translate_refuses_a_damaged_package_in_one_line_and_keeps_the_output(
-    finished_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any, message: str
+    finished_run: tuple[Path, dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: Any,
+    message: str,
 ) -> None:
     run_dir, _ = finished_run
     package = _copy_package(run_dir / "model-nbit", tmp_path)
@@ -200,8 +217,9 @@ def test_translate_says_when_there_is_no_package(tmp_path: Path, capsys: pytest.
     assert capsys.readouterr().err.strip() == f"error: model package {tmp_path / 'half'}: model.safetensors is missing"
 
 
-def test_translate_of_non_utf8_input_is_one_line(finished_run: tuple[Path, dict[str, Any]], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_translate_of_non_utf8_input_is_one_line(
+    finished_run: tuple[Path, dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir, _ = finished_run
     source = tmp_path / "latin1.txt"
     source.write_bytes("le chat \xe9\n".encode("latin-1"))

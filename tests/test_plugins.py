@@ -48,7 +48,9 @@ def test_a_plugin_registered_for_one_test_and_unregistered_after() -> None:
 def test_a_duplicate_component_name_names_both_plugins() -> None:
     plugins = build_plugins(entry_points=False)
     plugins.add_plugin(OneMetric(), name="first", source="test")
-    with pytest.raises(ComponentError, match="metric 'same' is registered twice: by plugin 'first' and by plugin 'second'"):
+    with pytest.raises(
+        ComponentError, match="metric 'same' is registered twice: by plugin 'first' and by plugin 'second'"
+    ):
         plugins.add_plugin(OneMetric(), name="second", source="test")
 
 
@@ -71,7 +73,10 @@ def test_a_misspelt_hook_fails_at_start(write) -> None:
             pass
         """,
     )
-    with pytest.raises(PluginLoadError, match=r"plugin file:.*typo.py: unknown hook 'cvmkd_stpe_end' \(a misspelt name\?\); hooks are listed in docs/hooks.md$"):
+    with pytest.raises(
+        PluginLoadError,
+        match=r"plugin file:.*typo.py: unknown hook 'cvmkd_stpe_end' \(a misspelt name\?\); hooks are listed in docs/hooks.md$",
+    ):
         build_plugins([path], entry_points=False)
 
 
@@ -86,7 +91,10 @@ def test_a_hook_with_an_unknown_argument_is_refused(write) -> None:
             pass
         """,
     )
-    with pytest.raises(PluginLoadError, match=r"badarg.py: hook cvmkd_step_end\(\) declares .reslt., which the hook does not provide; it provides: state, result$"):
+    with pytest.raises(
+        PluginLoadError,
+        match=r"badarg.py: hook cvmkd_step_end\(\) declares .reslt., which the hook does not provide; it provides: state, result$",
+    ):
         build_plugins([path], entry_points=False)
 
 
@@ -148,7 +156,9 @@ def test_entry_point_plugins_are_loaded_with_their_distribution(fake_entry_point
 
 
 def test_a_plugin_that_fails_to_import_is_reported_with_its_distribution(fake_entry_points) -> None:
-    fake_entry_points.append(FakeEntryPoint("bad", "cvmkd-bad", "0.4.0", error=ImportError("no module named 'sacrebleu'")))
+    fake_entry_points.append(
+        FakeEntryPoint("bad", "cvmkd-bad", "0.4.0", error=ImportError("no module named 'sacrebleu'"))
+    )
     with pytest.warns(UserWarning, match=r"cvmkd plugin bad \(cvmkd-bad 0.4.0\) failed to load: ImportError"):
         plugins = build_plugins()
     (described,) = [p for p in plugins.describe() if p["name"] == "bad"]

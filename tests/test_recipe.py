@@ -152,19 +152,23 @@ CATALOGUE = [
     ),
     (
         "boolean for a number",
-        "[distill]\nname = \"toy\"\nlearning_rate = true\n",
+        '[distill]\nname = "toy"\nlearning_rate = true\n',
         ["distill.learning_rate: expected a number, got boolean true"],
     ),
     (
         "unknown key in a section",
         "[run]\nstep = 10\n",
-        ["run: unknown key 'step'; known keys: cache_dir, device, hook_files, keep_checkpoints, log_every, name, "
-         "output_dir, precision, seed, steps, validate_every"],
+        [
+            "run: unknown key 'step'; known keys: cache_dir, device, hook_files, keep_checkpoints, log_every, name, "
+            "output_dir, precision, seed, steps, validate_every"
+        ],
     ),
     (
         "unknown top-level section",
         "[trainning]\nsteps = 10\n",
-        ["recipe: unknown key 'trainning'; known keys: corpus, distill, guard, loggers, quantize, reports, run, validation"],
+        [
+            "recipe: unknown key 'trainning'; known keys: corpus, distill, guard, loggers, quantize, reports, run, validation"
+        ],
     ),
     (
         "value not among the choices",
@@ -203,7 +207,7 @@ CATALOGUE = [
     ),
     (
         "table where a list is expected",
-        "[validation]\nmetrics = \"exact\"\n",
+        '[validation]\nmetrics = "exact"\n',
         ["validation.metrics: expected an array, got string 'exact'"],
     ),
     (

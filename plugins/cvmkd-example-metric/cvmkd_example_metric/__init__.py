@@ -19,7 +19,7 @@ in this one file:
    ``validation/history.jsonl`` and ``evaluation.json``, read with :attr:`ExactMatch.scores` when cvmkd compares
    validations, the student with the teacher, or builds the composite score.
 
-The contract for metric components is the docstring of ``cvmkd_core/metrics.py``.
+The contract for metric components is the docstring of ``plugins/cvmkd-validation/cvmkd_validation/metrics.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import attrs
 # Everything a plugin needs from cvmkd is imported from the core package: the hook marker and,
 # for metrics, ScoreSpec. Import nothing from other plugins: they may not be installed.
 from cvmkd_core import hookimpl
-from cvmkd_core.metrics import ScoreSpec
+from cvmkd_validation.metrics import ScoreSpec
 
 __version__ = "0.1.0"
 
@@ -94,7 +94,9 @@ class ExactMatch:
         # cvmkd starts, for `cvmkd plugins` too, even when no recipe selects the metric.
         self.config = config
 
-    def sentence_scores(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, list[float]]:
+    def sentence_scores(
+        self, hypotheses: list[str], references: list[str], sources: list[str]
+    ) -> dict[str, list[float]]:
         """Per key, one value per sentence: 100.0 when the hypothesis matches, else 0.0.
 
         Optional. Implement it when the corpus score is the mean of sentence scores (as here, or
@@ -102,7 +104,7 @@ class ExactMatch:
         values, so a paired bootstrap test against the previous validation costs nothing extra.
         A corpus-level metric (BLEU) whose score is not a mean of sentence scores must not have
         it; it may have ``paired_test(baseline, hypotheses, references, sources, *, samples)``
-        instead (see cvmkd_core/metrics.py).
+        instead (see plugins/cvmkd-validation/cvmkd_validation/metrics.py).
 
         ``hypotheses`` (the student's translations), ``references`` and ``sources`` are
         detokenised text, aligned one to one. ``sources`` is there for metrics that read the

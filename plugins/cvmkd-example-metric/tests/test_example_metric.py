@@ -16,9 +16,9 @@ from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import build_plugins
 from cvmkd_example_metric import ExactMatch, ExactMatchConfig  # rename this
 
-PLUGIN = "example-metric"          # the entry-point name in pyproject.toml: rename this
+PLUGIN = "example-metric"  # the entry-point name in pyproject.toml: rename this
 DISTRIBUTION = "cvmkd-example-metric"  # the distribution name: rename this
-METRIC = "exact_match"             # the name register.metric() gives: rename this
+METRIC = "exact_match"  # the name register.metric() gives: rename this
 
 
 def test_installed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,8 +78,10 @@ def test_the_corpus_score_is_the_mean_of_the_sentence_scores() -> None:
 
 def test_declared_scores_match_returned_keys_and_range() -> None:
     metric = _metric()
-    assert set(metric.scores) == set(metric.score(REFERENCES, REFERENCES, [])) == set(
-        metric.sentence_scores(REFERENCES, REFERENCES, [])
+    assert (
+        set(metric.scores)
+        == set(metric.score(REFERENCES, REFERENCES, []))
+        == set(metric.sentence_scores(REFERENCES, REFERENCES, []))
     )
     spec = metric.scores[METRIC]
     assert spec.higher_is_better and (spec.low, spec.high) == (0.0, 100.0)
@@ -87,7 +89,9 @@ def test_declared_scores_match_returned_keys_and_range() -> None:
 
 
 def test_settings_are_checked_like_any_recipe_key() -> None:
-    with pytest.raises(RecipeError, match=r"^validation\.metrics\[0\]\.lowercase: expected true or false, got string 'no'$"):
+    with pytest.raises(
+        RecipeError, match=r"^validation\.metrics\[0\]\.lowercase: expected true or false, got string 'no'$"
+    ):
         _metric(lowercase="no")
     with pytest.raises(RecipeError, match=r"^validation\.metrics\[0\]: unknown key 'lower'; known keys: lowercase$"):
         _metric(lower=True)

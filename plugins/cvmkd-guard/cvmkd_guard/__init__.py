@@ -18,7 +18,7 @@ Selected in a recipe as the ``[guard]`` component; every key is optional (defaul
 
 **After each validation** (``cvmkd_check_degradation``) the watched score is compared with the
 earlier *accepted* validations (records with ``rolled_back = true`` are ignored). Direction comes
-from the score's :class:`~cvmkd_core.metrics.ScoreSpec`: for a lower-is-better score such as TER,
+from the score's :class:`~cvmkd_validation.metrics.ScoreSpec`: for a lower-is-better score such as TER,
 worse means higher. Two rules, either of which asks for a rollback:
 
 - *relative drop*: the score is worse than the best accepted validation's by more than
@@ -85,8 +85,8 @@ import attrs
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
 from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import ScoreSpec
 from cvmkd_core.state import GateVerdict, Rollback, RunState, RunSummary, StepResult, ValidationRecord
+from cvmkd_validation.metrics import ScoreSpec
 from cvmkd_validation.validation import score_specs
 
 __version__ = "0.1.0"
@@ -108,19 +108,19 @@ def _unit_interval(_instance: Any, _attribute: Any, value: float) -> None:
 class GuardConfig:
     """The ``[guard]`` section (``name = "guard"``)::
 
-        [guard]
-        name = "guard"
-        score = "composite"
-        threshold = 0.05
-        trend_window = 3
-        trend_tolerance = 0.01
-        patience = 2
-        nonfinite = true
-        target = "best"
-        lr_factor = 0.5
-        max_rollbacks = 3
-        retention_threshold = 0.90
-        gate_scores = ["composite", "bleu"]
+    [guard]
+    name = "guard"
+    score = "composite"
+    threshold = 0.05
+    trend_window = 3
+    trend_tolerance = 0.01
+    patience = 2
+    nonfinite = true
+    target = "best"
+    lr_factor = 0.5
+    max_rollbacks = 3
+    retention_threshold = 0.90
+    gate_scores = ["composite", "bleu"]
     """
 
     score: str = "composite"
@@ -196,9 +196,7 @@ def check_score_keys(config: GuardConfig, specs: Mapping[str, ScoreSpec]) -> Non
     """``guard.score`` and ``guard.gate_scores`` must name scores the selected metrics return."""
     available = ", ".join(specs) or "none"
     if config.score not in specs:
-        raise MetricError(
-            f"guard.score: no selected metric returns {config.score!r}; available scores: {available}"
-        )
+        raise MetricError(f"guard.score: no selected metric returns {config.score!r}; available scores: {available}")
     unknown = [k for k in config.gate_scores if k not in specs]
     if unknown:
         raise MetricError(
@@ -234,8 +232,9 @@ def _checks(model: str, retention: Any, scores: Sequence[str], threshold: float)
     for key in scores:
         share = retention.get(key) if isinstance(retention, Mapping) else None
         check: dict[str, Any] = {"model": model, "score": key}
-        if _finite(share):
-            check.update(retention=float(share), passed=float(share) >= threshold)
+        number = _number(share)
+        if number is not None and math.isfinite(number):  # _finite(share), keeping the float
+            check.update(retention=number, passed=number >= threshold)
         else:
             present = isinstance(retention, Mapping) and key in retention
             check.update(
@@ -352,7 +351,7 @@ class Guard:
                     f"{key} {value:.2f} is {how} the best ({best_value:.2f} at step {best.step}{lower}; "
                     f"threshold {_percent(cfg.threshold)})"
                 )
-            window = [r.scores[key] for r in accepted[-(cfg.trend_window - 1):]] + [value]
+            window = [r.scores[key] for r in accepted[-(cfg.trend_window - 1) :]] + [value]
             if len(window) >= cfg.trend_window:
                 slope = normalised_slope(window)
             worsening = None if slope is None else (-slope if spec.higher_is_better else slope)
@@ -361,7 +360,11 @@ class Guard:
             if self.downward_streak >= cfg.patience:
                 assert slope is not None
                 direction = "down" if spec.higher_is_better else "up (lower is better)"
-                run = "at this validation" if self.downward_streak == 1 else f"for {self.downward_streak} validations in a row"
+                run = (
+                    "at this validation"
+                    if self.downward_streak == 1
+                    else f"for {self.downward_streak} validations in a row"
+                )
                 reasons.append(
                     f"{key} trending {direction} over the last {cfg.trend_window} validations "
                     f"(slope {100 * slope:+.1f}%/validation) {run}"

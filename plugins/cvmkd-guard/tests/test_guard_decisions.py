@@ -13,13 +13,13 @@ import torch
 
 from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
-from cvmkd_core.metrics import COMPOSITE_SPEC, ScoreSpec
 from cvmkd_core.recipe import MetricRef, Recipe, load_recipe
 from cvmkd_core.registry import Registry
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
 from cvmkd_testing import TOY_RECIPE, ExactMatch, toy_plugin_manager
 from cvmkd_validation.config import ValidationConfig
+from cvmkd_validation.metrics import COMPOSITE_SPEC, ScoreSpec
 
 HIGHER = COMPOSITE_SPEC
 TER = ScoreSpec(higher_is_better=False, low=0.0, high=100.0)
@@ -29,7 +29,9 @@ def rec(step: int, value: float, key: str = "composite", rolled_back: bool = Fal
     return ValidationRecord(step=step, iteration=step, scores={key: value}, rolled_back=rolled_back)
 
 
-def run(guard: Guard, values: list[float], spec: ScoreSpec = HIGHER, key: str = "composite", rollbacks: int = 0) -> list[Rollback | None]:
+def run(
+    guard: Guard, values: list[float], spec: ScoreSpec = HIGHER, key: str = "composite", rollbacks: int = 0
+) -> list[Rollback | None]:
     """Feed validations one by one, as the loop does: a rolled-back record stays in the history."""
     history: list[ValidationRecord] = []
     decisions = []
@@ -170,7 +172,9 @@ def test_max_rollbacks_reached_restores_the_best_and_stops() -> None:
     history = [rec(1000, 50.0)]
     normal = guard.judge(rec(2000, 10.0), history, spec=HIGHER, rollbacks=1)
     assert normal == Rollback(
-        reason="composite 10.00 is 80.0% below the best (50.00 at step 1000; threshold 5%)", target="last", lr_factor=0.25
+        reason="composite 10.00 is 80.0% below the best (50.00 at step 1000; threshold 5%)",
+        target="last",
+        lr_factor=0.25,
     )
     final = guard.judge(rec(2000, 10.0), history, spec=HIGHER, rollbacks=2)
     assert final == Rollback(
@@ -196,7 +200,9 @@ def test_max_rollbacks_reached_restores_the_best_and_stops() -> None:
         (StepResult(loss=1.5, metrics={"ce": float("-inf")}), "ce=-inf"),
     ],
 )
-def test_a_non_finite_loss_requests_a_rollback_to_the_last_checkpoint(tmp_path: Path, result: StepResult, shown: str) -> None:
+def test_a_non_finite_loss_requests_a_rollback_to_the_last_checkpoint(
+    tmp_path: Path, result: StepResult, shown: str
+) -> None:
     state = state_for(tmp_path)
     state.step = 7
     Guard().cvmkd_step_end(state=state, result=result)
@@ -219,7 +225,9 @@ def test_a_non_finite_loss_at_the_limit_stops(tmp_path: Path) -> None:
     Guard().cvmkd_step_end(state=state, result=StepResult(loss=float("nan")))
     decision = state.pending_rollback
     assert decision is not None and decision.stop and decision.target == "best"
-    assert decision.reason.startswith("non-finite training loss at step 12 (loss=nan); rollback limit reached (3 rollbacks")
+    assert decision.reason.startswith(
+        "non-finite training loss at step 12 (loss=nan); rollback limit reached (3 rollbacks"
+    )
 
 
 # --- saved state ---------------------------------------------------------------------------------
@@ -256,8 +264,16 @@ def test_settings_are_validated() -> None:
     assert structure({}, GuardConfig) == GuardConfig()
     with pytest.raises(RecipeError) as caught:
         structure(
-            {"lr_factor": 0.0, "trend_window": 1, "patience": 0, "target": "worst", "max_rollbacks": -1,
-             "retention_threshold": 0.0, "gate_scores": [], "threshold": "5%"},
+            {
+                "lr_factor": 0.0,
+                "trend_window": 1,
+                "patience": 0,
+                "target": "worst",
+                "max_rollbacks": -1,
+                "retention_threshold": 0.0,
+                "gate_scores": [],
+                "threshold": "5%",
+            },
             GuardConfig,
             "guard",
         )
@@ -296,7 +312,9 @@ def test_the_watched_and_gated_scores_must_exist(tmp_path: Path) -> None:
     with pytest.raises(MetricError) as caught:
         Guard(GuardConfig(score="bleu")).cvmkd_check(state=state)
     assert str(caught.value) == "guard.score: no selected metric returns 'bleu'; available scores: exact, composite"
-    with pytest.raises(MetricError, match=r"^guard.gate_scores: no selected metric returns 'bleu'; available scores: exact, composite$"):
+    with pytest.raises(
+        MetricError, match=r"^guard.gate_scores: no selected metric returns 'bleu'; available scores: exact, composite$"
+    ):
         Guard(GuardConfig(score="exact")).cvmkd_check(state=state)
     guard = Guard(GuardConfig(score="exact", gate_scores=["composite"]))
     guard.cvmkd_check(state=state)

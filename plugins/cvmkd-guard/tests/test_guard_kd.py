@@ -131,12 +131,14 @@ class Damage:
             return
         directory = state.run_dir / "checkpoints"
         manifest = json.loads((directory / "manifest.json").read_text())
-        self.rollbacks.append({
-            **data,
-            "best": manifest["best"],
-            "restored": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-            "saved": torch.load(directory / data["checkpoint"], weights_only=True)["trainer"]["model"],
-        })
+        self.rollbacks.append(
+            {
+                **data,
+                "best": manifest["best"],
+                "restored": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                "saved": torch.load(directory / data["checkpoint"], weights_only=True)["trainer"]["model"],
+            }
+        )
 
 
 def run(name: str, *overrides: str, damage: Damage | None = None) -> tuple[dict[str, Any], Path]:
@@ -225,6 +227,9 @@ def test_the_retention_gate_judges_the_test_evaluation_and_keeps_every_output(
 def test_an_unknown_score_fails_before_the_teacher_is_trained(kd_dir: Path) -> None:
     from cvmkd_core.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"guard.score: no selected metric returns 'blue'; available scores: bleu, chrf, ter, composite$"):
+    with pytest.raises(
+        RecipeError,
+        match=r"guard.score: no selected metric returns 'blue'; available scores: bleu, chrf, ter, composite$",
+    ):
         run("typo", "guard.score=blue", "run.cache_dir=empty-cache")
     assert not (kd_dir / "runs" / "typo").exists()  # checked before anything is written

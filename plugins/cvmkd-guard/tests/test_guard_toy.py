@@ -21,11 +21,14 @@ from cvmkd_core.state import TestEvaluation
 from cvmkd_testing import TOY_RECIPE, toy_plugin_manager
 
 # The toy weight converges by step 6 (exact 100); sabotage after step 7; validated at 9.
-RECIPE = TOY_RECIPE.replace("steps = 6", "steps = 12") + """
+RECIPE = (
+    TOY_RECIPE.replace("steps = 6", "steps = 12")
+    + """
 [guard]
 name = "guard"
 gate_scores = ["composite"]
 """
+)
 SABOTAGE = ["distill.learning_rate=0.2", "distill.sabotage_at_step=7"]
 
 
@@ -64,7 +67,11 @@ def test_a_sabotaged_weight_is_rolled_back_to_the_best_checkpoint(plugins: Plugi
 
     history = lines(run_dir / "validation" / "history.jsonl")
     assert [(h["step"], h["iteration"], h["rolled_back"]) for h in history] == [
-        (3, 3, False), (6, 6, False), (9, 9, True), (9, 12, False), (12, 15, False)
+        (3, 3, False),
+        (6, 6, False),
+        (9, 9, True),
+        (9, 12, False),
+        (12, 15, False),
     ]
     rolled_back = json.loads((run_dir / "validation" / "step_00000009_it00000009_rolled_back.json").read_text())
     assert rolled_back["rolled_back"] is True and rolled_back["scores"]["exact"] == 0.0
@@ -138,7 +145,9 @@ class FakeEvaluation:
 
     @hookimpl
     def cvmkd_evaluate(self, summary: Any) -> None:
-        summary.evaluation = TestEvaluation(split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5})
+        summary.evaluation = TestEvaluation(
+            split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5}
+        )
 
 
 def test_the_gate_judges_the_evaluation_of_the_phase_before(plugins: Plugins) -> None:
@@ -146,10 +155,14 @@ def test_the_gate_judges_the_evaluation_of_the_phase_before(plugins: Plugins) ->
     plugins.add_plugin(FakeEvaluation(), name="fake-evaluation", source="test")
     summary, _ = run(plugins, ["run.steps=3"])
     assert summary.gate.passed is False
-    assert summary.gate.verdict == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
+    assert (
+        summary.gate.verdict == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
+    )
 
 
 def test_an_unknown_score_fails_before_training(plugins: Plugins) -> None:
-    with pytest.raises(RecipeError, match=r"guard.score: no selected metric returns 'bleu'; available scores: exact, composite$"):
+    with pytest.raises(
+        RecipeError, match=r"guard.score: no selected metric returns 'bleu'; available scores: exact, composite$"
+    ):
         run(plugins, ["guard.score=bleu"])
     assert not Path("runs/toy").exists()  # checked before anything is written

@@ -91,7 +91,10 @@ def test_unmeasurable_retention_is_listed_not_counted() -> None:
     gate = retention_gate({"evaluation": evaluation(composite=0.95, bleu=None)}, threshold=0.9)
     assert gate["passed"] is True
     assert gate["checks"][1] == {
-        "model": "student", "score": "bleu", "retention": None, "passed": None,
+        "model": "student",
+        "score": "bleu",
+        "retention": None,
+        "passed": None,
         "note": "not measurable: the teacher's normalised score is 0",
     }
     assert gate["verdict"].endswith("; not measured: student bleu")
@@ -103,11 +106,20 @@ def test_unmeasurable_retention_is_listed_not_counted() -> None:
 @pytest.mark.parametrize(
     ("status", "error", "extra", "why"),
     [
-        ("failed", "ModelError: teacher vocabulary (40) differs", {}, "the run failed (ModelError: teacher vocabulary (40) differs)"),
+        (
+            "failed",
+            "ModelError: teacher vocabulary (40) differs",
+            {},
+            "the run failed (ModelError: teacher vocabulary (40) differs)",
+        ),
         ("interrupted", "interrupted", {}, "the run was interrupted"),
-        ("stopped", None, {"stop_reason": "non-finite training loss at step 3 (loss=nan); no checkpoint to roll back to"},
-         "the run stopped (non-finite training loss at step 3 (loss=nan); no checkpoint to roll back to) and the summary "
-         "holds no test evaluation"),
+        (
+            "stopped",
+            None,
+            {"stop_reason": "non-finite training loss at step 3 (loss=nan); no checkpoint to roll back to"},
+            "the run stopped (non-finite training loss at step 3 (loss=nan); no checkpoint to roll back to) and the summary "
+            "holds no test evaluation",
+        ),
         ("completed", None, {}, "no test evaluation in the summary (the trainer does not score a test split)"),
         ("completed", None, {"evaluation": {"split": "test"}}, "the test evaluation holds no retention"),
     ],
@@ -123,7 +135,11 @@ def test_the_hook_writes_the_gate_into_the_summary_and_logs_the_verdict(caplog: 
     summary = RunSummary(
         status="completed",
         evaluation=TestEvaluation(
-            split="test", sentences=10, beam_size=1, scores={}, retention=evaluation(composite=0.97, bleu=0.93)["retention"]
+            split="test",
+            sentences=10,
+            beam_size=1,
+            scores={},
+            retention=evaluation(composite=0.97, bleu=0.93)["retention"],
         ),
     )
     Guard(GuardConfig(retention_threshold=0.95, gate_scores=["bleu"])).cvmkd_finalize(summary=summary)

@@ -26,6 +26,8 @@ class RunData:
     train_src: list[list[int]]
     train_tgt: list[list[int]]
     seconds: float = 0.0
+    #: what the training targets are: "reference", or the teacher's translations (sequence-level KD)
+    targets: str = "reference"
 
     @property
     def fingerprint(self) -> str:
@@ -39,8 +41,7 @@ def corpus_of(state: RunState) -> Corpus:
     corpus = state.components.get("corpus")
     if corpus is None:
         raise CvmkdError(
-            'the recipe names no corpus: add [corpus] with name = "bible" (the embedded default) '
-            'or name = "files"'
+            'the recipe names no corpus: add [corpus] with name = "bible" (the embedded default) or name = "files"'
         )
     return corpus
 
@@ -73,8 +74,13 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> R
     data = RunData(splits, tokenizer, train_src, train_tgt, seconds=time.perf_counter() - started)
     log.info(
         "corpus %s: %d train, %d valid, %d test pairs; tokenizer %d pieces%s (%.1fs)",
-        splits.name, len(splits.train), len(splits.valid), len(splits.test), tokenizer.vocab_size,
-        " (cached)" if getattr(tokenizer, "from_cache", False) else "", data.seconds,
+        splits.name,
+        len(splits.train),
+        len(splits.valid),
+        len(splits.test),
+        tokenizer.vocab_size,
+        " (cached)" if getattr(tokenizer, "from_cache", False) else "",
+        data.seconds,
     )
     _prepared.clear()  # one corpus at a time: encoded corpora can be large
     _prepared[key] = data

@@ -35,8 +35,7 @@ class KDConfig:
     def __attrs_post_init__(self) -> None:
         if self.alpha == 0 and self.beta == 0:
             raise ConfigValueError(
-                "alpha and beta must not both be zero, "
-                f"got alpha={self.alpha!r}, beta={self.beta!r}"
+                f"alpha and beta must not both be zero, got alpha={self.alpha!r}, beta={self.beta!r}"
             )
 
 
@@ -83,9 +82,7 @@ def _smoothed_nll(logp: torch.Tensor, targets: torch.Tensor, epsilon: float) -> 
     return (1 - epsilon) * nll - epsilon * logp.mean(-1)
 
 
-def label_smoothed_ce(
-    logits: torch.Tensor, targets: torch.Tensor, pad_id: int, epsilon: float
-) -> torch.Tensor:
+def label_smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, pad_id: int, epsilon: float) -> torch.Tensor:
     """Label-smoothed cross-entropy averaged over the non-pad tokens (used to train the teacher).
 
     Equals ``F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=pad_id,
@@ -96,9 +93,7 @@ def label_smoothed_ce(
     if not 0 <= epsilon < 1:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}"
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
     mask = targets != pad_id
     # Selecting the non-pad rows first keeps inf/NaN logits at pad positions out of the sum.
     logp = F.log_softmax(logits[mask].float(), dim=-1)
@@ -185,15 +180,12 @@ def kd_loss(
         raise ValueError("give the teacher as teacher_logits or teacher_topk, not both")
     has_teacher = teacher_logits is not None or teacher_topk is not None
     if not has_teacher and config.alpha > 0:
-        raise ValueError(
-            f"alpha={config.alpha} needs a teacher: pass teacher_logits or teacher_topk"
-        )
+        raise ValueError(f"alpha={config.alpha} needs a teacher: pass teacher_logits or teacher_topk")
     vocab = student_logits.shape[-1]
     if teacher_logits is not None:
         if teacher_logits.shape[:2] != targets.shape:
             raise ValueError(
-                f"teacher logits {tuple(teacher_logits.shape)} do not match targets "
-                f"{tuple(targets.shape)}"
+                f"teacher logits {tuple(teacher_logits.shape)} do not match targets {tuple(targets.shape)}"
             )
         check_vocab(teacher_logits.shape[-1], vocab)
     if teacher_topk is not None:

@@ -21,10 +21,10 @@ import torch
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.files import atomic_write_json
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import COMPOSITE, retention
 from cvmkd_core.state import RunState, RunSummary
 from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_budget
 from cvmkd_nmt.model.translate import source_batches
+from cvmkd_validation.metrics import COMPOSITE, retention
 from cvmkd_validation.validation import score_all, score_specs
 
 log = logging.getLogger("cvmkd")
@@ -36,16 +36,17 @@ SPEED_REPEATS = 3
 
 
 def measure_speed(
-    model: torch.nn.Module, tokenizer: Any, sources: list[str], *, batch_size: int, steps: int = 32, repeats: int = 1
+    model: Any, tokenizer: Any, sources: list[str], *, batch_size: int, steps: int = 32, repeats: int = 1
 ) -> dict[str, float]:
     """CPU decoding speed: encode ``sources`` in batches of ``batch_size`` and decode exactly
     ``steps`` tokens for each (eos ignored), so the number does not depend on how long the
     model's outputs are. One warm-up batch first; the best of ``repeats``."""
     from cvmkd_nmt.model.decoding import timed_decode
 
-    batches = source_batches(tokenizer, sources, model.config.max_len, batch_size)  # type: ignore[union-attr]
+    # model: a CvmTransformer, or a quantized copy of one (same interface, other layer classes)
+    batches = source_batches(tokenizer, sources, model.config.max_len, batch_size)
     timed_decode(model, batches[0], steps)  # warm-up
-    seconds = min(sum(timed_decode(model, b, steps) for b in batches) for _ in range(max(repeats, 1)))
+    seconds = min(sum((timed_decode(model, b, steps) for b in batches), 0.0) for _ in range(max(repeats, 1)))
     tokens = len(sources) * steps
     return {
         "sentences": len(sources),
@@ -78,7 +79,9 @@ def size_and_speed(model: torch.nn.Module, tokenizer: Any, sources: list[str], p
     return {
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "parameter_bytes": model_nbytes(model),
-        "file_bytes": _file_bytes(package) if package is not None and (package / "model.safetensors").is_file() else None,
+        "file_bytes": _file_bytes(package)
+        if package is not None and (package / "model.safetensors").is_file()
+        else None,
         "latency": measure_speed(model, tokenizer, sources[:32], batch_size=1, repeats=SPEED_REPEATS),
         "throughput": measure_speed(model, tokenizer, sources[:256], batch_size=32, repeats=SPEED_REPEATS),
     }
@@ -110,8 +113,15 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     teacher_scores = (evaluation.get("teacher") or {}).get("scores")
 
     def run(model: torch.nn.Module, texts: list[str], batch_size: int = 64, precision: str = "fp32") -> list[str]:
-        return translate(model, tokenizer, texts, beam_size=config.beam_size, batch_size=batch_size,
-                         device="cpu", precision=precision)
+        return translate(
+            model,
+            tokenizer,
+            texts,
+            beam_size=config.beam_size,
+            batch_size=batch_size,
+            device="cpu",
+            precision=precision,
+        )
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return score_all(state, run(model, sources), references, sources)
@@ -135,11 +145,16 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
     measured = evaluation.get("models", {}).get("student") or size_and_speed(
         fp32, tokenizer, test_sources, state.run_dir / "model"
     )
-    baseline = {"scheme": "fp32", **{k: v for k, v in measured.items() if k != "parameters"},
-                "validation_scores": reference_scores}
+    baseline = {
+        "scheme": "fp32",
+        **{k: v for k, v in measured.items() if k != "parameters"},
+        "validation_scores": reference_scores,
+    }
     log.info(
         "fp32 student: %.0f tokens/s at batch 32, %.1f ms/sentence at batch 1 (measured %.0fs)",
-        baseline["throughput"]["tokens_per_second"], baseline["latency"]["ms_per_sentence"], time.perf_counter() - started,
+        baseline["throughput"]["tokens_per_second"],
+        baseline["latency"]["ms_per_sentence"],
+        time.perf_counter() - started,
     )
     results: list[dict[str, Any]] = []
     for chosen in quantizers:
@@ -158,7 +173,8 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         valid_scores = evaluate(model)
         budget = getattr(quantizer, "config", None)
         ok, losses = within_budget(
-            valid_scores, reference_scores,
+            valid_scores,
+            reference_scores,
             max_bleu_loss=getattr(budget, "max_bleu_loss", 1.0),
             max_composite_loss=getattr(budget, "max_composite_loss", 0.02),
         )
@@ -176,7 +192,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             "test_scores": scores,
             "retention": retention(scores, teacher_scores, specs) if teacher_scores else {},
         }
-        save_package(directory, model, tokenizer, metadata)
+        save_package(directory, model, tokenizer, metadata)  # type: ignore[arg-type]  # a quantized CvmTransformer
         entry = {
             "name": label,
             "component": path,
@@ -184,9 +200,11 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             "details": result.details,
             "package": str(directory),
             "accepted": ok,
-            "budget": {"losses_on_validation": losses,
-                       "max_bleu_loss": getattr(budget, "max_bleu_loss", 1.0),
-                       "max_composite_loss": getattr(budget, "max_composite_loss", 0.02)},
+            "budget": {
+                "losses_on_validation": losses,
+                "max_bleu_loss": getattr(budget, "max_bleu_loss", 1.0),
+                "max_composite_loss": getattr(budget, "max_composite_loss", 0.02),
+            },
             "validation_scores": valid_scores,
             "scores": scores,
             "retention": retention(scores, teacher_scores, specs) if teacher_scores else {},
@@ -206,9 +224,12 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
         entry["seconds"] = round(time.perf_counter() - began, 1)
         log.info(
             "quantized %s (%s): test %s; file %.0f%% of fp32, %.2fx tokens/s at batch 32, %.2fx at batch 1; %s",
-            label, result.scheme,
+            label,
+            result.scheme,
             ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k in ("bleu", "chrf", COMPOSITE)),
-            100 * entry.get("file_ratio", float("nan")), entry["speedup_batch32"], entry["speedup_batch1"],
+            100 * entry.get("file_ratio", float("nan")),
+            entry["speedup_batch32"],
+            entry["speedup_batch1"],
             "within the quality budget" if ok else f"OVER the quality budget ({losses})",
         )
         results.append(entry)
@@ -232,13 +253,29 @@ def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
     variants = quantize_all(trainer, state, evaluation)
     if not variants:
         return
-    atomic_write_json(state.run_dir / "quantization.json", {
-        "baseline": state.scratch.get("quantization_baseline"),
-        "variants": variants,
-    })
+    atomic_write_json(
+        state.run_dir / "quantization.json",
+        {
+            "baseline": state.scratch.get("quantization_baseline"),
+            "variants": variants,
+        },
+    )
     summary.outputs["quantization"] = str(state.run_dir / "quantization.json")
-    keep = ("name", "scheme", "package", "accepted", "scores", "retention", "file_bytes",
-            "file_ratio", "parameter_ratio", "speedup_batch32", "speedup_batch1", "budget", "error")
+    keep = (
+        "name",
+        "scheme",
+        "package",
+        "accepted",
+        "scores",
+        "retention",
+        "file_bytes",
+        "file_ratio",
+        "parameter_ratio",
+        "speedup_batch32",
+        "speedup_batch1",
+        "budget",
+        "error",
+    )
     summary.quantized = [{k: v.get(k) for k in keep} for v in variants]
     for v in variants:
         if v.get("package"):

@@ -71,7 +71,11 @@ class KDTrainer(Seq2SeqTrainer):
 
             self.data = prepare_data(state, tokenizer_path=Path(checkpoint) / TOKENIZER)
             self.teacher, _, metadata = load_package(checkpoint)
-            self.teacher_info = {"source": "loaded", "path": str(checkpoint), "weights_sha256": metadata.get("weights_sha256")}
+            self.teacher_info = {
+                "source": "loaded",
+                "path": str(checkpoint),
+                "weights_sha256": metadata.get("weights_sha256"),
+            }
             log.info("teacher loaded from %s", checkpoint)
         else:
             self.data = prepare_data(state)
@@ -85,6 +89,8 @@ class KDTrainer(Seq2SeqTrainer):
                 f"({self.data.tokenizer.vocab_size}): distil with the teacher's tokenizer"
             )
         self.teacher_info["parameters"] = sum(p.numel() for p in {id(p): p for p in self.teacher.parameters()}.values())
+        if self.config.sequence.targets != "reference":
+            self.data = self._sequence_targets(state)
         self.loss_fn = state.components["distill.loss"]
         self.uses_teacher = getattr(self.loss_fn, "needs_teacher", True)
         if self.uses_teacher and self.config.teacher_outputs == "cached":
@@ -134,7 +140,9 @@ class KDTrainer(Seq2SeqTrainer):
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(stage_dir / "model", tmp)
         metadata = read_metadata(tmp)
-        metadata.update(trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1))
+        metadata.update(
+            trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1)
+        )
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         shutil.rmtree(cached, ignore_errors=True)
         tmp.rename(cached)
@@ -149,6 +157,49 @@ class KDTrainer(Seq2SeqTrainer):
         }
         return model
 
+    def _sequence_targets(self, state: RunState) -> Any:
+        """Sequence-level KD: the training data with the teacher's translations as targets."""
+        from cvmkd_kd.sequence import cache_key, teacher_targets, with_targets
+        from cvmkd_nmt.model.translate import translate_nbest
+
+        assert self.data is not None
+        config = self.config.sequence
+        tokenizer = self.data.tokenizer
+        train = self.data.splits.train
+        sources, references = [p[0] for p in train], [p[1] for p in train]
+        weights = self.teacher_info.get("weights_sha256") or "unknown"
+        key = cache_key(weights, tokenizer.sha256, sources, references, config, f"{self.device}|{self.precision}")
+        directory = state.recipe.run.cache_path() / "teacher-targets" / key[:24]
+
+        def translate(batch: list[str]) -> list[list[str]]:
+            return translate_nbest(
+                self.teacher,
+                tokenizer,
+                batch,
+                beam_size=config.beam_size,
+                nbest=config.nbest,
+                batch_size=config.batch_size,
+                device=self.device,
+                precision=self.precision,
+            )
+
+        log.info(
+            "sequence-level KD: the teacher translates %d training sources (beam %d, %d-best), cached in %s",
+            len(sources),
+            config.beam_size,
+            config.nbest,
+            directory,
+        )
+        hypotheses, info = teacher_targets(translate, sources, references, config, directory)
+        self.teacher_info["sequence_kd"] = info
+        log.info(
+            "sequence-level KD targets ready: %d translated, %d reused from the cache, %.0fs",
+            info["translated"],
+            info["reused"],
+            info["seconds"],
+        )
+        return with_targets(self.data, hypotheses, config)
+
     def _teacher_outputs(self, state: RunState) -> Any:
         """The teacher's top-k log-probabilities over the training set, computed once and cached."""
         from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
@@ -158,7 +209,7 @@ class KDTrainer(Seq2SeqTrainer):
         max_len = min(self.config.max_len, self.teacher.config.max_len)
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         fingerprint = hashlib.sha256(
-            f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{max_len}|{self.config.topk}|{self.precision}".encode()
+            f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{self.data.targets}|{max_len}|{self.config.topk}|{self.precision}".encode()
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-outputs" / f"{fingerprint[:20]}.safetensors"
         if path.is_file():
@@ -183,15 +234,28 @@ class KDTrainer(Seq2SeqTrainer):
             max_len=max_len,
         )
         cache = build_teacher_cache(
-            forward, batches, len(self.data.train_src), self.config.topk, path,
-            fingerprint=fingerprint, pad_id=tokenizer.pad_id,
+            forward,
+            batches,
+            len(self.data.train_src),
+            self.config.topk,
+            path,
+            fingerprint=fingerprint,
+            pad_id=tokenizer.pad_id,
         )
         seconds = time.perf_counter() - started
         log.info(
             "teacher outputs cached in %.0fs: top-%d over %d positions hold %.0f%% of the mass",
-            seconds, self.config.topk, cache.n_positions, 100 * cache.mean_topk_mass,
+            seconds,
+            self.config.topk,
+            cache.n_positions,
+            100 * cache.mean_topk_mass,
         )
-        self.teacher_info["outputs"] = {"path": str(path), "reused": False, "seconds": round(seconds, 1), **cache.stats()}
+        self.teacher_info["outputs"] = {
+            "path": str(path),
+            "reused": False,
+            "seconds": round(seconds, 1),
+            **cache.stats(),
+        }
         return cache
 
     # --- the loss -------------------------------------------------------------------------------
@@ -225,8 +289,12 @@ class KDTrainer(Seq2SeqTrainer):
         log.info(
             "teacher %.1fM parameters, %.0f tokens/s at batch 32, %.1f ms/sentence at batch 1; "
             "student %.1fM, %.0f tokens/s, %.1f ms/sentence (CPU, float32)",
-            t["parameters"] / 1e6, t["throughput"]["tokens_per_second"], t["latency"]["ms_per_sentence"],
-            s["parameters"] / 1e6, s["throughput"]["tokens_per_second"], s["latency"]["ms_per_sentence"],
+            t["parameters"] / 1e6,
+            t["throughput"]["tokens_per_second"],
+            t["latency"]["ms_per_sentence"],
+            s["parameters"] / 1e6,
+            s["throughput"]["tokens_per_second"],
+            s["latency"]["ms_per_sentence"],
         )
         return models
 
@@ -242,7 +310,9 @@ class KDTrainer(Seq2SeqTrainer):
             return None
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         key = hashlib.sha256(
-            "\n".join([weights, self.data.tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]).encode()
+            "\n".join(
+                [weights, self.data.tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]
+            ).encode()
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-translations" / f"{key[:24]}.txt"
         if path.is_file():

@@ -29,10 +29,16 @@ _INT16_MAX_VOCAB = 32767  # ids 0..32766 fit a signed int16
 class CacheBatch(Protocol):
     """What :func:`build_teacher_cache` reads from a batch."""
 
-    src: torch.Tensor
-    tgt_in: torch.Tensor
-    tgt_out: torch.Tensor
-    indices: torch.Tensor  # (B,) positions of the batch's pairs in the training set
+    # read-only members, so frozen batch classes match
+    @property
+    def src(self) -> torch.Tensor: ...
+    @property
+    def tgt_in(self) -> torch.Tensor: ...
+    @property
+    def tgt_out(self) -> torch.Tensor: ...
+    @property
+    def indices(self) -> torch.Tensor | None:  # (B,) positions of the batch's pairs in the training set
+        ...
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -88,6 +94,8 @@ def build_teacher_cache(
     with torch.inference_mode():
         for batch in batches:
             tgt_out = batch.tgt_out
+            if batch.indices is None:
+                raise ValueError("teacher outputs are cached per training pair: batches need their indices")
             indices = batch.indices.long().cpu()
             logits = teacher_forward(batch.src, batch.tgt_in)
             if logits.dim() != 3 or logits.shape[:2] != tgt_out.shape:
@@ -101,24 +109,18 @@ def build_teacher_cache(
                     raise ValueError(f"k ({k}) exceeds the teacher vocabulary ({vocab})")
                 id_dtype = torch.int16 if vocab <= _INT16_MAX_VOCAB else torch.int32
             elif logits.shape[-1] != vocab:
-                raise ModelError(
-                    f"teacher vocabulary changed between batches ({vocab} then {logits.shape[-1]})"
-                )
+                raise ModelError(f"teacher vocabulary changed between batches ({vocab} then {logits.shape[-1]})")
             if indices.shape != (tgt_out.shape[0],):
                 raise ValueError(
                     f"batch.indices {tuple(indices.shape)} must hold one index per row of "
                     f"tgt_out {tuple(tgt_out.shape)}"
                 )
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_pairs):
-                raise ValueError(
-                    f"batch.indices must lie in [0, {n_pairs}), got {indices.tolist()}"
-                )
+                raise ValueError(f"batch.indices must lie in [0, {n_pairs}), got {indices.tolist()}")
             uniq, n_seen = indices.unique(return_counts=True)
             dup = torch.cat([uniq[n_seen > 1], uniq[starts[uniq] >= 0]]).unique()
             if dup.numel():
-                raise ValueError(
-                    f"pairs seen twice while building the teacher cache: {dup.tolist()}"
-                )
+                raise ValueError(f"pairs seen twice while building the teacher cache: {dup.tolist()}")
 
             tgt = tgt_out.to(logits.device)
             mask = tgt != pad_id
@@ -149,9 +151,7 @@ def build_teacher_cache(
     offsets = torch.zeros(n_pairs + 1, dtype=torch.long)
     torch.cumsum(lengths, 0, out=offsets[1:])
     # Row j of the pair-ordered array is row starts[i] + (j - offsets[i]) of the visit order.
-    perm = torch.repeat_interleave(starts - offsets[:-1], lengths) + torch.arange(
-        visited, dtype=torch.long
-    )
+    perm = torch.repeat_interleave(starts - offsets[:-1], lengths) + torch.arange(visited, dtype=torch.long)
     flat_lp = flat_lp[perm].contiguous()
     flat_ids = flat_ids[perm].contiguous()
     del perm
@@ -284,9 +284,7 @@ class TeacherCache:
             check_vocab(cache.vocab_size, student_vocab)
         return cache
 
-    def lookup(
-        self, indices: torch.Tensor, tgt_out: torch.Tensor, pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, indices: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached top-k for a batch: ``(logprobs float32, ids int64)``, each ``(B, T, k)``.
 
         Row ``b``'s non-pad positions of ``tgt_out`` receive, in order, the cached rows of pair
@@ -297,14 +295,10 @@ class TeacherCache:
         indices = indices.long().cpu()
         if indices.shape != (tgt_out.shape[0],):
             raise ValueError(
-                f"indices {tuple(indices.shape)} must hold one index per row of tgt_out "
-                f"{tuple(tgt_out.shape)}"
+                f"indices {tuple(indices.shape)} must hold one index per row of tgt_out {tuple(tgt_out.shape)}"
             )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_pairs):
-            raise ValueError(
-                f"pair indices must lie in [0, {self.n_pairs}) for this cache, "
-                f"got {indices.tolist()}"
-            )
+            raise ValueError(f"pair indices must lie in [0, {self.n_pairs}) for this cache, got {indices.tolist()}")
         mask = tgt_out != pad_id
         counts = mask.sum(1).cpu()
         starts = self.offsets[indices]

@@ -20,6 +20,7 @@ from cvmkd_core.recipe import LossRef
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.config import TeacherConfig
 from cvmkd_kd.data import RunData, prepare_data
+from cvmkd_kd.sequence import SequenceKDConfig
 from cvmkd_nmt.data.batching import Batch, BatchStream
 from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_nmt.model.presets import count_parameters
@@ -44,6 +45,8 @@ class KDTrainerConfig:
     teacher_outputs: str = attrs.field(default="cached", validator=one_of("cached", "live"))
     """cached: run the teacher once over the training set and keep its top-k; live: every step"""
     topk: int = attrs.field(default=16, validator=gt(0))
+    sequence: SequenceKDConfig = attrs.field(factory=SequenceKDConfig)
+    """sequence-level KD: train on the teacher's translations (``[distill.sequence]``)"""
 
 
 def learning_rate_at(step: int, base: float, warmup: int, schedule: str, total: int) -> float:
@@ -130,8 +133,14 @@ class Seq2SeqTrainer:
         }
         log.info(
             "%s: %s parameters, %s on %s, %d steps of %s",
-            self.role, f"{parameters:,}", self.precision, self.device, recipe.run.steps,
-            f"{self.config.batch_size} sentences" if not self.config.max_tokens else f"≤{self.config.max_tokens} tokens",
+            self.role,
+            f"{parameters:,}",
+            self.precision,
+            self.device,
+            recipe.run.steps,
+            f"{self.config.batch_size} sentences"
+            if not self.config.max_tokens
+            else f"≤{self.config.max_tokens} tokens",
         )
 
     # --- the step -------------------------------------------------------------------------------
@@ -146,9 +155,12 @@ class Seq2SeqTrainer:
     @hookimpl(trylast=True)
     def cvmkd_step(self, state: RunState, batch: Batch) -> StepResult:
         started = time.perf_counter()
-        lr = learning_rate_at(
-            state.step, self.config.learning_rate, self.config.warmup_steps, self.config.schedule, state.total_steps
-        ) * state.lr_scale
+        lr = (
+            learning_rate_at(
+                state.step, self.config.learning_rate, self.config.warmup_steps, self.config.schedule, state.total_steps
+            )
+            * state.lr_scale
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -189,7 +201,7 @@ class Seq2SeqTrainer:
     # --- checkpoints ----------------------------------------------------------------------------
 
     @hookimpl
-    def cvmkd_checkpoint(self, state: RunState, payload: dict[str, Any]) -> None:
+    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
         payload["trainer"] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -291,7 +303,7 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     @hookimpl
     def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
-        Seq2SeqTrainer.cvmkd_checkpoint(self, state, payload)
+        Seq2SeqTrainer.cvmkd_checkpoint(self, state, record, payload)
         patience = self.config.early_stopping_patience
         if record is None or not patience:
             return
@@ -305,7 +317,11 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     @hookimpl
     def cvmkd_export(self, state: RunState, summary: RunSummary) -> None:
-        if self.model is not None and summary.status in ("completed", "stopped") and self.config.average_checkpoints > 1:
+        if (
+            self.model is not None
+            and summary.status in ("completed", "stopped")
+            and self.config.average_checkpoints > 1
+        ):
             summary.extra["averaging"] = self._average_checkpoints(state)
         Seq2SeqTrainer.cvmkd_export(self, state, summary)
 
@@ -337,9 +353,7 @@ class TeacherTrainer(Seq2SeqTrainer):
                     total[key] = total.get(key, 0) + value.double()
                 else:
                     total.setdefault(key, value)
-        averaged = {
-            k: (v / len(entries)).to(final[k].dtype) if v.is_floating_point() else v for k, v in total.items()
-        }
+        averaged = {k: (v / len(entries)).to(final[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
         before = self._validation_scores(state)
         self.model.load_state_dict(averaged)
         after = self._validation_scores(state)
@@ -356,7 +370,11 @@ class TeacherTrainer(Seq2SeqTrainer):
         }
         log.info(
             "checkpoint average of steps %s: validation %s %.2f against %.2f for the final weights: %s",
-            report["steps"], key, after[key], before[key], "kept" if used else "not kept",
+            report["steps"],
+            key,
+            after[key],
+            before[key],
+            "kept" if used else "not kept",
         )
         return report
 

@@ -138,9 +138,7 @@ def test_label_smoothed_ce_matches_torch() -> None:
     y[2, 1:] = PAD
     for eps in (0.0, 0.1, 0.5):
         ours = label_smoothed_ce(zs, y, PAD, eps)
-        ref = F.cross_entropy(
-            zs.reshape(-1, 11), y.reshape(-1), ignore_index=PAD, label_smoothing=eps
-        )
+        ref = F.cross_entropy(zs.reshape(-1, 11), y.reshape(-1), ignore_index=PAD, label_smoothing=eps)
         torch.testing.assert_close(ours, ref)
     with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\), got 1.0"):
         label_smoothed_ce(zs, y, PAD, 1.0)
@@ -153,10 +151,7 @@ def test_vocabulary_mismatch_raises_model_error() -> None:
     y = torch.ones(1, 2, dtype=torch.long)
     zs = torch.randn(1, 2, 6000)
     zt = torch.randn(1, 2, 8000)
-    msg = (
-        "teacher vocabulary (8000) differs from the student's (6000): "
-        "distil with the teacher's tokenizer"
-    )
+    msg = "teacher vocabulary (8000) differs from the student's (6000): distil with the teacher's tokenizer"
     with pytest.raises(ModelError) as err:
         kd_loss(zs, y, PAD, zt, config=KDConfig())
     assert str(err.value) == msg

@@ -44,7 +44,9 @@ def test_teacher_is_trained_cached_and_reused(tiny_corpus: Path, caplog: pytest.
     assert teacher["source"] == "trained"
     # the teacher ran through the same loop: its own run folder, log, checkpoints and model
     stage = run_dir / "teacher"
-    steps = [json.loads(line)["step"] for line in (stage / "train.jsonl").read_text().splitlines() if '"event"' not in line]
+    steps = [
+        json.loads(line)["step"] for line in (stage / "train.jsonl").read_text().splitlines() if '"event"' not in line
+    ]
     assert steps == list(range(1, 11))
     assert (stage / "checkpoints" / "manifest.json").is_file()
     cached = Path(teacher["path"])
@@ -64,7 +66,17 @@ def test_student_logs_every_step_and_is_packaged_and_scored(tiny_corpus: Path) -
     rows = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "event" not in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
-    for key in ("loss", "kd", "ce", "token_accuracy", "teacher_agreement", "lr", "grad_norm", "tokens_per_s", "seconds_per_step"):
+    for key in (
+        "loss",
+        "kd",
+        "ce",
+        "token_accuracy",
+        "teacher_agreement",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "seconds_per_step",
+    ):
         assert all(isinstance(r[key], float) for r in steps), key
     assert steps[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup of 2 steps
     history = [json.loads(line) for line in (run_dir / "validation" / "history.jsonl").read_text().splitlines()]
@@ -77,7 +89,11 @@ def test_student_logs_every_step_and_is_packaged_and_scored(tiny_corpus: Path) -
     assert tokenizer.vocab_size == model.config.vocab_size == 40
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["split"] == "test" and evaluation["sentences"] == 8
-    assert set(evaluation["student"]["scores"]) == set(evaluation["teacher"]["scores"]) == {"bleu", "chrf", "ter", "composite"}
+    assert (
+        set(evaluation["student"]["scores"])
+        == set(evaluation["teacher"]["scores"])
+        == {"bleu", "chrf", "ter", "composite"}
+    )
     chrf = evaluation["retention"]["chrf"]
     assert chrf == pytest.approx(evaluation["student"]["scores"]["chrf"] / evaluation["teacher"]["scores"]["chrf"])
     assert evaluation["student"]["analysis"]["sentences"] == 8

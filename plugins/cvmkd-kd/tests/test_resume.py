@@ -104,7 +104,11 @@ def _cvmkd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "cvmkd_core.cli", "run", "recipe.toml", "--quiet", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -48,9 +48,7 @@ def _corpus(n: int, vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch
     pairs = []
     for i in range(n):
         src = torch.randint(2, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
-        tgt = torch.randint(
-            2, vocab, (1 if i == 0 else int(torch.randint(1, 7, (1,), generator=g)),), generator=g
-        )
+        tgt = torch.randint(2, vocab, (1 if i == 0 else int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
         pairs.append((src, tgt))
     return pairs
 
@@ -169,9 +167,7 @@ def test_large_vocab_uses_int32_ids(tmp_path: Path) -> None:
 def test_fingerprint_mismatch_and_bad_files_are_refused(setup, tmp_path: Path) -> None:
     teacher, _, build_batches, path = setup
     build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
-    with pytest.raises(
-        ModelError, match=r"was built for fingerprint 'sha256:teacher.*expected 'other'.*rebuild"
-    ):
+    with pytest.raises(ModelError, match=r"was built for fingerprint 'sha256:teacher.*expected 'other'.*rebuild"):
         TeacherCache.load(path, "other")
     with pytest.raises(ModelError, match="does not exist"):
         TeacherCache.load(tmp_path / "missing.safetensors", FP)
@@ -179,9 +175,7 @@ def test_fingerprint_mismatch_and_bad_files_are_refused(setup, tmp_path: Path) -
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="unreadable"):
         TeacherCache.load(bad, FP)
-    with pytest.raises(
-        ModelError, match=r"teacher vocabulary \(11\) differs from the student's \(12\)"
-    ):
+    with pytest.raises(ModelError, match=r"teacher vocabulary \(11\) differs from the student's \(12\)"):
         TeacherCache.load(path, FP, student_vocab=12)
 
 
@@ -198,9 +192,7 @@ def test_lookup_refuses_mismatched_lengths(setup) -> None:
     cache = build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
     batch = _batches(pairs, [3, 4], size=2)[0]
     longer = F.pad(batch.tgt_out, (0, 1), value=7)  # one extra token in every row
-    with pytest.raises(
-        ModelError, match=r"holds \d+ positions for pair 3 but the batch has \d+ non-pad"
-    ):
+    with pytest.raises(ModelError, match=r"holds \d+ positions for pair 3 but the batch has \d+ non-pad"):
         cache.lookup(batch.indices, longer, PAD)
     with pytest.raises(ValueError, match=r"must lie in \[0, 9\)"):
         cache.lookup(torch.tensor([3, 9]), batch.tgt_out, PAD)
@@ -211,21 +203,13 @@ def test_build_refuses_missing_duplicate_pairs_and_training_mode(setup) -> None:
     with pytest.raises(ValueError, match=r"never seen .*\[8\]"):
         build_teacher_cache(teacher, _batches(pairs, list(range(8)), 3), N, 2, path, fingerprint=FP)
     with pytest.raises(ValueError, match=r"seen twice .*\[2\]"):
-        build_teacher_cache(
-            teacher, _batches(pairs, [0, 1, 2, 2, 3], 2), N, 2, path, fingerprint=FP
-        )
+        build_teacher_cache(teacher, _batches(pairs, [0, 1, 2, 2, 3], 2), N, 2, path, fingerprint=FP)
     with pytest.raises(ValueError, match=r"seen twice .*\[2\]"):  # across batches
-        build_teacher_cache(
-            teacher, _batches(pairs, [0, 2, 1, 3, 2], 2), N, 2, path, fingerprint=FP
-        )
+        build_teacher_cache(teacher, _batches(pairs, [0, 2, 1, 3, 2], 2), N, 2, path, fingerprint=FP)
     with pytest.raises(ValueError, match=r"k \(12\) exceeds the teacher vocabulary \(11\)"):
-        build_teacher_cache(
-            teacher, _batches(pairs, list(range(N)), 3), N, 12, path, fingerprint=FP
-        )
+        build_teacher_cache(teacher, _batches(pairs, list(range(N)), 3), N, 12, path, fingerprint=FP)
     with pytest.raises(ValueError, match="training mode"):
-        build_teacher_cache(
-            teacher.train(), _batches(pairs, list(range(N)), 3), N, 2, path, fingerprint=FP
-        )
+        build_teacher_cache(teacher.train(), _batches(pairs, list(range(N)), 3), N, 2, path, fingerprint=FP)
     assert not path.parent.exists() or not any(path.parent.iterdir())
 
 

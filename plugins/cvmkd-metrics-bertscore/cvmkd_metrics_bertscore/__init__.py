@@ -39,7 +39,7 @@ import attrs  # noqa: E402
 from cvmkd_core.config import gt, one_of  # noqa: E402
 from cvmkd_core.errors import MetricError  # noqa: E402
 from cvmkd_core.hookspecs import hookimpl  # noqa: E402
-from cvmkd_core.metrics import ScoreSpec  # noqa: E402
+from cvmkd_validation.metrics import ScoreSpec  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -111,7 +111,7 @@ class BertScore:
         if self.config.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.config.device == "cuda" and not torch.cuda.is_available():
-            raise MetricError("bertscore: device = \"cuda\" but CUDA is not available; use \"cpu\" or \"auto\"")
+            raise MetricError('bertscore: device = "cuda" but CUDA is not available; use "cpu" or "auto"')
         return self.config.device
 
     def _check_model_dir(self, path: Path) -> None:

@@ -16,10 +16,10 @@ import torch
 import cvmkd_metrics_bertscore
 from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
-from cvmkd_core.metrics import metric_specs
 from cvmkd_core.plugins import build_plugins
 from cvmkd_core.registry import Registrar, Registry
 from cvmkd_metrics_bertscore import KEYS, BertScore, BertScoreConfig, default_model_dir
+from cvmkd_validation.metrics import metric_specs
 
 REF = "a cat was sitting on the mat"
 PARAPHRASE = "the cat sat on the mat"
@@ -147,7 +147,9 @@ def test_config_from_a_recipe_table() -> None:
     )
     with pytest.raises(RecipeError) as caught:
         structure(
-            {"num_layers": 0, "batch_size": "64", "device": "tpu", "rescale": True}, BertScoreConfig, "validation.metrics[1]"
+            {"num_layers": 0, "batch_size": "64", "device": "tpu", "rescale": True},
+            BertScoreConfig,
+            "validation.metrics[1]",
         )
     problems = "\n".join(caught.value.problems)
     assert "validation.metrics[1].num_layers: must be > 0, got 0" in problems

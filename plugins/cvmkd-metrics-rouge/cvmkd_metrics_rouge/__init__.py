@@ -37,7 +37,7 @@ import attrs
 from cvmkd_core.config import one_of
 from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import ScoreSpec
+from cvmkd_validation.metrics import ScoreSpec
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,7 @@ def split_sentences(text: str) -> list[str]:
     """Split ``text`` after ``.``, ``!`` or ``?`` (optionally followed by a closing quote or
     bracket) that is followed by whitespace; line breaks also end a sentence. Deliberately
     simple: "Mr. Smith" is split too. Blank pieces are dropped."""
-    sentences = []
+    sentences: list[str] = []
     for line in text.splitlines():
         sentences.extend(piece for piece in _SENTENCE_END.split(line.strip()) if piece)
     return sentences

@@ -8,13 +8,17 @@ from rouge_score import rouge_scorer
 import cvmkd_metrics_rouge
 from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
-from cvmkd_core.metrics import metric_specs
 from cvmkd_core.plugins import build_plugins
 from cvmkd_core.registry import Registrar, Registry
 from cvmkd_metrics_rouge import Rouge, RougeConfig, split_sentences
+from cvmkd_validation.metrics import metric_specs
 
 HYPS = ["the cat sat on the mat", "in the beginning god created the heaven", "and the earth was void"]
-REFS = ["the cat was on the mat", "in the beginning God created the heavens and the earth", "and the earth was without form"]
+REFS = [
+    "the cat was on the mat",
+    "in the beginning God created the heavens and the earth",
+    "and the earth was without form",
+]
 
 
 def _direct(hyps: list[str], refs: list[str], **kwargs: object) -> dict[str, list[float]]:
@@ -113,9 +117,7 @@ def test_summary_level_uses_rougelsum_on_split_sentences() -> None:
     assert sentence_level["rougeL"] == [pytest.approx(50.0)]
     assert summary_level["rougeL"] == [pytest.approx(100.0)]
     assert summary_level["rouge1"] == sentence_level["rouge1"]
-    direct = rouge_scorer.RougeScorer(["rougeLsum"]).score(
-        "The dog ran.\nThe cat sat.", "The cat sat.\nThe dog ran."
-    )
+    direct = rouge_scorer.RougeScorer(["rougeLsum"]).score("The dog ran.\nThe cat sat.", "The cat sat.\nThe dog ran.")
     assert summary_level["rougeL"][0] == pytest.approx(100 * direct["rougeLsum"].fmeasure)
 
 

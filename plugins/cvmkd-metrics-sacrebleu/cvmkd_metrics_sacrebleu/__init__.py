@@ -19,7 +19,7 @@ import attrs
 
 from cvmkd_core.config import ge, one_of
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import ScoreSpec
+from cvmkd_validation.metrics import ScoreSpec
 
 __version__ = "0.1.0"
 
@@ -72,7 +72,7 @@ class _Sacrebleu(abc.ABC):
             if cached_key == key:
                 return stats
         stats = metric._extract_corpus_statistics(hypotheses, [references])
-        self._cache = [*self._cache[-(CACHED_SYSTEMS - 1):], (key, stats)]
+        self._cache = [*self._cache[-(CACHED_SYSTEMS - 1) :], (key, stats)]
         return stats
 
     def score(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:

@@ -64,7 +64,9 @@ def test_paired_test_tells_a_real_difference_from_noise() -> None:
     assert ter["delta"] < 0 and ter["p_value"] < 0.01
 
 
-@pytest.mark.parametrize("metric", [Bleu(BleuConfig()), Chrf(ChrfConfig()), Ter(TerConfig())], ids=["bleu", "chrf", "ter"])
+@pytest.mark.parametrize(
+    "metric", [Bleu(BleuConfig()), Chrf(ChrfConfig()), Ter(TerConfig())], ids=["bleu", "chrf", "ter"]
+)
 def test_paired_test_equals_sacrebleus_own_paired_test(metric) -> None:
     import random
 
@@ -76,7 +78,9 @@ def test_paired_test_equals_sacrebleus_own_paired_test(metric) -> None:
     a, b = _noisy(refs, 0.5, 5), _noisy(refs, 0.6, 6)
     metric.score(a, refs, [])  # statistics remembered from scoring are reused
     mine = metric.paired_test(a, b, refs, [], samples=200)[metric.key]
-    _, results = PairedTest([("a", a), ("b", b)], {metric.key: metric._metric()}, [refs], test_type="bs", n_samples=200)()
+    _, results = PairedTest(
+        [("a", a), ("b", b)], {metric.key: metric._metric()}, [refs], test_type="bs", n_samples=200
+    )()
     (name,) = [k for k in results if k != "System"]
     theirs = results[name][1]
     assert mine["p_value"] == pytest.approx(theirs.p_value)

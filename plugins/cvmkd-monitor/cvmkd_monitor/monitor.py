@@ -28,11 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cvmkd_core.errors import CvmkdError, RunDirError
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
+from cvmkd_core.rundir import RunFiles
 
 #: bytes of train.jsonl parsed when a log is first opened; doubled until it holds enough steps
 TAIL_BYTES = 64 * 1024
@@ -200,9 +196,10 @@ class TrainLog(_Appended):
         if record is None:
             self.damaged += 1
             return
-        when = record.get("time")
-        if _number(when):
-            self.last_time = float(when)
+        raw_time = record.get("time")
+        when = float(raw_time) if isinstance(raw_time, (int, float)) and not isinstance(raw_time, bool) else None
+        if when is not None:
+            self.last_time = when
         event = record.get("event")
         if event is None:
             step = record.get("step")
@@ -211,7 +208,7 @@ class TrainLog(_Appended):
                 return
             iteration = record.get("iteration")
             iteration = iteration if isinstance(iteration, int) else step
-            self.steps.append((step, iteration, float(when) if _number(when) else None, self._after_event))
+            self.steps.append((step, iteration, when, self._after_event))
             self._after_event = False
             self.last_step = record
             return
@@ -226,12 +223,17 @@ class TrainLog(_Appended):
             self.validations.append(_compact_validation(record))
 
 
+def _table(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one: files from older or damaged runs."""
+    return value if isinstance(value, dict) else {}
+
+
 def _compact_validation(record: dict[str, Any]) -> dict[str, Any]:
     """The parts of a validation record the monitor shows (its details run to kilobytes)."""
-    details = record.get("details") if isinstance(record.get("details"), dict) else {}
-    scores = record.get("scores") if isinstance(record.get("scores"), dict) else {}
-    delta = details.get("delta_previous") if isinstance(details.get("delta_previous"), dict) else {}
-    retention = details.get("retention") if isinstance(details.get("retention"), dict) else {}
+    details = _table(record.get("details"))
+    scores = _table(record.get("scores"))
+    delta = _table(details.get("delta_previous"))
+    retention = _table(details.get("retention"))
     return {
         "step": record.get("step"),
         "iteration": record.get("iteration"),
@@ -281,14 +283,6 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, float | None]:
     return (data, mtime) if isinstance(data, dict) else (None, None)
 
 
-def _read_toml(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-
-
 # --- the snapshot -------------------------------------------------------------------------------
 
 
@@ -298,13 +292,16 @@ class _Stage:
     def __init__(self, name: str, directory: Path) -> None:
         self.name = name
         self.directory = directory
-        self.log = TrainLog(directory / "train.jsonl")
-        self.history = History(directory / "validation" / "history.jsonl")
+        self.files = RunFiles(directory)
+        self.log = TrainLog(self.files.train_log({}))  # the recipe's log name once it is readable
+        self.history = History(self.files.history_file)
         self.recipe: dict[str, Any] | None = None
 
     def refresh(self) -> None:
         if self.recipe is None:
-            self.recipe = _read_toml(self.directory / "recipe.toml")
+            self.recipe = self.files.recipe()
+            if self.recipe is not None and self.files.train_log(self.recipe) != self.log.path:
+                self.log = TrainLog(self.files.train_log(self.recipe))
         self.log.refresh()
         self.history.refresh()
 
@@ -369,7 +366,10 @@ class Monitor:
         if running and total and step is not None and validate_every:
             # those at the steps still to come: every validate_every, and the last step
             validations_left = max(
-                total // validate_every - step // validate_every + (1 if total % validate_every and total > step else 0), 0
+                total // validate_every
+                - step // validate_every
+                + (1 if total % validate_every and total > step else 0),
+                0,
             )
         if running and seconds_per_step and total and step is not None:
             # the validations still to come are part of the stage's time: 10% of it in the default run
@@ -534,9 +534,8 @@ def _rollback_summary(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _summary_fields(summary: dict[str, Any]) -> dict[str, Any]:
-    extra = summary.get("extra") if isinstance(summary.get("extra"), dict) else {}
-    gate = summary.get("gate") or extra.get("gate")  # extra.gate: runs made before gate was a field
-    gate = gate if isinstance(gate, dict) else None
+    extra = _table(summary.get("extra"))
+    gate = _table(summary.get("gate") or extra.get("gate")) or None  # extra.gate: runs made before gate was a field
     return {
         "status": summary.get("status"),
         "final_step": summary.get("final_step"),
@@ -600,7 +599,11 @@ def render(snapshot: dict[str, Any]) -> str:
             left = s["validations_left"]
             if left:
                 plural = "s" if left > 1 else ""
-                line += f" incl. {left} validation{plural}" if s["eta_includes_validations"] else f" + {left} validation{plural}"
+                line += (
+                    f" incl. {left} validation{plural}"
+                    if s["eta_includes_validations"]
+                    else f" + {left} validation{plural}"
+                )
         lines.append(line)
 
     lines.append(_activity_line(s))
@@ -688,8 +691,14 @@ def _changed(snapshot: dict[str, Any]) -> tuple[Any, ...]:
     """What must differ for --follow to print a new block when stdout is not a terminal."""
     s = snapshot
     return (
-        s["status"], s["stage"], s["activity"], s["step"], s["iteration"], s["stale"],
-        (s["validation"] or {}).get("step"), s["rollbacks"]["count"],
+        s["status"],
+        s["stage"],
+        s["activity"],
+        s["step"],
+        s["iteration"],
+        s["stale"],
+        (s["validation"] or {}).get("step"),
+        s["rollbacks"]["count"],
     )
 
 

@@ -124,7 +124,12 @@ class Progress:
         left = (state.total_steps - state.step) * rate
         log.info(
             "%s step %d/%d  loss %.4f  %.2f s/step  %s left",
-            _stage(state), state.step, state.total_steps, result.loss, rate, _duration(left),
+            _stage(state),
+            state.step,
+            state.total_steps,
+            result.loss,
+            rate,
+            _duration(left),
         )
 
     @hookimpl
@@ -137,7 +142,7 @@ class Progress:
 
 
 def _stage(state: RunState) -> str:
-    return state.recipe.distill.name
+    return str(state.recipe.distill.name)  # type: ignore[attr-defined]  # TrainerRef is made at run time
 
 
 def _duration(seconds: float) -> str:

@@ -42,8 +42,19 @@ def _line(record: dict[str, Any]) -> str:
 
 def _step(step: int, t: float, iteration: int | None = None, **metrics: float) -> dict[str, Any]:
     record: dict[str, Any] = {"step": step, "iteration": step if iteration is None else iteration, "time": round(t, 3)}
-    record.update({"loss": 2.0 - step / 1000, "lr": 0.0005, "grad_norm": 0.3, "tokens_per_s": 5000.0,
-                   "kd": 0.01, "ce": 3.5, "token_accuracy": 0.4, "tokens": 900, "seconds_per_step": 0.5})
+    record.update(
+        {
+            "loss": 2.0 - step / 1000,
+            "lr": 0.0005,
+            "grad_norm": 0.3,
+            "tokens_per_s": 5000.0,
+            "kd": 0.01,
+            "ce": 3.5,
+            "token_accuracy": 0.4,
+            "tokens": 900,
+            "seconds_per_step": 0.5,
+        }
+    )
     record.update(metrics)
     return record
 
@@ -106,9 +117,14 @@ def test_a_running_distillation_shows_step_rate_eta_losses_and_validation(tmp_pa
     assert lines[0] == f"{run}: running, distillation"
     assert lines[1] == "step 250/1000 (25.0%)  0.5 s/step (120 steps/min)  ETA 8m55s incl. 8 validations"
     assert lines[2] == "last step 3s ago"
-    assert lines[3].startswith("loss 1.75  kd 0.01  ce 3.5  token_accuracy 0.4  lr 5.00e-04  grad_norm 0.3  tokens_per_s 5000")
+    assert lines[3].startswith(
+        "loss 1.75  kd 0.01  ce 3.5  token_accuracy 0.4  lr 5.00e-04  grad_norm 0.3  tokens_per_s 5000"
+    )
     assert "tokens " not in lines[3] and "seconds_per_step" not in lines[3]
-    assert lines[4] == "validation @ step 200: composite 14.00 (+2.00 vs step 100)  bleu 7.00  chrf 24.00  ter 80.00; best step 200"
+    assert (
+        lines[4]
+        == "validation @ step 200: composite 14.00 (+2.00 vs step 100)  bleu 7.00  chrf 24.00  ter 80.00; best step 200"
+    )
     assert lines[5] == "rollbacks: none"
 
 
@@ -160,8 +176,21 @@ def test_rollbacks_are_counted_and_the_rate_follows_iterations(tmp_path: Path) -
         t += 1.0
         lines.append(_line(_step(step, t)))
     for n, reason in ((1, "composite fell 12% below the best"), (2, "non-finite loss")):
-        lines.append(_line({"event": "rollback", "time": t, "from_step": 100, "to_step": 50, "iteration": 100 * n,
-                            "reason": reason, "checkpoint": "step_00000050.pt", "lr_scale": 0.5 ** n, "rollbacks": n}))
+        lines.append(
+            _line(
+                {
+                    "event": "rollback",
+                    "time": t,
+                    "from_step": 100,
+                    "to_step": 50,
+                    "iteration": 100 * n,
+                    "reason": reason,
+                    "checkpoint": "step_00000050.pt",
+                    "lr_scale": 0.5**n,
+                    "rollbacks": n,
+                }
+            )
+        )
         for i in range(1, 101 if n == 1 else 31):
             t += 1.0
             lines.append(_line(_step(50 + i, t, iteration=100 * n + i)))
@@ -218,14 +247,21 @@ def test_the_teacher_stage_comes_first(tmp_path: Path) -> None:
     assert "step 100/900 (11.1%)  1.2 s/step (50 steps/min)  ETA 16m00s + 1 validation" in text
 
     # the teacher is done, the student's log not opened yet: the teacher's outputs are being cached
-    atomic_write_json(run / "teacher" / "summary.json", {"status": "completed", "final_step": 900, "wall_seconds": 1080.0})
+    atomic_write_json(
+        run / "teacher" / "summary.json", {"status": "completed", "final_step": 900, "wall_seconds": 1080.0}
+    )
     snap = Monitor(run).snapshot(now=time.time() + 30)
     assert (snap["stage"], snap["activity"], snap["status"]) == ("teacher", "preparing", "running")
     assert "preparing distillation" in render(snap)
 
     (run / "train.jsonl").write_text(_line({"event": "run_start", "time": T0 + 2000, "step": 0, "total_steps": 1000}))
     snap = Monitor(run).snapshot(now=T0 + 2005)
-    assert (snap["stage"], snap["activity"], snap["step"], snap["total_steps"]) == ("distillation", "waiting", None, 1000)
+    assert (snap["stage"], snap["activity"], snap["step"], snap["total_steps"]) == (
+        "distillation",
+        "waiting",
+        None,
+        1000,
+    )
     text = render(snap)
     assert "distillation (stage 2/2); teacher completed at step 900 in 18m00s" in text
     assert "waiting for the first step" in text
@@ -234,10 +270,19 @@ def test_the_teacher_stage_comes_first(tmp_path: Path) -> None:
 def test_a_finished_run_shows_status_exit_reason_and_gate(tmp_path: Path) -> None:
     run, last = _distillation_run(tmp_path, steps=1000)
     gate = {"passed": False, "verdict": "retention gate failed: the student keeps 81% of the teacher on bleu"}
-    atomic_write_json(run / "summary.json", {
-        "status": "completed", "final_step": 1000, "iterations_executed": 1000, "rollbacks": 0,
-        "wall_seconds": 3641.4, "error": None, "gate": gate, "extra": {},
-    })
+    atomic_write_json(
+        run / "summary.json",
+        {
+            "status": "completed",
+            "final_step": 1000,
+            "iterations_executed": 1000,
+            "rollbacks": 0,
+            "wall_seconds": 3641.4,
+            "error": None,
+            "gate": gate,
+            "extra": {},
+        },
+    )
     snap = Monitor(run).snapshot(now=last + 100)
     assert snap["finished"] and snap["status"] == "completed" and snap["activity"] == "finished"
     assert snap["summary"]["gate"] == gate and snap["eta_seconds"] is None and not snap["stale"]
@@ -275,7 +320,9 @@ def test_json_prints_one_snapshot(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert snap["stale"] and snap["seconds_since"] > 3600
 
 
-def test_follow_exits_quietly_on_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_follow_exits_quietly_on_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     run, _ = _distillation_run(tmp_path)
 
     def interrupt(seconds: float) -> None:
@@ -323,13 +370,20 @@ def test_a_history_rewritten_by_a_resume_is_read_again(tmp_path: Path) -> None:
     ("make", "message"),
     [
         (lambda d: d / "absent", "error: no run directory at {path}"),
-        (lambda d: (d / "file.txt", (d / "file.txt").write_text("x"))[0], "error: {path} is a file, not a run directory"),
-        (lambda d: (d / "empty", (d / "empty").mkdir())[0],
-         "error: {path} is not a run directory: it holds no recipe.toml, train.jsonl or teacher/"),
+        (
+            lambda d: (d / "file.txt", (d / "file.txt").write_text("x"))[0],
+            "error: {path} is a file, not a run directory",
+        ),
+        (
+            lambda d: (d / "empty", (d / "empty").mkdir())[0],
+            "error: {path} is not a run directory: it holds no recipe.toml, train.jsonl or teacher/",
+        ),
     ],
     ids=["missing", "file", "not-a-run"],
 )
-def test_bad_run_directories_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Any, message: str) -> None:
+def test_bad_run_directories_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], make: Any, message: str
+) -> None:
     path = make(tmp_path)
     assert main(["monitor", str(path)]) == 2
     out, err = capsys.readouterr()
@@ -373,7 +427,9 @@ def test_follow_shows_a_run_being_written_and_exits_when_it_ends(tmp_path: Path)
     with open(out_file, "w") as stdout:
         process = subprocess.Popen(
             [sys.executable, "-m", "cvmkd_core.cli", "monitor", str(run), "--follow", "--interval", "0.1"],
-            stdout=stdout, stderr=subprocess.PIPE, text=True,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         writer = threading.Thread(target=write_run)
         writer.start()
@@ -387,7 +443,9 @@ def test_follow_shows_a_run_being_written_and_exits_when_it_ends(tmp_path: Path)
     assert errors == []
     assert process.returncode == 0, err
     assert "waiting for the first step" in out.split("\n\n")[0]
-    steps = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("step ") and "/" in line]
+    steps = [
+        int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("step ") and "/" in line
+    ]
     assert len({s for s in steps if s > 0}) >= 3, out
     assert steps == sorted(steps) and steps[-1] == 60, out
     # the last block is the final one, and blocks are printed only when something changed

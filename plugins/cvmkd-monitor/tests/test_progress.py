@@ -31,7 +31,9 @@ def toy_plugins(toy_plugins: Plugins) -> Plugins:
 
 
 def _cvmkd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cvmkd_core.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cvmkd_core.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_without_a_terminal_progress_is_plain_lines(write: Callable[[str, str], Path], toy_hook_file: Path) -> None:
@@ -53,11 +55,13 @@ def test_quiet_keeps_only_the_progress_lines(write: Callable[[str, str], Path], 
 
 
 def test_on_a_terminal_a_bar_shows_step_loss_and_the_last_composite(
-    write: Callable[[str, str], Path], toy_plugins: Plugins, capsys: pytest.CaptureFixture[str],
+    write: Callable[[str, str], Path],
+    toy_plugins: Plugins,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(progress, "_use_bar", lambda: True)
-    path = write("recipe.toml", TOY_RECIPE + '\ncomposite = {exact = 1.0}\n')
+    path = write("recipe.toml", TOY_RECIPE + "\ncomposite = {exact = 1.0}\n")
     recipe = load_recipe(path, registry=toy_plugins.registry)
     summary, _ = run_session(Session(recipe=recipe, plugins=toy_plugins, recipe_path=path))
     assert summary.status == "completed"
@@ -67,7 +71,9 @@ def test_on_a_terminal_a_bar_shows_step_loss_and_the_last_composite(
 
 
 def test_lines_mode_never_draws_a_bar(
-    write: Callable[[str, str], Path], toy_plugins: Plugins, capsys: pytest.CaptureFixture[str],
+    write: Callable[[str, str], Path],
+    toy_plugins: Plugins,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)

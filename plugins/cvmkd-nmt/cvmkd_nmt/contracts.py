@@ -9,8 +9,6 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 import torch
 
-from cvmkd_core.metrics import COMPOSITE
-
 
 @attrs.frozen
 class CorpusSplits:
@@ -89,7 +87,7 @@ def within_budget(
     losses: dict[str, float] = {}
     if "bleu" in scores and "bleu" in reference:
         losses["bleu"] = reference["bleu"] - scores["bleu"]
-    if COMPOSITE in scores and COMPOSITE in reference and reference[COMPOSITE] > 0:
-        losses["composite_share"] = (reference[COMPOSITE] - scores[COMPOSITE]) / reference[COMPOSITE]
+    if "composite" in scores and "composite" in reference and reference["composite"] > 0:
+        losses["composite_share"] = (reference["composite"] - scores["composite"]) / reference["composite"]
     ok = losses.get("bleu", 0.0) <= max_bleu_loss and losses.get("composite_share", 0.0) <= max_composite_loss
     return ok, losses

@@ -158,11 +158,19 @@ def cvmkd_register(register: Any) -> None:
 
 
 def _translate_arguments(parser: Any) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME")
+    parser.add_argument(
+        "--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME"
+    )
     parser.add_argument("--input", "-i", default="-", metavar="FILE", help="one sentence per line (default: stdin)")
-    parser.add_argument("--output", "-o", default="-", metavar="FILE", help="one translation per line (default: stdout)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="sentences decoded together (default 32)")
-    parser.add_argument("--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search")
+    parser.add_argument(
+        "--output", "-o", default="-", metavar="FILE", help="one translation per line (default: stdout)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="sentences decoded together (default 32)"
+    )
+    parser.add_argument(
+        "--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search"
+    )
     parser.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, or auto")
 
 

@@ -38,7 +38,10 @@ def source_revision() -> dict[str, Any] | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -127,7 +130,7 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
                     meta[shared] = student_meta[shared]
         meta.update(common)
         meta.setdefault("hardware", describe_hardware(torch.device("cpu")))
-        gate_name = "student" if key == "model" else key[len("model-"):]
+        gate_name = "student" if key == "model" else key[len("model-") :]
         gate = _gate_for(attrs.asdict(summary.gate) if summary.gate is not None else None, gate_name)
         if gate is not None:
             meta["gate"] = gate

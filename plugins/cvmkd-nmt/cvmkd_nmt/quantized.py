@@ -27,7 +27,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -35,6 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
+
+if TYPE_CHECKING:
+    # imported where used at runtime (the torch.ao modules load only when an int8 layer is built)
+    from torch.ao.nn.quantized import Linear as AoLinear
 
 __all__ = [
     "FORMAT",
@@ -85,9 +89,7 @@ def pack_int4(values: Tensor) -> Tensor:
     if values.dim() == 0:
         raise ValueError("pack_int4 needs at least one dimension")
     if values.numel() and (int(values.min()) < -8 or int(values.max()) > 7):
-        raise ValueError(
-            f"pack_int4 values must be in [-8, 7], got [{int(values.min())}, {int(values.max())}]"
-        )
+        raise ValueError(f"pack_int4 values must be in [-8, 7], got [{int(values.min())}, {int(values.max())}]")
     v = values.to(torch.int16)
     if v.size(-1) % 2:
         v = torch.cat([v, v.new_zeros(*v.shape[:-1], 1)], dim=-1)
@@ -101,9 +103,7 @@ def unpack_int4(packed: Tensor, numel: int) -> Tensor:
         raise ValueError(f"unpack_int4 needs a uint8 tensor, got {packed.dtype}")
     m = packed.size(-1) if packed.dim() else 0
     if packed.dim() == 0 or not 2 * m - 1 <= numel <= 2 * m:
-        raise ValueError(
-            f"unpack_int4: {m} packed bytes per row cannot hold {numel} values"
-        )
+        raise ValueError(f"unpack_int4: {m} packed bytes per row cannot hold {numel} values")
     low = packed & 0xF
     high = packed >> 4
     nibbles = torch.stack([low, high], dim=-1).flatten(-2)[..., :numel]
@@ -186,9 +186,7 @@ def quantize_tensor(
         raise ValueError(f"quantize_tensor needs a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     if group_size and cols % group_size:
-        raise ValueError(
-            f"in_features {cols} is not divisible by group_size {group_size}"
-        )
+        raise ValueError(f"in_features {cols} is not divisible by group_size {group_size}")
     w = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise ValueError("cannot quantize a weight holding inf or NaN")
@@ -228,22 +226,21 @@ def _ao_calls() -> Iterator[None]:
     deprecation notices for quantized tensors silenced for these calls only."""
     engines = torch.backends.quantized.supported_engines
     current = torch.backends.quantized.engine
-    wanted = next((e for e in ("x86", "fbgemm") if e in engines), None)
+    wanted: str | None = next((e for e in ("x86", "fbgemm") if e in engines), None)
     if wanted is None and current in (None, "none"):
         wanted = "qnnpack" if "qnnpack" in engines else None
-    switch = wanted is not None and wanted != current
+    # the engine to use for these calls, None to leave the current one alone
+    switch = wanted if wanted is not None and wanted != current else None
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*quantized tensor creation functions.*", category=UserWarning
-        )
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
-        if switch:
-            torch.backends.quantized.engine = wanted
+        if switch is not None:
+            torch.backends.quantized.engine = switch
         try:
             yield
         finally:
-            if switch:
+            if switch is not None:
                 torch.backends.quantized.engine = current
 
 
@@ -258,7 +255,7 @@ def _per_channel_weight(data: Tensor, scale: Tensor) -> Tensor:
     )
 
 
-def _dynamic_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+def _dynamic_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
     """A ``torch.ao.nn.quantized.dynamic.Linear`` holding int8 ``data`` (out, in) with
     per-output-channel float32 ``scale`` (out, 1) and zero points 0."""
     from torch.ao.nn.quantized.dynamic import Linear as AoDynamicLinear
@@ -267,13 +264,11 @@ def _dynamic_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Modu
     with _ao_calls():
         qweight = _per_channel_weight(data, scale)
         module = AoDynamicLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
-        module.set_weight_bias(
-            qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous()
-        )
+        module.set_weight_bias(qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous())
     return module
 
 
-def _static_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+def _static_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
     """A ``torch.ao.nn.quantized.Linear`` (static: quint8 in, quint8 out) holding int8
     ``data`` (out, in) with per-output-channel float32 ``scale`` (out, 1) and zero points 0;
     its output ``scale``/``zero_point`` are set by the caller."""
@@ -283,9 +278,7 @@ def _static_linear(data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Modul
     with _ao_calls():
         qweight = _per_channel_weight(data, scale)
         module = AoLinear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
-        module.set_weight_bias(
-            qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous()
-        )
+        module.set_weight_bias(qweight, None if bias is None else bias.detach().cpu().to(torch.float32).contiguous())
     return module
 
 
@@ -304,6 +297,10 @@ class QuantEmbedding(_QuantModule):
     ``qscale`` (absent for 16 bits). ``padding_idx`` is kept for reference only."""
 
     kind = "embedding"
+    # buffers (registered in __init__), declared for type checkers: nn.Module's __getattr__
+    # types every buffer as ``Tensor | Module``
+    qdata: Tensor
+    qscale: Tensor | None
 
     def __init__(self, qweight: QuantizedWeight, padding_idx: int | None = None) -> None:
         super().__init__()
@@ -322,15 +319,16 @@ class QuantEmbedding(_QuantModule):
         group_size: int = 0,
         half_dtype: torch.dtype = torch.float16,
     ) -> QuantEmbedding:
-        return cls(
-            quantize_tensor(embedding.weight, bits, group_size, half_dtype), embedding.padding_idx
-        )
+        return cls(quantize_tensor(embedding.weight, bits, group_size, half_dtype), embedding.padding_idx)
 
     @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(
-            self.bits, self.group_size, (self.num_embeddings, self.embedding_dim),
-            self.qdata, self.qscale,
+            self.bits,
+            self.group_size,
+            (self.num_embeddings, self.embedding_dim),
+            self.qdata,
+            self.qscale,
         )
 
     @property
@@ -343,10 +341,7 @@ class QuantEmbedding(_QuantModule):
         return dequantize_rows(self.qdata[ids], scale, self.bits, self.embedding_dim)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
-            f"group_size={self.group_size}"
-        )
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
 
 
 class NbitLinear(_QuantModule):
@@ -358,6 +353,12 @@ class NbitLinear(_QuantModule):
     """
 
     kind = "nbit"
+    # set in __init__ (buffers, and tied_to as a plain attribute), declared for type checkers;
+    # a tied layer has no qdata/qscale buffers of its own
+    tied_to: QuantEmbedding | None
+    qdata: Tensor
+    qscale: Tensor | None
+    bias: Tensor | None
 
     def __init__(
         self,
@@ -383,9 +384,7 @@ class NbitLinear(_QuantModule):
         self.group_size = qweight.group_size
         if bias is not None:
             if bias.shape != (self.out_features,):
-                raise ValueError(
-                    f"bias shape {tuple(bias.shape)} does not fit {self.out_features} outputs"
-                )
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not fit {self.out_features} outputs")
             bias = bias.detach().to(torch.float32).clone()
         self.register_buffer("bias", bias)
 
@@ -406,9 +405,7 @@ class NbitLinear(_QuantModule):
     @property
     def qweight(self) -> QuantizedWeight:
         data, scale = self._table()
-        return QuantizedWeight(
-            self.bits, self.group_size, (self.out_features, self.in_features), data, scale
-        )
+        return QuantizedWeight(self.bits, self.group_size, (self.out_features, self.in_features), data, scale)
 
     def forward(self, x: Tensor) -> Tensor:
         data, scale = self._table()
@@ -433,6 +430,10 @@ class _KernelInt8Linear(_QuantModule):
     (unpacked exactly from the kernel's packed weight), never torch's packed params.
     """
 
+    # plain attributes set with object.__setattr__, declared for type checkers
+    tied_to: QuantEmbedding | None
+    _qlinear: AoLinear
+
     def __init__(
         self,
         qweight: QuantizedWeight | None,
@@ -456,12 +457,10 @@ class _KernelInt8Linear(_QuantModule):
         self.bits = 8
         self.group_size = 0
         if bias is not None and bias.shape != (self.out_features,):
-            raise ValueError(
-                f"bias shape {tuple(bias.shape)} does not fit {self.out_features} outputs"
-            )
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not fit {self.out_features} outputs")
         self._build(qweight.data, qweight.scale, bias)
 
-    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
         raise NotImplementedError
 
     def _build(self, data: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
@@ -516,9 +515,7 @@ class _KernelInt8Linear(_QuantModule):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        names = (["qdata", "qscale"] if self.tied_to is None else []) + (
-            ["bias"] if self.bias is not None else []
-        )
+        names = (["qdata", "qscale"] if self.tied_to is None else []) + (["bias"] if self.bias is not None else [])
         missing = [prefix + n for n in names if prefix + n not in state_dict]
         if missing:
             missing_keys.extend(missing)
@@ -530,6 +527,7 @@ class _KernelInt8Linear(_QuantModule):
         if data.shape != current.data.shape or data.dtype != torch.int8:
             error_msgs.append(f"{prefix}qdata: expected int8 {tuple(current.data.shape)}")
             return
+        assert scale is not None  # 8-bit weights always have scales (checked in __init__)
         self._build(data, scale.to(torch.float32), bias)
 
     # deepcopy/pickle: rebuild the kernel's weight from plain tensors
@@ -547,10 +545,7 @@ class _KernelInt8Linear(_QuantModule):
 
     def extra_repr(self) -> str:
         tied = ", tied" if self.tied_to is not None else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}{tied}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{tied}"
 
 
 class DynamicInt8Linear(_KernelInt8Linear):
@@ -565,7 +560,7 @@ class DynamicInt8Linear(_KernelInt8Linear):
 
     kind = "dynamic-int8"
 
-    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
         return _dynamic_linear(data, scale, bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -676,6 +671,11 @@ class StaticInt8Linear(_KernelInt8Linear):
     """
 
     kind = "static-int8"
+    # plain attributes set with object.__setattr__, declared for type checkers:
+    # (input scale, input zero point, output scale, output zero point) once calibrated
+    _act: tuple[float, int, float, int] | None
+    # (dequantized weight, bias, (input observer, output observer)) while calibrating
+    _calibration: tuple[Tensor, Tensor | None, tuple[_RangeObserver, _RangeObserver]] | None
 
     def __init__(
         self,
@@ -696,7 +696,7 @@ class StaticInt8Linear(_KernelInt8Linear):
                 raise ValueError("StaticInt8Linear needs both act_scale and act_zero_point")
             self.set_activation_qparams(act_scale, act_zero_point)
 
-    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> nn.Module:
+    def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
         return _static_linear(data, scale, bias)
 
     def _build(self, data: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:
@@ -756,12 +756,17 @@ class StaticInt8Linear(_KernelInt8Linear):
             scales.append(scale)
             zero_points.append(zero_point)
             summary[side] = {
-                "min": observer.min, "max": observer.max, "low": low, "high": high,
-                "scale": float(scale), "zero_point": int(zero_point),
+                "min": observer.min,
+                "max": observer.max,
+                "low": low,
+                "high": high,
+                "scale": float(scale),
+                "zero_point": int(zero_point),
             }
         return torch.stack(scales), torch.stack(zero_points), summary
 
     def _observe(self, x: Tensor) -> Tensor:
+        assert self._calibration is not None  # forward calls this only while calibrating
         weight, bias, (inputs, outputs) = self._calibration
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(torch.float32)
@@ -787,10 +792,7 @@ class StaticInt8Linear(_KernelInt8Linear):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         if self._act is None:
-            raise ModelError(
-                f"static-int8 layer {prefix.rstrip('.') or '(root)'} is not calibrated: "
-                "nothing to save"
-            )
+            raise ModelError(f"static-int8 layer {prefix.rstrip('.') or '(root)'} is not calibrated: nothing to save")
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "act_scale"] = self.act_scale
         destination[prefix + "act_zero_point"] = self.act_zero_point
@@ -831,9 +833,7 @@ _LINEAR_TYPES = (NbitLinear, DynamicInt8Linear, StaticInt8Linear)
 
 def uncalibrated_layers(model: nn.Module) -> list[str]:
     """Names of the static-int8 layers of ``model`` that :func:`calibrate` has not frozen yet."""
-    return [
-        name for name, m in model.named_modules() if isinstance(m, StaticInt8Linear) and not m.calibrated
-    ]
+    return [name for name, m in model.named_modules() if isinstance(m, StaticInt8Linear) and not m.calibrated]
 
 
 def calibrate(
@@ -875,12 +875,14 @@ def calibrate(
         module._start_calibration(observer, float(percentile))
     try:
         run(model)
-        unseen = [name for name, m in layers.items() if m._calibration[2][0].count == 0]
+        unseen = []
+        for name, m in layers.items():
+            assert m._calibration is not None  # started above, stopped only in the finally below
+            if m._calibration[2][0].count == 0:
+                unseen.append(name)
         if unseen:
             more = f" and {len(unseen) - 3} more" if len(unseen) > 3 else ""
-            raise ModelError(
-                f"calibration ran no data through static-int8 layer(s) {', '.join(unseen[:3])}{more}"
-            )
+            raise ModelError(f"calibration ran no data through static-int8 layer(s) {', '.join(unseen[:3])}{more}")
         results = {name: m._calibration_result(bool(reduce_range)) for name, m in layers.items()}
     finally:
         for module in layers.values():
@@ -939,18 +941,17 @@ class LayerChoice:
                 f"bits={self.bits}, group_size={self.group_size}"
             )
         if self.half_dtype not in _HALF_DTYPES:
-            raise ModelError(
-                f"quantization half_dtype must be float16 or bfloat16, got {self.half_dtype!r}"
-            )
+            raise ModelError(f"quantization half_dtype must be float16 or bfloat16, got {self.half_dtype!r}")
 
 
 def _tied_group(model: nn.Module) -> bool:
     """True when the model's src/tgt embeddings and output projection are one fp32 matrix."""
     src = getattr(model, "src_embed", None)
     out = getattr(model, "output_proj", None)
+    # the identity test first: mypy's narrowing on ``is`` would undo isinstance's narrowing of src
     return (
-        isinstance(src, nn.Embedding)
-        and getattr(model, "tgt_embed", None) is src
+        getattr(model, "tgt_embed", None) is src
+        and isinstance(src, nn.Embedding)
         and isinstance(out, nn.Linear)
         and out.weight is src.weight
     )
@@ -984,21 +985,19 @@ def _quantized_linear(linear: nn.Linear, choice: LayerChoice) -> nn.Module:
         return DynamicInt8Linear.from_linear(linear)
     if choice.kind == "static-int8":
         return StaticInt8Linear.from_linear(linear)
-    return NbitLinear.from_linear(
-        linear, choice.bits, choice.group_size, _HALF_DTYPES[choice.half_dtype]
-    )
+    return NbitLinear.from_linear(linear, choice.bits, choice.group_size, _HALF_DTYPES[choice.half_dtype])
 
 
 _LINEAR_CLASSES: dict[str, type[nn.Module]] = {
-    "nbit": NbitLinear, "dynamic-int8": DynamicInt8Linear, "static-int8": StaticInt8Linear,
+    "nbit": NbitLinear,
+    "dynamic-int8": DynamicInt8Linear,
+    "static-int8": StaticInt8Linear,
 }
 
 
 def _quantized_embedding(embedding: nn.Embedding, choice: LayerChoice) -> QuantEmbedding:
     bits, group = (8, 0) if choice.kind in _INT8_KINDS else (choice.bits, choice.group_size)
-    return QuantEmbedding.from_embedding(
-        embedding, bits, group, _HALF_DTYPES[choice.half_dtype]
-    )
+    return QuantEmbedding.from_embedding(embedding, bits, group, _HALF_DTYPES[choice.half_dtype])
 
 
 @torch.no_grad()
@@ -1020,15 +1019,10 @@ def apply_plan(
     unknown = sorted(set(plan) - set(layers))
     if unknown:
         shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
-        raise ModelError(
-            f"quantization plan names unknown layer(s) {', '.join(unknown)}; "
-            f"quantizable layers: {shown}"
-        )
-    for name, choice in plan.items():
-        if not isinstance(choice, LayerChoice):
-            raise ModelError(
-                f"quantization plan entry {name!r} must be a LayerChoice, got {type(choice).__name__}"
-            )
+        raise ModelError(f"quantization plan names unknown layer(s) {', '.join(unknown)}; quantizable layers: {shown}")
+    for name, entry in plan.items():
+        if not isinstance(entry, LayerChoice):
+            raise ModelError(f"quantization plan entry {name!r} must be a LayerChoice, got {type(entry).__name__}")
     if default is not None and not isinstance(default, LayerChoice):
         raise ModelError(f"quantization default must be a LayerChoice, got {type(default).__name__}")
 
@@ -1039,8 +1033,10 @@ def apply_plan(
             continue
         try:
             if name == EMBEDDINGS and _tied_group(model):
-                table = _quantized_embedding(model.src_embed, choice)
-                bias = model.output_proj.bias
+                src_embed, output_proj = model.src_embed, model.output_proj
+                assert isinstance(src_embed, nn.Embedding) and isinstance(output_proj, nn.Linear)  # _tied_group
+                table = _quantized_embedding(src_embed, choice)
+                bias = output_proj.bias
                 out = _LINEAR_CLASSES[choice.kind](None, bias, tied_to=table)
                 swaps += [("src_embed", table), ("tgt_embed", table), ("output_proj", out)]
                 continue
@@ -1048,6 +1044,7 @@ def apply_plan(
             if isinstance(module, nn.Embedding):
                 swaps.append((name, _quantized_embedding(module, choice)))
             else:
+                assert isinstance(module, nn.Linear)  # quantizable_layers names only these two kinds
                 swaps.append((name, _quantized_linear(module, choice)))
         except ValueError as exc:
             raise ModelError(f"cannot quantize layer {name!r} ({choice.kind}): {exc}") from None
@@ -1069,9 +1066,7 @@ def _plain_tensors(model: nn.Module) -> dict[str, Tensor]:
             continue
         prefix = f"{mname}." if mname else ""
         items = list(module.named_parameters(recurse=False)) + [
-            (n, b)
-            for n, b in module.named_buffers(recurse=False)
-            if n not in module._non_persistent_buffers_set
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
         ]
         for pname, tensor in items:
             if tensor is None or id(tensor) in seen:
@@ -1135,6 +1130,7 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]
             entry["tied_to"] = first[id(module.tied_to)]
             tied = True
         else:
+            assert isinstance(module, (QuantEmbedding, NbitLinear, _KernelInt8Linear))  # the _QuantModule kinds
             qweight = module.qweight
             if qweight.bits == 16:
                 entry["dtype"] = _HALF_NAMES[qweight.data.dtype]
@@ -1181,9 +1177,7 @@ def _int_field(name: str, entry: dict[str, Any], key: str) -> int:
 
 
 @torch.no_grad()
-def load_quantized(
-    model: nn.Module, spec: dict[str, Any], tensors: dict[str, Tensor]
-) -> nn.Module:
+def load_quantized(model: nn.Module, spec: dict[str, Any], tensors: dict[str, Tensor]) -> nn.Module:
     """Rebuild, in the fp32 skeleton ``model`` (e.g. a fresh ``CvmTransformer(config)``), the
     modules described by ``spec`` from ``tensors`` (as written by :func:`quantized_state`), and
     load every other tensor; returns ``model`` in eval mode. Outputs are bit-identical to the
@@ -1216,9 +1210,7 @@ def load_quantized(
         except ValueError as exc:
             raise ModelError(f"quantization spec: layer {name!r}: {exc}") from None
         if kind in _INT8_KINDS and (bits, group_size) != (8, 0):
-            raise ModelError(
-                f"quantization spec: layer {name!r}: {kind} needs bits 8 and group_size 0"
-            )
+            raise ModelError(f"quantization spec: layer {name!r}: {kind} needs bits 8 and group_size 0")
         shape = entry.get("shape")
         if (
             not isinstance(shape, list)
@@ -1229,44 +1221,37 @@ def load_quantized(
         rows, cols = shape
         if group_size and cols % group_size:
             raise ModelError(
-                f"quantization spec: layer {name!r}: {cols} columns not divisible by "
-                f"group_size {group_size}"
+                f"quantization spec: layer {name!r}: {cols} columns not divisible by group_size {group_size}"
             )
         try:
             target = model.get_submodule(name)
         except AttributeError:
-            raise ModelError(
-                f"quantization spec names layer {name!r}, which the model does not have"
-            ) from None
+            raise ModelError(f"quantization spec names layer {name!r}, which the model does not have") from None
         if kind == "embedding":
             if not isinstance(target, nn.Embedding):
                 raise ModelError(f"quantization spec: layer {name!r} is not an embedding in the model")
             have = (target.num_embeddings, target.embedding_dim)
         else:
             if not isinstance(target, nn.Linear):
-                raise ModelError(
-                    f"quantization spec: layer {name!r} is not a linear layer in the model"
-                )
+                raise ModelError(f"quantization spec: layer {name!r} is not a linear layer in the model")
             have = (target.out_features, target.in_features)
         if have != (rows, cols):
             raise ModelError(
-                f"quantization spec: layer {name!r} has shape {[rows, cols]} but the model's "
-                f"is {list(have)}"
+                f"quantization spec: layer {name!r} has shape {[rows, cols]} but the model's is {list(have)}"
             )
 
         tied_to = entry.get("tied_to")
         owner: QuantEmbedding | None = None
         if tied_to is not None:
-            owner = built.get(tied_to) if isinstance(tied_to, str) else None
-            if not isinstance(owner, QuantEmbedding):
+            tied_module = built.get(tied_to) if isinstance(tied_to, str) else None
+            if not isinstance(tied_module, QuantEmbedding):
                 raise ModelError(
-                    f"quantization spec: layer {name!r} is tied to {tied_to!r}, which is not a "
-                    "quantized embedding"
+                    f"quantization spec: layer {name!r} is tied to {tied_to!r}, which is not a quantized embedding"
                 )
+            owner = tied_module
             if (owner.bits, owner.group_size, owner.qweight.shape) != (bits, group_size, (rows, cols)):
                 raise ModelError(
-                    f"quantization spec: layer {name!r} does not match the bits/group_size/shape "
-                    f"of {tied_to!r}"
+                    f"quantization spec: layer {name!r} does not match the bits/group_size/shape of {tied_to!r}"
                 )
             qweight = owner.qweight
         else:
@@ -1274,9 +1259,7 @@ def load_quantized(
             if bits == 16:
                 dtype_name = entry.get("dtype", "float16")
                 if dtype_name not in _HALF_DTYPES:
-                    raise ModelError(
-                        f"quantization spec: layer {name!r} has unknown dtype {dtype_name!r}"
-                    )
+                    raise ModelError(f"quantization spec: layer {name!r} has unknown dtype {dtype_name!r}")
                 dtypes = (_HALF_DTYPES[dtype_name],)
             data = _take(tensors, f"{name}.qdata", dtypes, _stored_shape(bits, (rows, cols)), used)
             scale = None
@@ -1290,6 +1273,7 @@ def load_quantized(
             if owner is not None:
                 built[name] = owner
                 continue
+            assert isinstance(target, nn.Embedding)  # checked above for kind "embedding"
             built[name] = QuantEmbedding(qweight, target.padding_idx)
             continue
         has_bias = entry.get("bias")
@@ -1307,8 +1291,11 @@ def load_quantized(
             act_zero_point = _take(tensors, f"{name}.act_zero_point", (torch.int64,), (2,), used)
             try:
                 built[name] = StaticInt8Linear(
-                    qweight_or_none, bias, tied_to=owner,
-                    act_scale=act_scale, act_zero_point=act_zero_point,
+                    qweight_or_none,
+                    bias,
+                    tied_to=owner,
+                    act_scale=act_scale,
+                    act_zero_point=act_zero_point,
                 )
             except ValueError as exc:
                 raise ModelError(f"quantization spec: layer {name!r}: {exc}") from None
@@ -1325,9 +1312,7 @@ def load_quantized(
             raise ModelError(f"tensor {key!r} is missing")
         source = tensors[key]
         if tuple(source.shape) != tuple(tensor.shape):
-            raise ModelError(
-                f"tensor {key!r} has shape {list(source.shape)}, expected {list(tensor.shape)}"
-            )
+            raise ModelError(f"tensor {key!r} has shape {list(source.shape)}, expected {list(tensor.shape)}")
         if not source.dtype.is_floating_point and tensor.dtype.is_floating_point:
             raise ModelError(f"tensor {key!r} has dtype {source.dtype}, expected {tensor.dtype}")
         tensor.copy_(source)
@@ -1336,8 +1321,7 @@ def load_quantized(
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         raise ModelError(
-            f"unexpected tensor(s) {', '.join(repr(k) for k in extra[:3])}{more} not named by "
-            "the quantization spec"
+            f"unexpected tensor(s) {', '.join(repr(k) for k in extra[:3])}{more} not named by the quantization spec"
         )
     return model.eval()
 
@@ -1355,9 +1339,7 @@ def model_nbytes(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         items = list(module.parameters(recurse=False)) + [
-            b
-            for n, b in module.named_buffers(recurse=False)
-            if n not in module._non_persistent_buffers_set
+            b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
         ]
         for tensor in items:
             if tensor is None:

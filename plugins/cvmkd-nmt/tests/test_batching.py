@@ -28,9 +28,7 @@ def fake_corpus(n: int = 500, seed: int = 0) -> tuple[list[list[int]], list[list
 
 
 def test_make_batch_layout() -> None:
-    b = make_batch(
-        [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], PAD, BOS, EOS, indices=[4, 2]
-    )
+    b = make_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], PAD, BOS, EOS, indices=[4, 2])
     assert b.src.tolist() == [[5, 6, 7, EOS], [8, EOS, PAD, PAD]]
     assert b.tgt_in.tolist() == [[BOS, 9, 10, PAD], [BOS, 11, 12, 13]]
     assert b.tgt_out.tolist() == [[9, 10, EOS, PAD], [11, 12, 13, EOS]]
@@ -41,9 +39,7 @@ def test_make_batch_layout() -> None:
 
 
 def test_make_batch_truncates_and_keeps_eos() -> None:
-    b = make_batch(
-        [list(range(4, 20))], [list(range(30, 50))], PAD, BOS, EOS, max_len=5
-    )
+    b = make_batch([list(range(4, 20))], [list(range(30, 50))], PAD, BOS, EOS, max_len=5)
     assert b.src.tolist() == [[4, 5, 6, 7, EOS]]
     assert b.tgt_in.tolist() == [[BOS, 30, 31, 32, 33]]
     assert b.tgt_out.tolist() == [[30, 31, 32, 33, EOS]]
@@ -69,14 +65,10 @@ def test_fixed_size_batches_cover_epoch_and_bucket_by_length() -> None:
     n = len(sampler)
     epoch0 = list(islice(sampler, n))
     assert sorted(i for b in epoch0 for i in b) == list(range(1000))
-    assert (
-        sum(len(b) == 32 for b in epoch0) == n - 1
-    )  # one short batch at the end of the epoch
+    assert sum(len(b) == 32 for b in epoch0) == n - 1  # one short batch at the end of the epoch
     assert sampler.state_dict() == {"epoch": 0, "index": n, "seed": 1}
     # bucketing: the spread of lengths inside a batch is far below that of a random batch
-    spread = (
-        sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch0) / n
-    )
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch0) / n
     assert spread < 10
     epoch1 = list(islice(sampler, n))
     assert sampler.epoch == 1 and epoch1 != epoch0
@@ -105,9 +97,7 @@ def test_max_tokens_mode() -> None:
     assert sorted(i for b in batches for i in b) == list(range(600))
     for b in batches:
         assert len(b) * max(widths[i] for i in b) <= 400 or len(b) == 1
-    capped = BucketBatchSampler(
-        [len(s) for s in src], [len(t) for t in tgt], batch_size=8, max_tokens=400
-    )
+    capped = BucketBatchSampler([len(s) for s in src], [len(t) for t in tgt], batch_size=8, max_tokens=400)
     assert max(len(b) for b in islice(capped, 50)) <= 8
 
 
@@ -133,16 +123,8 @@ def test_resume_gives_identical_batches() -> None:
     resumed.load_state_dict(dict(state))
     got = [next(resumed) for _ in range(5)]
     for e, g in zip(expected, got):
-        assert (
-            torch.equal(e.src, g.src)
-            and torch.equal(e.tgt_in, g.tgt_in)
-            and torch.equal(e.tgt_out, g.tgt_out)
-        )
-        assert (
-            e.indices is not None
-            and g.indices is not None
-            and torch.equal(e.indices, g.indices)
-        )
+        assert torch.equal(e.src, g.src) and torch.equal(e.tgt_in, g.tgt_in) and torch.equal(e.tgt_out, g.tgt_out)
+        assert e.indices is not None and g.indices is not None and torch.equal(e.indices, g.indices)
         assert e.n_tokens == g.n_tokens
     assert resumed.state_dict() == stream.state_dict()
 
@@ -177,17 +159,11 @@ def test_argument_checks() -> None:
 def test_batches_once_covers_every_pair_once() -> None:
     src, tgt = fake_corpus(250)
     batches = list(batches_once(src, tgt, PAD, BOS, EOS, batch_size=32, max_len=20))
-    seen = [
-        i
-        for b in batches
-        for i in (b.indices.tolist() if b.indices is not None else [])
-    ]
+    seen = [i for b in batches for i in (b.indices.tolist() if b.indices is not None else [])]
     assert sorted(seen) == list(range(250))
     assert [b.size for b in batches] == [32] * 7 + [26]
     assert all(b.src.shape[1] <= 20 and b.tgt_out.shape[1] <= 20 for b in batches)
-    by_tokens = list(
-        batches_once(src, tgt, PAD, BOS, EOS, batch_size=None, max_tokens=300)
-    )
+    by_tokens = list(batches_once(src, tgt, PAD, BOS, EOS, batch_size=None, max_tokens=300))
     assert sum(b.size for b in by_tokens) == 250
 
 
@@ -198,9 +174,7 @@ def test_end_to_end_with_tokenizer(tmp_path: Path) -> None:
     pairs = [Pair(f"le chat {i} dort", f"the cat {i} sleeps") for i in range(64)]
     tok = train_tokenizer(pairs, vocab_size=30, cache_dir=tmp_path)
     src, tgt = tok.encode_pairs(pairs)
-    stream = BatchStream(
-        src, tgt, tok.pad_id, tok.bos_id, tok.eos_id, batch_size=32, seed=0
-    )
+    stream = BatchStream(src, tgt, tok.pad_id, tok.bos_id, tok.eos_id, batch_size=32, seed=0)
     b = next(stream)
     assert b.indices is not None
     assert tok.decode(b.tgt_out) == [pairs[i].tgt for i in b.indices.tolist()]

@@ -30,8 +30,9 @@ def _write(path: Path, lines: list[str]) -> None:
 def test_parallel_files_with_held_out_splits(tmp_path: Path) -> None:
     _write(tmp_path / "train.fr", [f"phrase {i}" for i in range(30)])
     _write(tmp_path / "train.en", [f"sentence {i}" for i in range(30)])
-    config = FilesConfig(train=str(tmp_path / "train"), format="parallel", source_lang="fr", target_lang="en",
-                         valid_size=5, test_size=4)
+    config = FilesConfig(
+        train=str(tmp_path / "train"), format="parallel", source_lang="fr", target_lang="en", valid_size=5, test_size=4
+    )
     splits = FilesCorpus(config).load()
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (21, 5, 4)
     assert (splits.source_lang, splits.target_lang) == ("fr", "en")

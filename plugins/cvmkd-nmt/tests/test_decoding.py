@@ -19,9 +19,7 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([r + [0] * (width - len(r)) for r in rows])
 
 
-def _random_sequences(
-    n: int, low: int, high: int, min_len: int, max_len: int, seed: int
-) -> list[list[int]]:
+def _random_sequences(n: int, low: int, high: int, min_len: int, max_len: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
     return [torch.randint(low, high, (k,), generator=g).tolist() for k in lengths]
@@ -43,9 +41,7 @@ class Toy:
         self.model.train()
         for _ in range(80):
             logits = self.model(self.train_src, tgt_in)
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0
-            )
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -92,9 +88,7 @@ def test_greedy_cached_equals_uncached_random_model(random_model: CvmTransformer
 
 def test_beam_cached_equals_uncached_random_model(random_model: CvmTransformer) -> None:
     src = _random_src()
-    assert beam_search(random_model, src, beam_size=3) == beam_search(
-        random_model, src, beam_size=3, use_cache=False
-    )
+    assert beam_search(random_model, src, beam_size=3) == beam_search(random_model, src, beam_size=3, use_cache=False)
 
 
 @pytest.mark.parametrize("which", ["train_src", "novel_src"])
@@ -122,9 +116,7 @@ def test_beam_size_one_equals_greedy(toy: Toy, random_model: CvmTransformer) -> 
         assert beam_search(model, src, beam_size=1, length_penalty=0.0) == greedy_decode(model, src)
 
 
-def _scores(
-    model: CvmTransformer, src: torch.Tensor, hyps: list[list[int]], lp: float
-) -> list[float]:
+def _scores(model: CvmTransformer, src: torch.Tensor, hyps: list[list[int]], lp: float) -> list[float]:
     """Scores as decoding ranks them: hypotheses cut at the length limit (1.2 * len + 10)
     were scored without an eos, the others with one."""
     out = []

@@ -94,7 +94,11 @@ def test_pack_int4_layout_and_errors() -> None:
     assert pack_int4(torch.tensor([1, -1, 7, -7, -3])).tolist() == [0xF1, 0x97, 0x0D]
     assert pack_int4(torch.tensor([-8, 0])).tolist() == [0x08]
     assert unpack_int4(torch.tensor([0xF1, 0x97, 0x0D], dtype=torch.uint8), 5).tolist() == [
-        1, -1, 7, -7, -3,
+        1,
+        -1,
+        7,
+        -7,
+        -3,
     ]
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         pack_int4(torch.tensor([8]))
@@ -411,7 +415,11 @@ def test_static_tied_embeddings_quantized_once_and_sizes() -> None:
     assert "output_proj.qdata" not in tensors
     assert tensors["output_proj.act_scale"].shape == (2,)
     assert spec["layers"]["output_proj"] == {
-        "kind": "static-int8", "bits": 8, "group_size": 0, "shape": [64, 32], "bias": False,
+        "kind": "static-int8",
+        "bits": 8,
+        "group_size": 0,
+        "shape": [64, 32],
+        "bias": False,
         "tied_to": "src_embed",
     }
     # sizes: like dynamic-int8 plus 24 bytes (2 float32 scales, 2 int64 zero points) a layer
@@ -499,7 +507,11 @@ def test_tied_embeddings_quantized_once(kind: str) -> None:
     assert spec["tied_embeddings"] is True
     assert spec["layers"]["tgt_embed"]["tied_to"] == "src_embed"
     assert spec["layers"]["output_proj"] == {
-        "kind": kind, "bits": 8, "group_size": 0, "shape": [64, 32], "bias": False,
+        "kind": kind,
+        "bits": 8,
+        "group_size": 0,
+        "shape": [64, 32],
+        "bias": False,
         "tied_to": "src_embed",
     }
 
@@ -569,9 +581,7 @@ def toy(request: pytest.FixtureRequest) -> Toy:
     [(INT8, 0.97), (DYNAMIC, 0.97), (INT4_G32, 0.85)],
     ids=["int8", "dynamic-int8", "int4-g32"],
 )
-def test_greedy_decoding_of_quantized_model_agrees_with_fp32(
-    toy: Toy, choice: LayerChoice, min_agree: float
-) -> None:
+def test_greedy_decoding_of_quantized_model_agrees_with_fp32(toy: Toy, choice: LayerChoice, min_agree: float) -> None:
     ref = greedy_decode(toy.model, toy.src)
     assert ref == [s[::-1] for s in toy.seqs]
     quantized = apply_plan(copy.deepcopy(toy.model), {}, choice)
@@ -594,9 +604,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(40)]
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 8))) for _ in range(200)]
-    return train_tokenizer(
-        lines, vocab_size=48, cache_dir=tmp_path_factory.mktemp("tok"), hard_vocab_limit=False
-    )
+    return train_tokenizer(lines, vocab_size=48, cache_dir=tmp_path_factory.mktemp("tok"), hard_vocab_limit=False)
 
 
 def _logits(model: CvmTransformer, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -637,8 +645,18 @@ _MIXED = (
         ({"output_proj": DYNAMIC, "src_embed": LayerChoice("fp32")}, STATIC, False),
     ],
     ids=[
-        "fp16", "int8", "int4-g32", "dynamic-int8", "int8-untied", "dynamic-untied", "mixed",
-        "mixed-untied", "static-int8", "static-untied", "static-mixed", "static-mixed-untied",
+        "fp16",
+        "int8",
+        "int4-g32",
+        "dynamic-int8",
+        "int8-untied",
+        "dynamic-untied",
+        "mixed",
+        "mixed-untied",
+        "static-int8",
+        "static-untied",
+        "static-mixed",
+        "static-mixed-untied",
     ],
 )
 def test_package_round_trip_is_bit_identical(
@@ -726,33 +744,59 @@ def _set(entry: dict, **values: Any) -> None:
 @pytest.mark.parametrize(
     ("tensors", "spec", "message"),
     [
-        (lambda t: t.pop("decoder_layers.0.ff.fc1.qscale"), None,
-         "tensor 'decoder_layers.0.ff.fc1.qscale' named by the quantization spec is missing"),
+        (
+            lambda t: t.pop("decoder_layers.0.ff.fc1.qscale"),
+            None,
+            "tensor 'decoder_layers.0.ff.fc1.qscale' named by the quantization spec is missing",
+        ),
         (lambda t: t.pop("encoder_norm.weight"), None, "tensor 'encoder_norm.weight' is missing"),
-        (lambda t: t.__setitem__("src_embed.qdata", t["src_embed.qdata"][:10]), None,
-         r"tensor 'src_embed.qdata' has shape \[10, 32\], expected \[\d+, 32\]"),
-        (lambda t: t.__setitem__("extra.weight", torch.zeros(2)), None,
-         "unexpected tensor.*'extra.weight'"),
-        (None, lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], kind="int3"),
-         "layer 'encoder_layers.0.ff.fc1' has unknown kind 'int3'"),
-        (None, lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], bits=5),
-         "layer 'encoder_layers.0.ff.fc1': bits must be 4, 8 or 16, got 5"),
-        (None, lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], shape=[64, 48]),
-         r"layer 'encoder_layers.0.ff.fc1' has shape \[64, 48\] but the model's is \[64, 32\]"),
-        (None, lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], bias=False),
-         "layer 'encoder_layers.0.ff.fc1' has bias False but the model's layer has bias"),
-        (None, lambda s: s["layers"].pop("encoder_layers.0.ff.fc1"),
-         "tensor 'encoder_layers.0.ff.fc1.weight' is missing"),
+        (
+            lambda t: t.__setitem__("src_embed.qdata", t["src_embed.qdata"][:10]),
+            None,
+            r"tensor 'src_embed.qdata' has shape \[10, 32\], expected \[\d+, 32\]",
+        ),
+        (lambda t: t.__setitem__("extra.weight", torch.zeros(2)), None, "unexpected tensor.*'extra.weight'"),
+        (
+            None,
+            lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], kind="int3"),
+            "layer 'encoder_layers.0.ff.fc1' has unknown kind 'int3'",
+        ),
+        (
+            None,
+            lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], bits=5),
+            "layer 'encoder_layers.0.ff.fc1': bits must be 4, 8 or 16, got 5",
+        ),
+        (
+            None,
+            lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], shape=[64, 48]),
+            r"layer 'encoder_layers.0.ff.fc1' has shape \[64, 48\] but the model's is \[64, 32\]",
+        ),
+        (
+            None,
+            lambda s: _set(s["layers"]["encoder_layers.0.ff.fc1"], bias=False),
+            "layer 'encoder_layers.0.ff.fc1' has bias False but the model's layer has bias",
+        ),
+        (
+            None,
+            lambda s: s["layers"].pop("encoder_layers.0.ff.fc1"),
+            "tensor 'encoder_layers.0.ff.fc1.weight' is missing",
+        ),
         (None, lambda s: _set(s, format="cvmkd-quant/9"), "format 'cvmkd-quant/9', expected"),
     ],
     ids=[
-        "missing-qscale", "missing-fp32", "shape", "extra", "kind", "bits", "spec-shape", "bias",
-        "no-entry", "format",
+        "missing-qscale",
+        "missing-fp32",
+        "shape",
+        "extra",
+        "kind",
+        "bits",
+        "spec-shape",
+        "bias",
+        "no-entry",
+        "format",
     ],
 )
-def test_damaged_quantized_package_one_line_error(
-    int8_package: Path, tensors: Any, spec: Any, message: str
-) -> None:
+def test_damaged_quantized_package_one_line_error(int8_package: Path, tensors: Any, spec: Any, message: str) -> None:
     _rewrite(int8_package, tensors, spec)
     with pytest.raises(ModelError, match=message) as err:
         load_package(int8_package)
@@ -774,11 +818,18 @@ def test_spec_is_plain_json(int8_package: Path) -> None:
     spec = json.loads((int8_package / "quantization.json").read_text())
     assert spec["format"] == FORMAT
     assert spec["layers"]["encoder_layers.0.self_attn.q_proj"] == {
-        "kind": "nbit", "bits": 8, "group_size": 0, "shape": [32, 32], "bias": True,
+        "kind": "nbit",
+        "bits": 8,
+        "group_size": 0,
+        "shape": [32, 32],
+        "bias": True,
     }
     vocab = spec["layers"]["src_embed"]["shape"][0]
     assert spec["layers"]["src_embed"] == {
-        "kind": "embedding", "bits": 8, "group_size": 0, "shape": [vocab, 32],
+        "kind": "embedding",
+        "bits": 8,
+        "group_size": 0,
+        "shape": [vocab, 32],
     }
     dtypes = {t.dtype for t in load_file(int8_package / "model.safetensors").values()}
     assert dtypes == {torch.int8, torch.float32}
@@ -787,18 +838,22 @@ def test_spec_is_plain_json(int8_package: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.pop("decoder_layers.1.ff.fc2.act_zero_point"),
-         "tensor 'decoder_layers.1.ff.fc2.act_zero_point' named by the quantization spec is missing"),
-        (lambda t: t.__setitem__("output_proj.act_zero_point", torch.tensor([3, 300])),
-         r"layer 'output_proj': act_zero_point must be in \[0, 255\], got \[3, 300\]"),
-        (lambda t: t.__setitem__("output_proj.act_scale", torch.tensor([0.1, 0.2], dtype=torch.float64)),
-         "tensor 'output_proj.act_scale' has dtype float64, expected float32"),
+        (
+            lambda t: t.pop("decoder_layers.1.ff.fc2.act_zero_point"),
+            "tensor 'decoder_layers.1.ff.fc2.act_zero_point' named by the quantization spec is missing",
+        ),
+        (
+            lambda t: t.__setitem__("output_proj.act_zero_point", torch.tensor([3, 300])),
+            r"layer 'output_proj': act_zero_point must be in \[0, 255\], got \[3, 300\]",
+        ),
+        (
+            lambda t: t.__setitem__("output_proj.act_scale", torch.tensor([0.1, 0.2], dtype=torch.float64)),
+            "tensor 'output_proj.act_scale' has dtype float64, expected float32",
+        ),
     ],
     ids=["missing-zero-point", "zero-point-range", "scale-dtype"],
 )
-def test_damaged_static_package_one_line_error(
-    tmp_path: Path, tokenizer: Any, edit: Any, message: str
-) -> None:
+def test_damaged_static_package_one_line_error(tmp_path: Path, tokenizer: Any, edit: Any, message: str) -> None:
     vocab = tokenizer.vocab_size
     model = apply_plan(_model(vocab_size=vocab), {}, STATIC)
     calibrate(model, lambda m: m(*_batch(vocab)))

@@ -32,9 +32,7 @@ def test_tsv_reads_pairs_strips_whitespace_and_crlf(tmp_path: Path) -> None:
     f = write(tmp_path / "train.tsv", "  le chat \t the cat\r\nbonjour\tHello  \r\n")
     pairs = read_tsv(f)
     assert pairs == [Pair("le chat", "the cat"), Pair("bonjour", "Hello")]
-    assert (
-        isinstance(pairs, list) and isinstance(pairs, PairList) and pairs.skipped == 0
-    )
+    assert isinstance(pairs, list) and isinstance(pairs, PairList) and pairs.skipped == 0
     assert pairs[0].src == "le chat" and pairs[0].tgt == "the cat"
 
 
@@ -190,13 +188,9 @@ def test_jsonl_errors(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=r"line 1: expected a JSON object, got list"):
         read_jsonl(h)
     i = write(tmp_path / "num.jsonl", '{"src": "a", "tgt": 3}\n')
-    with pytest.raises(
-        CorpusError, match=r'line 1: key "tgt" must be a string, got int'
-    ):
+    with pytest.raises(CorpusError, match=r'line 1: key "tgt" must be a string, got int'):
         read_jsonl(i)
-    j = write(
-        tmp_path / "empty.jsonl", '{"src": "a", "tgt": ""}\n{"src": "c", "tgt": "d"}\n'
-    )
+    j = write(tmp_path / "empty.jsonl", '{"src": "a", "tgt": ""}\n{"src": "c", "tgt": "d"}\n')
     with pytest.raises(CorpusError, match=r"empty\.jsonl: line 1: empty target side"):
         read_jsonl(j)
     assert read_jsonl(j, skip_empty=True) == [Pair("c", "d")]
@@ -227,11 +221,7 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
     train, valid, test = split_pairs(pairs, valid_size=10, test_size=5, seed=7)
     assert (len(train), len(valid), len(test)) == (85, 10, 5)
     assert sorted(train + valid + test) == sorted(pairs)
-    assert (
-        not set(train) & set(valid)
-        and not set(train) & set(test)
-        and not set(valid) & set(test)
-    )
+    assert not set(train) & set(valid) and not set(train) & set(test) and not set(valid) & set(test)
     assert split_pairs(pairs, 10, 5, seed=7) == (train, valid, test)
     assert split_pairs(pairs, 10, 5, seed=8) != (train, valid, test)
     # parts keep the input order

@@ -33,9 +33,7 @@ def corpus(n: int = 40) -> list[Pair]:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return train_tokenizer(
-        corpus(), vocab_size=50, cache_dir=tmp_path_factory.mktemp("cache")
-    )
+    return train_tokenizer(corpus(), vocab_size=50, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 def test_special_ids_and_vocab(tok: Tokenizer) -> None:
@@ -79,9 +77,7 @@ def test_unknown_characters_map_to_unk(tok: Tokenizer) -> None:
     assert tok.unk_id in tok.encode(["日本"])[0]
 
 
-def test_cache_hit_loads_instead_of_training(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cache_hit_loads_instead_of_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     first = train_tokenizer(corpus(), vocab_size=50, cache_dir=tmp_path)
     with caplog.at_level(logging.INFO, logger="cvmkd"):
         second = train_tokenizer(corpus(), vocab_size=50, cache_dir=tmp_path)
@@ -115,9 +111,7 @@ def test_vocab_too_large_is_a_clear_error(tmp_path: Path) -> None:
         match=r"vocab_size 5000 is too large for this training text \(at most \d+ possible\)",
     ):
         train_tokenizer(corpus(8), vocab_size=5000, cache_dir=tmp_path)
-    soft = train_tokenizer(
-        corpus(8), vocab_size=5000, cache_dir=tmp_path, hard_vocab_limit=False
-    )
+    soft = train_tokenizer(corpus(8), vocab_size=5000, cache_dir=tmp_path, hard_vocab_limit=False)
     assert soft.vocab_size < 5000
 
 
@@ -147,6 +141,4 @@ def test_load_errors(tmp_path: Path) -> None:
 
 def test_pickle_round_trip(tok: Tokenizer) -> None:
     copy = pickle.loads(pickle.dumps(tok))
-    assert copy.sha256 == tok.sha256 and copy.encode(["a bird"]) == tok.encode(
-        ["a bird"]
-    )
+    assert copy.sha256 == tok.sha256 and copy.encode(["a bird"]) == tok.encode(["a bird"])

@@ -100,7 +100,11 @@ def test_unknown_preset_lists_known_names() -> None:
 def test_preset_dimensions(name: str, dims: tuple[int, ...]) -> None:
     cfg = preset(name)
     got = (
-        cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers,
+        cfg.vocab_size,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_encoder_layers,
+        cfg.n_decoder_layers,
         cfg.d_ff,
     )
     assert got == dims
@@ -226,9 +230,7 @@ def test_bf16_autocast_forward_backward_and_decode() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(src, tgt)
         assert logits.shape == (3, 7, 64)
-        loss = nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), tgt.flatten(), ignore_index=0
-        )
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=0)
     loss.backward()
     assert logits.dtype == torch.bfloat16
     assert torch.isfinite(logits.float()).all()

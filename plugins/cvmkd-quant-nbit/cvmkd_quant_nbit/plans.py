@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cvmkd_nmt.quantized import EMBEDDINGS, LayerChoice, apply_plan, model_nbytes, quantizable_layers
 
@@ -40,11 +40,12 @@ class LayerInfo:
         return self.name in EMBEDDING_NAMES
 
 
-def weight_of(model: nn.Module, name: str) -> nn.Parameter:
+def weight_of(model: nn.Module, name: str) -> Tensor:
     """The weight of the plan entry ``name`` (the shared matrix for the tied group)."""
-    if name == EMBEDDINGS:
-        return model.src_embed.weight
-    return model.get_submodule(name).weight
+    weight = model.get_submodule("src_embed" if name == EMBEDDINGS else name).weight
+    # nn.Module's __getattr__ types it as Tensor | Module; a Linear's or Embedding's is a Parameter
+    assert isinstance(weight, Tensor), name
+    return weight
 
 
 def layer_infos(model: nn.Module) -> dict[str, LayerInfo]:
@@ -114,9 +115,7 @@ class Sizer:
         return self.bytes(plan) / self.fp32_bytes
 
 
-def choices(
-    plan: dict[str, int], infos: dict[str, LayerInfo], group_size: int, half: str
-) -> dict[str, LayerChoice]:
+def choices(plan: dict[str, int], infos: dict[str, LayerInfo], group_size: int, half: str) -> dict[str, LayerChoice]:
     """The :class:`LayerChoice` of every layer of ``plan``."""
     out: dict[str, LayerChoice] = {}
     for name, bits in plan.items():
@@ -127,9 +126,7 @@ def choices(
     return out
 
 
-def build(
-    fp32: nn.Module, plan: dict[str, int], infos: dict[str, LayerInfo], group_size: int, half: str
-) -> nn.Module:
+def build(fp32: nn.Module, plan: dict[str, int], infos: dict[str, LayerInfo], group_size: int, half: str) -> nn.Module:
     """A quantized copy of ``fp32`` (left untouched) following ``plan``, in eval mode."""
     return apply_plan(copy.deepcopy(fp32), choices(plan, infos, group_size, half)).eval()
 
@@ -150,5 +147,3 @@ def level_counts(plan: dict[str, int]) -> dict[str, int]:
         if n:
             counts[str(level_name(bits))] = n
     return counts
-
-

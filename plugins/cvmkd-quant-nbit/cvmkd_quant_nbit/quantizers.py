@@ -155,7 +155,10 @@ def _group_note(infos: dict[str, LayerInfo], names: list[str], group_size: int) 
     if skipped:
         log.warning(
             "group_size %d does not divide the width of %d layer(s) (%s%s): one scale per row there",
-            group_size, len(skipped), ", ".join(skipped[:3]), ", ..." if len(skipped) > 3 else "",
+            group_size,
+            len(skipped),
+            ", ".join(skipped[:3]),
+            ", ..." if len(skipped) > 3 else "",
         )
     return skipped
 
@@ -190,8 +193,10 @@ class _Run:
         self.evaluations += 1
         scores = self.context.evaluate(model)
         ok, losses = within_budget(
-            scores, self.context.reference_scores,
-            max_bleu_loss=self.config.max_bleu_loss, max_composite_loss=self.config.max_composite_loss,
+            scores,
+            self.context.reference_scores,
+            max_bleu_loss=self.config.max_bleu_loss,
+            max_composite_loss=self.config.max_composite_loss,
         )
         return scores, ok, losses
 
@@ -219,31 +224,49 @@ class _Run:
             sens = self.sensitivity
             ranked = sorted(movable, key=lambda n: (-sens(n, plan[n]), n))
             moved = ranked[:per_round]
-            steps = []
+            steps: list[dict[str, Any]] = []
             for name in moved:
                 before = plan[name]
                 plan[name] = next_level(before)
-                steps.append({"layer": name, "from": level_name(before), "to": level_name(plan[name]),
-                              "sensitivity": round(sens(name, before), 8)})
+                steps.append(
+                    {
+                        "layer": name,
+                        "from": level_name(before),
+                        "to": level_name(plan[name]),
+                        "sensitivity": round(sens(name, before), 8),
+                    }
+                )
             model = self.build(plan)
             scores, ok, losses = self.evaluate(model)
             for step in steps:
                 fallbacks.append({**step, "scores_after": _round_scores(scores)})
-            rounds.append({
-                "round": len(rounds) + 1,
-                "layers": [s["layer"] for s in steps],
-                "scores": _round_scores(scores),
-                "losses": _round_scores(losses),
-                "within_budget": ok,
-                **self.size(model),
-            })
+            rounds.append(
+                {
+                    "round": len(rounds) + 1,
+                    "layers": [s["layer"] for s in steps],
+                    "scores": _round_scores(scores),
+                    "losses": _round_scores(losses),
+                    "within_budget": ok,
+                    **self.size(model),
+                }
+            )
             log.info(
                 "fallback round %d: %d layer(s) up one step (%s%s); %s",
-                len(rounds), len(steps), ", ".join(s["layer"] for s in steps[:3]), ", ..." if len(steps) > 3 else "",
+                len(rounds),
+                len(steps),
+                ", ".join(s["layer"] for s in steps[:3]),
+                ", ..." if len(steps) > 3 else "",
                 "within the budget" if ok else f"still over the budget ({_round_scores(losses)})",
             )
-        return {"plan": plan, "model": model, "scores": scores, "ok": ok, "losses": losses,
-                "fallbacks": fallbacks, "rounds": rounds}
+        return {
+            "plan": plan,
+            "model": model,
+            "scores": scores,
+            "ok": ok,
+            "losses": losses,
+            "fallbacks": fallbacks,
+            "rounds": rounds,
+        }
 
     def sensitivity_details(self) -> dict[str, Any]:
         if self._sensitivity is None:
@@ -327,9 +350,7 @@ class ProgressiveQuantizer:
         cfg = self.config
         run = _Run(model, context, cfg)
         selected = _selected(run.infos, cfg.embeddings)
-        skipped = (
-            _group_note(run.infos, selected, cfg.group_size) if any(b in (4, 8) for b in cfg.stages) else []
-        )
+        skipped = _group_note(run.infos, selected, cfg.group_size) if any(b in (4, 8) for b in cfg.stages) else []
         stages: list[dict[str, Any]] = []
         kept: tuple[nn.Module, dict[str, int], str] | None = None
         # when no stage is within the budget: the most precise attempt, which the run rejects
@@ -338,8 +359,13 @@ class ProgressiveQuantizer:
             plan = {n: (bits if n in selected else FP32) for n in run.infos}
             candidate = run.build(plan)
             scores, ok, losses = run.evaluate(candidate)
-            stage = {"bits": bits, "scores": _round_scores(scores), "losses": _round_scores(losses),
-                     **run.size(candidate), "verdict": "within budget" if ok else "over budget"}
+            stage = {
+                "bits": bits,
+                "scores": _round_scores(scores),
+                "losses": _round_scores(losses),
+                **run.size(candidate),
+                "verdict": "within budget" if ok else "over budget",
+            }
             stages.append(stage)
             label = _label(bits, cfg.group_size, cfg.half)
             log.info("progressive: stage %s %s", label, stage["verdict"])
@@ -487,7 +513,7 @@ class TargetRatioQuantizer:
             "ratio": cfg.ratio,
             "achieved_ratio": round(achieved, 4),
             "ratio_of": "bytes of the model's tensors (model_nbytes, the payload of model.safetensors) "
-                        "over the fp32 model's",
+            "over the fp32 model's",
             "bytes": size["bytes"],
             "fp32_bytes": run.sizer.fp32_bytes,
             "lowest_ratio": round(lowest, 4),

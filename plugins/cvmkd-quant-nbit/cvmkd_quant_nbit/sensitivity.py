@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
-from cvmkd_nmt.model import greedy_decode
+from cvmkd_nmt.model import CvmTransformer, greedy_decode
 from cvmkd_nmt.quantized import quantize_tensor
 from cvmkd_quant_nbit.plans import FP32, HALF_DTYPES, LayerInfo, group_for, level_name, weight_of
 
@@ -38,7 +38,7 @@ METHOD = (
 )
 
 
-def teacher_inputs(hypotheses: list[list[int]], model: nn.Module) -> tuple[Tensor, Tensor]:
+def teacher_inputs(hypotheses: list[list[int]], model: CvmTransformer) -> tuple[Tensor, Tensor]:
     """Decoder inputs ``bos + hypothesis`` (right-padded) and the mask of the positions that
     predict a hypothesis token or the final eos (truncated to the model's max_len)."""
     cfg = model.config
@@ -68,7 +68,10 @@ class Sensitivity:
     ) -> None:
         if not batches:
             raise ModelError("layer sensitivity needs calibration sentences, and the validation split gave none")
-        self.model = copy.deepcopy(model).float().eval()
+        fp32 = copy.deepcopy(model).float().eval()
+        # greedy decoding and teacher forcing need the student's CvmTransformer interface
+        assert isinstance(fp32, CvmTransformer), type(fp32).__name__
+        self.model = fp32
         self.infos = infos
         self.group_size = group_size
         self.half = HALF_DTYPES[half]

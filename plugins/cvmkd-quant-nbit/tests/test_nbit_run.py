@@ -15,7 +15,9 @@ from cvmkd_nmt.model.translate import translate
 from cvmkd_nmt.quantized import NbitLinear, QuantEmbedding
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = TINY_KD_RECIPE + """
+RECIPE = (
+    TINY_KD_RECIPE
+    + """
 [[quantize]]
 name = "nbit"
 bits = 4
@@ -40,6 +42,7 @@ bits = 4
 fallback_share = 0.5
 max_rounds = 2
 """
+)
 
 
 @pytest.fixture

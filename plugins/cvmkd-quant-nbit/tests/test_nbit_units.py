@@ -88,8 +88,12 @@ class Fake:
 
     def context(self) -> QuantizationContext:
         return QuantizationContext(
-            tokenizer=None, sources=["x"] * 48, references=["y"] * 48, evaluate=self.evaluate,
-            reference_scores=dict(REFERENCE), calibration_batches=lambda n: self.batches[:n],
+            tokenizer=None,
+            sources=["x"] * 48,
+            references=["y"] * 48,
+            evaluate=self.evaluate,
+            reference_scores=dict(REFERENCE),
+            calibration_batches=lambda n: self.batches[:n],
         )
 
 
@@ -133,8 +137,11 @@ def test_the_quantizers_are_registered() -> None:
     from cvmkd_core.plugins import build_plugins
 
     registry = build_plugins().registry
-    for name, cls in (("nbit", NbitQuantizer), ("progressive", ProgressiveQuantizer),
-                      ("target-ratio", TargetRatioQuantizer)):
+    for name, cls in (
+        ("nbit", NbitQuantizer),
+        ("progressive", ProgressiveQuantizer),
+        ("target-ratio", TargetRatioQuantizer),
+    ):
         component = registry.get("quantizer", name)
         assert component.factory is cls and component.plugin == "quant-nbit"
 
@@ -155,8 +162,13 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.mark.parametrize(
     "settings",
     [
-        {"bits": 4}, {"bits": 4, "group_size": 16}, {"bits": 8}, {"bits": 8, "group_size": 32},
-        {"bits": 16}, {"bits": 16, "half": "bfloat16"}, {"bits": 4, "group_size": 16, "embeddings": False},
+        {"bits": 4},
+        {"bits": 4, "group_size": 16},
+        {"bits": 8},
+        {"bits": 8, "group_size": 32},
+        {"bits": 16},
+        {"bits": 16, "half": "bfloat16"},
+        {"bits": 4, "group_size": 16, "embeddings": False},
     ],
     ids=["int4", "int4-g16", "int8", "int8-g32", "fp16", "bf16", "int4-g16-no-embeddings"],
 )
@@ -170,8 +182,11 @@ def test_each_setting_saves_and_loads_bit_identically(tmp_path: Path, tokenizer:
     assert set(bits.values()) == {settings["bits"]}
     assert ("src_embed" in bits) == settings.get("embeddings", True)
     if settings.get("group_size"):
-        assert all(m.group_size == settings["group_size"] for m in model.modules() if isinstance(m, NbitLinear)
-                   and m.tied_to is None)
+        assert all(
+            m.group_size == settings["group_size"]
+            for m in model.modules()
+            if isinstance(m, NbitLinear) and m.tied_to is None
+        )
     tensors, _ = quantized_state(model)
     # the bytes reported are the tensors written to model.safetensors
     assert result.details["bytes"] == model_nbytes(model) == sum(t.numel() * t.element_size() for t in tensors.values())
@@ -318,7 +333,9 @@ def test_progressive_keeps_the_last_stage_within_budget() -> None:
     )
     stages = result.details["stages"]
     assert [(s["bits"], s["verdict"]) for s in stages] == [
-        (16, "within budget"), (8, "within budget"), (4, "over budget")
+        (16, "within budget"),
+        (8, "within budget"),
+        (4, "over budget"),
     ]
     assert stages[0]["bytes"] > stages[1]["bytes"] > stages[2]["bytes"]
     assert result.details["kept_stage"] == 8 and result.scheme == "progressive-int8"
@@ -339,8 +356,9 @@ def test_progressive_stops_at_the_first_stage_over_budget() -> None:
 def test_progressive_with_fallback_at_the_final_stage() -> None:
     fp32 = _model(damaged=True)
     fake = Fake(fp32)
-    config = ProgressiveConfig(stages=[8, 4], fallback="per-layer", fallback_share=0.01,
-                               max_bleu_loss=1.0, max_composite_loss=1.0)
+    config = ProgressiveConfig(
+        stages=[8, 4], fallback="per-layer", fallback_share=0.01, max_bleu_loss=1.0, max_composite_loss=1.0
+    )
     result = ProgressiveQuantizer(config).quantize(fp32, fake.context())
     final = result.details["stages"][-1]
     assert final["verdict"] == "within budget after per-layer fallback"
@@ -407,7 +425,9 @@ def test_choose_bits_trades_sensitivity_per_byte() -> None:
     assert plan == {"a": 16, "b": 8, "c": 8}
     # with 100 bytes more the raise that fits (b back to 16) is made afterwards
     assert choose_bits(list(sizes), [4, 8, 16], layer_bytes, sensitivity, budget=800, fixed=0) == {
-        "a": 16, "b": 16, "c": 8
+        "a": 16,
+        "b": 16,
+        "c": 8,
     }
     # fixed bytes count against the budget
     assert choose_bits(list(sizes), [4, 8, 16], layer_bytes, sensitivity, budget=800, fixed=100) == plan

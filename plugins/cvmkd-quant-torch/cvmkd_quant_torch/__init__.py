@@ -87,8 +87,13 @@ def convert_int8(model: Any, embeddings: bool) -> tuple[Any, dict[str, Any]]:
     plan = int8_plan(model, embeddings)
     apply_plan(model, plan)
     choices = {name: attrs.asdict(choice) for name, choice in plan.items()}
-    return model, {"bits": 8, "weights": "int8, one scale per output channel", "activations": "int8, dynamic per batch",
-                   "embeddings": "int8, one scale per row" if embeddings else "fp32", "layers": choices}
+    return model, {
+        "bits": 8,
+        "weights": "int8, one scale per output channel",
+        "activations": "int8, dynamic per batch",
+        "embeddings": "int8, one scale per row" if embeddings else "fp32",
+        "layers": choices,
+    }
 
 
 class DynamicInt8:

@@ -119,14 +119,18 @@ class StaticInt8:
         tokens = sum(int(b.ne(pad_id).sum()) for b in batches)
         log.info(
             "static-int8: calibrated %d layers on %d validation sentences (%d batches, %s observer) in %.1fs",
-            len(summary), sentences, len(batches), config.observer, seconds,
+            len(summary),
+            sentences,
+            len(batches),
+            config.observer,
+            seconds,
         )
         bits = 7 if config.reduce_range else 8
         details = {
             "bits": 8,
             "weights": "int8, one scale per output channel",
             "activations": f"static: per-tensor quint8 scale and zero point from calibration "
-                           f"({bits}-bit inputs, 8-bit outputs)",
+            f"({bits}-bit inputs, 8-bit outputs)",
             "embeddings": "int8, one scale per row" if config.embeddings else "fp32",
             "output_projection": "dynamic int8 (float32 logits)" if config.embeddings else "fp32",
             "observer": config.observer,

@@ -19,7 +19,9 @@ from cvmkd_nmt.quantized import DynamicInt8Linear, QuantEmbedding
 from cvmkd_quant_torch import qat
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = TINY_KD_RECIPE + """
+RECIPE = (
+    TINY_KD_RECIPE
+    + """
 [[quantize]]
 name = "dynamic-int8"
 max_bleu_loss = 100.0
@@ -31,6 +33,7 @@ start_step = 8
 max_bleu_loss = 100.0
 max_composite_loss = 1.0
 """
+)
 
 
 @pytest.fixture
@@ -78,7 +81,8 @@ def test_each_int8_variant_is_measured_packaged_and_loads(workdir: Path) -> None
         assert variant["file_ratio"] < 0.6  # a 16-wide model is mostly LayerNorms and headers
         assert set(variant["scores"]) == {"bleu", "chrf", "composite"}
         assert variant["retention"]["chrf"] == pytest.approx(
-            variant["scores"]["chrf"] / json.loads((run_dir / "evaluation.json").read_text())["teacher"]["scores"]["chrf"]
+            variant["scores"]["chrf"]
+            / json.loads((run_dir / "evaluation.json").read_text())["teacher"]["scores"]["chrf"]
         )
         for speed in ("latency", "throughput"):
             assert variant[speed]["tokens_per_second"] > 0
@@ -102,7 +106,8 @@ def test_each_int8_variant_is_measured_packaged_and_loads(workdir: Path) -> None
 def test_the_quality_budget_counts_bleu_points_and_a_share_of_the_composite() -> None:
     reference = {"bleu": 20.0, "composite": 40.0}
     assert within_budget({"bleu": 19.2, "composite": 39.5}, reference, max_bleu_loss=1.0, max_composite_loss=0.02) == (
-        True, {"bleu": pytest.approx(0.8), "composite_share": pytest.approx(0.0125)}
+        True,
+        {"bleu": pytest.approx(0.8), "composite_share": pytest.approx(0.0125)},
     )
     ok, losses = within_budget({"bleu": 18.5, "composite": 39.9}, reference, max_bleu_loss=1.0, max_composite_loss=0.02)
     assert not ok and losses["bleu"] == pytest.approx(1.5)
@@ -165,7 +170,9 @@ def test_a_failing_quantizer_is_recorded_and_the_others_still_run(workdir: Path)
     from cvmkd_core.recipe import load_recipe
     from cvmkd_core.session import Session
 
-    text = RECIPE.replace('[[quantize]]\nname = "dynamic-int8"', '[[quantize]]\nname = "crasher"\n\n[[quantize]]\nname = "dynamic-int8"')
+    text = RECIPE.replace(
+        '[[quantize]]\nname = "dynamic-int8"', '[[quantize]]\nname = "crasher"\n\n[[quantize]]\nname = "dynamic-int8"'
+    )
     (workdir / "recipe.toml").write_text(text)
     plugins = build_plugins()
     plugins.add_plugin(CrasherPlugin(), name="crasher", source="test")
@@ -175,7 +182,10 @@ def test_a_failing_quantizer_is_recorded_and_the_others_still_run(workdir: Path)
     report = json.loads((run_dir / "quantization.json").read_text())
     assert [v["name"] for v in report["variants"]] == ["crasher", "dynamic-int8", "qat-int8"]
     assert report["variants"][0] == {
-        "name": "crasher", "component": "quantize[0]", "scheme": None, "accepted": False,
+        "name": "crasher",
+        "component": "quantize[0]",
+        "scheme": None,
+        "accepted": False,
         "error": "RuntimeError: no kernel for this",
     }
     saved = json.loads((run_dir / "summary.json").read_text())

@@ -26,13 +26,16 @@ from cvmkd_nmt.quantized import (
 from cvmkd_quant_torch import StaticInt8, StaticInt8Config
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = TINY_KD_RECIPE + """
+RECIPE = (
+    TINY_KD_RECIPE
+    + """
 [[quantize]]
 name = "static-int8"
 observer = "percentile"
 max_bleu_loss = 100.0
 max_composite_loss = 1.0
 """
+)
 
 
 class FakeContext:
@@ -83,7 +86,9 @@ def test_static_plan_calibration_and_details(tie: bool) -> None:
     assert len(static) == 2 * 6 + 2 * 10
     details = result.details
     assert details["calibration"] == {
-        "split": "validation", "batches": 2, "sentences": 8,
+        "split": "validation",
+        "batches": 2,
+        "sentences": 8,
         "source_tokens": sum(int(b.ne(0).sum()) for b in context.batches[:2]),
         "method": "greedy decoding of the source batches",
         "seconds": details["calibration"]["seconds"],

@@ -137,7 +137,8 @@ class JsonReporter:
             plots = render_plots(run, data)
             written = _write_plots(plots, out_dir)
             listed = [
-                {"name": p["name"], "title": p["title"], "path": f"{PLOTS_DIR}/{p['file']}"} if p.get("png")
+                {"name": p["name"], "title": p["title"], "path": f"{PLOTS_DIR}/{p['file']}"}
+                if p.get("png")
                 else {"name": p["name"], "title": p["title"], "path": None, "missing": p["missing"]}
                 for p in plots
             ]
@@ -149,17 +150,41 @@ class JsonReporter:
 def _report_arguments(parser: Any) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/quick")
     parser.add_argument(
-        "--format", dest="formats", action="append", default=[], metavar="NAME",
+        "--format",
+        dest="formats",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="a reporter to run; repeatable (default: the run recipe's [[reports]], else every installed reporter)",
     )
     parser.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/reports")
     parser.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
 
 
+def _compare_arguments(parser: Any) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished runs; the first is the baseline")
+    parser.add_argument("--out", metavar="DIR", help="also write compare.md and compare.json here")
+    parser.add_argument(
+        "--samples", type=int, default=1000, metavar="N", help="paired bootstrap resamples (default 1000)"
+    )
+
+
+def _compare(args: Any) -> int:
+    from cvmkd_reports.compare import compare_command
+
+    return compare_command(args)
+
+
 @hookimpl
 def cvmkd_register_commands(cli: Any) -> None:
     from cvmkd_reports.runview import report_command
 
+    cli.command(
+        "compare",
+        help="finished runs side by side on the same test split: scores, size, speed, p-values",
+        configure=_compare_arguments,
+        run=_compare,
+    )
     cli.command(
         "report",
         help="write a run's reports (Markdown, HTML with plots, JSON) from its files",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from cvmkd_reports.runview import RunView
 
@@ -38,7 +38,7 @@ def score_label(key: str) -> str:
 # --- number formatting, shared by every writer ---------------------------------------------------
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -161,13 +161,15 @@ def _speed(measured: Mapping[str, Any], which: str) -> tuple[float | None, int |
     part = _dict(measured.get(which))
     key = "ms_per_sentence" if which == "latency" else "tokens_per_second"
     value = part.get(key)
-    return (float(value) if is_number(value) else None), (part.get("batch_size") if is_number(part.get("batch_size")) else None)
+    return (float(value) if is_number(value) else None), (
+        part.get("batch_size") if is_number(part.get("batch_size")) else None
+    )
 
 
 def _model_row(name: str, role: str, measured: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
     latency, latency_batch = _speed(measured, "latency")
     throughput, throughput_batch = _speed(measured, "throughput")
-    row = {
+    row: dict[str, Any] = {
         "name": name,
         "role": role,
         "scheme": None,
@@ -227,10 +229,15 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         _dict(run.teacher.extra.get("trainer")).get("parameters") if run.teacher is not None else None,
     )
     teacher = _model_row(
-        "teacher", "teacher", teacher_measured,
+        "teacher",
+        "teacher",
+        teacher_measured,
         parameters=teacher_params if is_number(teacher_params) else None,
-        file_bytes=_first(teacher_measured.get("file_bytes"), teacher_package["file_bytes"] if teacher_package else None),
-        scheme="fp32", status="reference",
+        file_bytes=_first(
+            teacher_measured.get("file_bytes"), teacher_package["file_bytes"] if teacher_package else None
+        ),
+        scheme="fp32",
+        status="reference",
         package="teacher/model" if teacher_package else teacher_info.get("path"),
         scores=teacher_scores,
     )
@@ -243,19 +250,27 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         (student_package or {}).get("metadata", {}).get("parameters"),
     )
     student = _model_row(
-        "student", "student", student_measured,
+        "student",
+        "student",
+        student_measured,
         parameters=student_params if is_number(student_params) else None,
-        file_bytes=_first(student_measured.get("file_bytes"), student_package["file_bytes"] if student_package else None),
-        scheme="fp32", status="distilled",
+        file_bytes=_first(
+            student_measured.get("file_bytes"), student_package["file_bytes"] if student_package else None
+        ),
+        scheme="fp32",
+        status="distilled",
         package="model" if student_package else None,
-        scores=student_scores, retention=student_retention, gate=_gate_for(gate, "student"),
+        scores=student_scores,
+        retention=student_retention,
+        gate=_gate_for(gate, "student"),
     )
 
     rows = [teacher, student]
     variants = quantization.get("variants")
     if not isinstance(variants, list):  # no quantization.json: what summary.json kept of it
         variants = (run.summary or {}).get("quantized") or [
-            *(run.extra.get("quantized") or []), *(run.extra.get("quantization_rejected") or [])
+            *(run.extra.get("quantized") or []),
+            *(run.extra.get("quantization_rejected") or []),
         ]
     for index, variant in enumerate(v for v in variants if isinstance(v, Mapping)):
         name = str(variant.get("name") or f"quantized[{index}]")
@@ -265,33 +280,48 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         elif accepted is False:
             losses = _dict(_dict(variant.get("budget")).get("losses_on_validation"))
             shown = ", ".join(
-                f"BLEU −{v:.2f}" if k == "bleu" else f"composite −{100 * v:.1f}%" for k, v in losses.items() if is_number(v)
+                f"BLEU −{v:.2f}" if k == "bleu" else f"composite −{100 * v:.1f}%"
+                for k, v in losses.items()
+                if is_number(v)
             )
             status = "rejected: over the quality budget" + (f" ({shown} on validation)" if shown else "")
         else:
             status = "accepted"
         package = variant.get("package")
-        rows.append(_model_row(
-            name, "quantized", variant,
-            parameters=student["parameters"],  # quantization keeps the student's parameters
-            scheme=variant.get("scheme"), status=status, accepted=accepted,
-            package=str(package).rstrip("/").rsplit("/", 1)[-1] if package else None,
-            scores=_scores(variant.get("scores")), retention=_dict(variant.get("retention")) or None,
-            gate=_gate_for(gate, name) if accepted else None,
-        ))
+        rows.append(
+            _model_row(
+                name,
+                "quantized",
+                variant,
+                parameters=student["parameters"],  # quantization keeps the student's parameters
+                scheme=variant.get("scheme"),
+                status=status,
+                accepted=accepted,
+                package=str(package).rstrip("/").rsplit("/", 1)[-1] if package else None,
+                scores=_scores(variant.get("scores")),
+                retention=_dict(variant.get("retention")) or None,
+                gate=_gate_for(gate, name) if accepted else None,
+            )
+        )
 
     keys = _ordered_keys(teacher_scores, student_scores, *(r["scores"] for r in rows[2:]))
     split = evaluation.get("split") or summary_eval.get("split")
     sentences = evaluation.get("sentences") or summary_eval.get("sentences")
 
     if not evaluation and not summary_eval:
-        notes.append("no test-split evaluation (evaluation.json): the run failed, stopped before it, or is still running; "
-                     "test scores and retention are not available")
-    unmeasured = [r["name"] for r in rows if r["latency_ms_per_sentence"] is None and r["throughput_tokens_per_second"] is None]
+        notes.append(
+            "no test-split evaluation (evaluation.json): the run failed, stopped before it, or is still running; "
+            "test scores and retention are not available"
+        )
+    unmeasured = [
+        r["name"] for r in rows if r["latency_ms_per_sentence"] is None and r["throughput_tokens_per_second"] is None
+    ]
     if unmeasured:
         notes.append(f"CPU speed not measured for: {', '.join(unmeasured)}")
     if run.quantization is None and not ((run.summary or {}).get("quantized") or run.extra.get("quantized")):
-        notes.append("no quantized variants (no quantization.json: the recipe has no [[quantize]], or the run ended before it)")
+        notes.append(
+            "no quantized variants (no quantization.json: the recipe has no [[quantize]], or the run ended before it)"
+        )
     return {
         "split": split,
         "sentences": sentences,
@@ -308,8 +338,10 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
 def gate_section(run: RunView, notes: list[str]) -> dict[str, Any] | None:
     gate = run.gate
     if gate is None:
-        notes.append("no retention-gate verdict (summary.json has no extra.gate: no [guard] in the recipe, "
-                     "or the run has not finished)")
+        notes.append(
+            "no retention-gate verdict (summary.json has no extra.gate: no [guard] in the recipe, "
+            "or the run has not finished)"
+        )
         return None
     return {
         "passed": gate.get("passed"),
@@ -326,7 +358,9 @@ def validation_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     keys = _ordered_keys(*(r["scores"] for r in records))
     best_index = None
     if any(COMPOSITE in r["scores"] for r in records):
-        accepted = [(i, r) for i, r in enumerate(records) if not r.get("rolled_back") and is_number(r["scores"].get(COMPOSITE))]
+        accepted = [
+            (i, r) for i, r in enumerate(records) if not r.get("rolled_back") and is_number(r["scores"].get(COMPOSITE))
+        ]
         if accepted:
             best_index = max(accepted, key=lambda ir: (ir[1]["scores"][COMPOSITE], -ir[0]))[0]
     rollback_events = run.rollbacks
@@ -342,19 +376,23 @@ def validation_section(run: RunView, notes: list[str]) -> dict[str, Any]:
                 "reason": match.get("reason") if match else None,
                 "lr_scale": match.get("lr_scale") if match else None,
             }
-        rows.append({
-            "step": record.get("step"),
-            "iteration": record.get("iteration"),
-            "scores": _scores(record["scores"]),
-            "delta_previous": _scores(details.get("delta_previous")),
-            "previous_step": details.get("previous_step"),
-            "p_values": {k: _dict(v).get("p_value") for k, v in significance.items() if is_number(_dict(v).get("p_value"))},
-            "retention": {k: v for k, v in _dict(details.get("retention")).items() if is_number(v)},
-            "best": index == best_index,
-            "rolled_back": bool(record.get("rolled_back")),
-            "rollback": rollback,
-            "seconds": record.get("seconds"),
-        })
+        rows.append(
+            {
+                "step": record.get("step"),
+                "iteration": record.get("iteration"),
+                "scores": _scores(record["scores"]),
+                "delta_previous": _scores(details.get("delta_previous")),
+                "previous_step": details.get("previous_step"),
+                "p_values": {
+                    k: _dict(v).get("p_value") for k, v in significance.items() if is_number(_dict(v).get("p_value"))
+                },
+                "retention": {k: v for k, v in _dict(details.get("retention")).items() if is_number(v)},
+                "best": index == best_index,
+                "rolled_back": bool(record.get("rolled_back")),
+                "rollback": rollback,
+                "seconds": record.get("seconds"),
+            }
+        )
     rollbacks = [
         {
             "event": e.get("event"),
@@ -379,8 +417,10 @@ def validation_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         if weights:
             break
     if not records:
-        notes.append("no validation records (validation/history.jsonl and validation/step_*.json absent): "
-                     "the run ended before its first validation")
+        notes.append(
+            "no validation records (validation/history.jsonl and validation/step_*.json absent): "
+            "the run ended before its first validation"
+        )
     return {
         "score_keys": keys,
         "higher_is_better": {k: run.higher_is_better(k) for k in keys},
@@ -428,20 +468,30 @@ def analysis_section(run: RunView, notes: list[str], examples: int) -> dict[str,
     if test is not None:
         test = {"split": evaluation.get("split"), **test}
     pairs = []
-    teacher_examples = teacher.get("examples") if isinstance(teacher.get("examples"), list) else []
+    teacher_examples = teacher.get("examples")
+    if not isinstance(teacher_examples, list):
+        teacher_examples = []
     for index, example in enumerate((student.get("examples") or [])[:examples]):
         if not isinstance(example, Mapping):
             continue
-        other = teacher_examples[index] if index < len(teacher_examples) and isinstance(teacher_examples[index], Mapping) else {}
+        other = (
+            teacher_examples[index]
+            if index < len(teacher_examples) and isinstance(teacher_examples[index], Mapping)
+            else {}
+        )
         same = other.get("source") == example.get("source")
-        pairs.append({
-            "source": example.get("source"),
-            "reference": example.get("reference"),
-            "student": example.get("hypothesis"),
-            "teacher": other.get("hypothesis") if same else None,
-        })
+        pairs.append(
+            {
+                "source": example.get("source"),
+                "reference": example.get("reference"),
+                "student": example.get("hypothesis"),
+                "teacher": other.get("hypothesis") if same else None,
+            }
+        )
     if validation is None and run.history:
-        notes.append("the last validation holds no error analysis ([validation.analysis] enabled = false, or an older run)")
+        notes.append(
+            "the last validation holds no error analysis ([validation.analysis] enabled = false, or an older run)"
+        )
     return {"validation": validation, "test": test, "examples": pairs}
 
 
@@ -456,8 +506,11 @@ def run_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     status = run.status
     if run.summary is None:
         ended = run.last_event("run_end")
-        note = ("summary.json is missing: the run is still running, or was killed before it ended"
-                if ended is None else "summary.json is missing; the training log says the run ended")
+        note = (
+            "summary.json is missing: the run is still running, or was killed before it ended"
+            if ended is None
+            else "summary.json is missing; the training log says the run ended"
+        )
         notes.append(note)
     else:
         note = None
@@ -531,8 +584,10 @@ def gather(run: RunView, *, examples: int = 5) -> dict[str, Any]:
     if not run.steps:
         notes.append(f"no step records in {run.train_log_name}: no training curves")
     if run.teacher is None and run_part["teacher"].get("source") in ("cache", "loaded"):
-        notes.append(f"the teacher was {'reused from the cache' if run_part['teacher']['source'] == 'cache' else 'loaded'}, "
-                     "not trained in this run: its training log is not in this run directory")
+        notes.append(
+            f"the teacher was {'reused from the cache' if run_part['teacher']['source'] == 'cache' else 'loaded'}, "
+            "not trained in this run: its training log is not in this run directory"
+        )
     notes.extend(run.problems)
     run.memo[memo_key] = data
     return data

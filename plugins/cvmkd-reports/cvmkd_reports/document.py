@@ -73,12 +73,21 @@ def header_blocks(data: dict[str, Any]) -> list[Block]:
     gate = data["gate"]
     blocks: list[Block] = [heading(f"cvmkd report: {run['name']}", 1)]
     if gate is None:
-        blocks.append({"type": "banner", "state": "none", "title": "Retention gate: no verdict",
-                       "text": "summary.json holds no retention-gate verdict"})
+        blocks.append(
+            {
+                "type": "banner",
+                "state": "none",
+                "title": "Retention gate: no verdict",
+                "text": "summary.json holds no retention-gate verdict",
+            }
+        )
     else:
         state = {True: "passed", False: "failed"}.get(gate["passed"], "none")
-        title = {"passed": "Retention gate passed", "failed": "Retention gate FAILED",
-                 "none": "Retention gate not evaluated"}[state]
+        title = {
+            "passed": "Retention gate passed",
+            "failed": "Retention gate FAILED",
+            "none": "Retention gate not evaluated",
+        }[state]
         threshold = ""
         if is_number(gate.get("threshold")):
             on = ", ".join(gate.get("scores") or [])
@@ -91,8 +100,10 @@ def header_blocks(data: dict[str, Any]) -> list[Block]:
     teacher, student = models[0], models[1]
     size = "—"
     if is_number(teacher["parameters"]) and is_number(student["parameters"]):
-        size = (f"{fmt_count(teacher['parameters'])} → {fmt_count(student['parameters'])} "
-                f"({student['parameters'] / teacher['parameters']:.0%})")
+        size = (
+            f"{fmt_count(teacher['parameters'])} → {fmt_count(student['parameters'])} "
+            f"({student['parameters'] / teacher['parameters']:.0%})"
+        )
     facts = [
         ("status", run["status"]),
         ("final step", steps),
@@ -102,8 +113,12 @@ def header_blocks(data: dict[str, Any]) -> list[Block]:
         ("parameters, teacher → student", size),
     ]
     blocks.append({"type": "facts", "items": facts})
-    blocks.append(para(f"Run directory `{run['directory']}`. Every number below is read from the run's files "
-                       "(summary.json, recipe.toml, the training log, validation/, evaluation.json, quantization.json)."))
+    blocks.append(
+        para(
+            f"Run directory `{run['directory']}`. Every number below is read from the run's files "
+            "(summary.json, recipe.toml, the training log, validation/, evaluation.json, quantization.json)."
+        )
+    )
     if run.get("error"):
         blocks.append(para(f"The run ended with an error: {run['error']}", "note"))
     if run.get("stop_reason"):
@@ -122,36 +137,69 @@ def models_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) -> lis
     split = models.get("split") or "test"
     sentences = f" ({fmt_int(models['sentences'])} sentences)" if is_number(models.get("sentences")) else ""
     blocks = [heading("Teacher, student and quantized students", 2, "models")]
-    blocks.append(para(f"Size and CPU speed of each model, its scores on the {split} split{sentences}, and the share of "
-                       "the teacher's (normalised) score it keeps. " + models["measured_on"] + "; MB = 10⁶ bytes. "
-                       "Rejected quantized variants went over their quality budget and are shown for comparison only."))
+    blocks.append(
+        para(
+            f"Size and CPU speed of each model, its scores on the {split} split{sentences}, and the share of "
+            "the teacher's (normalised) score it keeps. " + models["measured_on"] + "; MB = 10⁶ bytes. "
+            "Rejected quantized variants went over their quality budget and are shown for comparison only."
+        )
+    )
     blocks.append(heading("Size and speed", 3))
     size_rows = []
     for row in rows:
         mark = "muted" if row["accepted"] is False else None
-        size_rows.append([
-            cell(row["name"], row["scheme"] if row["role"] == "quantized" and row["scheme"] != row["name"] else None, mark),
-            cell(fmt_int(row["parameters"]), None, mark),
-            cell(fmt_mb(row["file_bytes"]), None, mark),
-            cell(fmt_mb(row["parameter_bytes"]), None, mark),
-            cell(fmt_ms(row["latency_ms_per_sentence"]), None, mark),
-            cell(fmt_rate(row["throughput_tokens_per_second"]), None, mark),
-            cell(row["status"] or "—", None, "bad" if str(row["status"]).startswith(("rejected", "failed")) else mark),
-        ])
-    blocks.append(table(
-        ["model", "parameters", "file size (MB)", "parameter memory (MB)", "latency (ms/sentence, batch 1)",
-         "throughput (tokens/s, batch 32)", "status"],
-        size_rows, "lrrrrrl",
-    ))
+        size_rows.append(
+            [
+                cell(
+                    row["name"],
+                    row["scheme"] if row["role"] == "quantized" and row["scheme"] != row["name"] else None,
+                    mark,
+                ),
+                cell(fmt_int(row["parameters"]), None, mark),
+                cell(fmt_mb(row["file_bytes"]), None, mark),
+                cell(fmt_mb(row["parameter_bytes"]), None, mark),
+                cell(fmt_ms(row["latency_ms_per_sentence"]), None, mark),
+                cell(fmt_rate(row["throughput_tokens_per_second"]), None, mark),
+                cell(
+                    row["status"] or "—", None, "bad" if str(row["status"]).startswith(("rejected", "failed")) else mark
+                ),
+            ]
+        )
+    blocks.append(
+        table(
+            [
+                "model",
+                "parameters",
+                "file size (MB)",
+                "parameter memory (MB)",
+                "latency (ms/sentence, batch 1)",
+                "throughput (tokens/s, batch 32)",
+                "status",
+            ],
+            size_rows,
+            "lrrrrrl",
+        )
+    )
     if keys:
         blocks.append(heading(f"Scores on the {split} split", 3))
         decimals = {k: score_decimals(k) for k in keys}
-        blocks.append(table(
-            ["model"] + [_score_header(k, higher) for k in keys],
-            [[cell(r["name"], None, "muted" if r["accepted"] is False else None)]
-             + [cell(fmt_score(r["scores"].get(k), decimals[k]), None, "muted" if r["accepted"] is False else None) for k in keys]
-             for r in rows],
-        ))
+        blocks.append(
+            table(
+                ["model"] + [_score_header(k, higher) for k in keys],
+                [
+                    [cell(r["name"], None, "muted" if r["accepted"] is False else None)]
+                    + [
+                        cell(
+                            fmt_score(r["scores"].get(k), decimals[k]),
+                            None,
+                            "muted" if r["accepted"] is False else None,
+                        )
+                        for k in keys
+                    ]
+                    for r in rows
+                ],
+            )
+        )
         blocks.append(heading("Retention of the teacher's score", 3))
         gate = data["gate"] or {}
         checked = {(c.get("model"), c.get("score")): c.get("passed") for c in gate.get("checks", [])}
@@ -164,16 +212,22 @@ def models_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) -> lis
             line = [cell(r["name"], None, "muted" if r["accepted"] is False else None)]
             for key in keys:
                 share = (r["retention"] or {}).get(key)
-                verdict = checked.get((r["name"], key))
+                verdict: Any = checked.get((r["name"], key))  # the check's "passed": True, False or None
                 mark = {True: "good", False: "bad"}.get(verdict, "muted" if r["accepted"] is False else None)
-                line.append(cell(fmt_percent(share), "gate ✓" if verdict else "gate ✗" if verdict is False else None, mark))
+                line.append(
+                    cell(fmt_percent(share), "gate ✓" if verdict else "gate ✗" if verdict is False else None, mark)
+                )
             gate_text = {True: "passed", False: "failed", None: "not checked"}[r["gate"]]
             line.append(cell(gate_text, None, {True: "good", False: "bad"}.get(r["gate"], "muted")))
             retention_rows.append(line)
         blocks.append(table(["model"] + [_score_header(k, higher) for k in keys] + ["gate"], retention_rows))
-        blocks.append(para("Retention is the model's normalised score over the teacher's (for a lower-is-better score such "
-                           "as TER, the normalised score is inverted first); above 100%: better than the teacher. "
-                           "Marked cells are the ones the retention gate checks."))
+        blocks.append(
+            para(
+                "Retention is the model's normalised score over the teacher's (for a lower-is-better score such "
+                "as TER, the normalised score is inverted first); above 100%: better than the teacher. "
+                "Marked cells are the ones the retention gate checks."
+            )
+        )
     else:
         blocks.append(para("No test-split scores: the run has no evaluation.json.", "note"))
     blocks.append({"type": "plot", "plot": plots["size_quality"]})
@@ -205,10 +259,14 @@ def validation_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) ->
         blocks.append(para("No validation records: the run ended before its first validation.", "note"))
         blocks.append({"type": "plot", "plot": plots["validation"]})
         return blocks
-    blocks.append(para("One row per validation. Under each score: the change since the previous validation and the p-value "
-                       "of a paired bootstrap test of that change (p < 0.05: unlikely to be chance; such changes are coloured, "
-                       "green for better, red for worse). ★ marks the best "
-                       "accepted validation by composite score; rolled-back validations are greyed out."))
+    blocks.append(
+        para(
+            "One row per validation. Under each score: the change since the previous validation and the p-value "
+            "of a paired bootstrap test of that change (p < 0.05: unlikely to be chance; such changes are coloured, "
+            "green for better, red for worse). ★ marks the best "
+            "accepted validation by composite score; rolled-back validations are greyed out."
+        )
+    )
     decimals = {k: score_decimals(k) for k in keys}
     # many scores do not fit one table: the composite and the scores it weighs first, the others after
     weights = section.get("composite_weights") or {}
@@ -253,8 +311,13 @@ def validation_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) ->
             line.append(cell("★ best" if row["best"] else "", None, "best" if row["best"] else None))
         table_rows.append(line)
     retention_column = ["composite, % of the teacher"] if with_retention else []
-    blocks.append(table(["step", "iteration"] + [_score_header(k, higher) for k in primary] + retention_column + ["note"],
-                        table_rows, "rr" + "r" * (len(primary) + len(retention_column)) + "l"))
+    blocks.append(
+        table(
+            ["step", "iteration"] + [_score_header(k, higher) for k in primary] + retention_column + ["note"],
+            table_rows,
+            "rr" + "r" * (len(primary) + len(retention_column)) + "l",
+        )
+    )
     if others:
         blocks.append(para("The other scores of the same validations:"))
         blocks.append(table(["step", "iteration"] + [_score_header(k, higher) for k in others], other_rows))
@@ -262,12 +325,16 @@ def validation_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) ->
         items = []
         for event in section["rollbacks"]:
             if event["event"] == "rollback_skipped":
-                items.append(f"step {fmt_int(event['from_step'])}: rollback asked for but impossible (no checkpoint yet): "
-                             f"{event.get('reason') or ''}; the run stopped")
+                items.append(
+                    f"step {fmt_int(event['from_step'])}: rollback asked for but impossible (no checkpoint yet): "
+                    f"{event.get('reason') or ''}; the run stopped"
+                )
             else:
                 lr = f"; learning-rate scale now {event['lr_scale']:g}" if is_number(event.get("lr_scale")) else ""
-                items.append(f"iteration {fmt_int(event['iteration'])}: step {fmt_int(event['from_step'])} → "
-                             f"{fmt_int(event['to_step'])} ({event.get('checkpoint') or 'checkpoint'}): {event.get('reason') or ''}{lr}")
+                items.append(
+                    f"iteration {fmt_int(event['iteration'])}: step {fmt_int(event['from_step'])} → "
+                    f"{fmt_int(event['to_step'])} ({event.get('checkpoint') or 'checkpoint'}): {event.get('reason') or ''}{lr}"
+                )
         blocks.append(heading("Rollbacks", 3))
         blocks.append({"type": "list", "items": items})
     else:
@@ -283,11 +350,17 @@ def _analysis_facts(analysis: Mapping[str, Any]) -> list[str]:
     items = []
     length = analysis.get("length") or {}
     if length:
-        items.append(f"length ratio (hypothesis / reference words) {fmt_score(length.get('ratio'))}; "
-                     f"{length.get('too_short', 0)} much too short, {length.get('too_long', 0)} much too long")
+        items.append(
+            f"length ratio (hypothesis / reference words) {fmt_score(length.get('ratio'))}; "
+            f"{length.get('too_short', 0)} much too short, {length.get('too_long', 0)} much too long"
+        )
     if is_number(analysis.get("chrf_mean")):
         items.append(f"mean sentence chrF {analysis['chrf_mean']:.1f}")
-    for key, what in (("loops", "with repeated phrases (loops)"), ("empty", "empty"), ("copies", "copied from the source untranslated")):
+    for key, what in (
+        ("loops", "with repeated phrases (loops)"),
+        ("empty", "empty"),
+        ("copies", "copied from the source untranslated"),
+    ):
         part = analysis.get(key)
         if isinstance(part, Mapping) and is_number(part.get("count")):
             rate = f" ({fmt_percent(part['rate'])})" if is_number(part.get("rate")) else ""
@@ -297,9 +370,11 @@ def _analysis_facts(analysis: Mapping[str, Any]) -> list[str]:
         items.append(f"{fmt_int(unknown['count'])} unknown tokens")
     changes = analysis.get("changes")
     if isinstance(changes, Mapping) and changes.get("against_step") is not None:
-        items.append(f"against step {fmt_int(changes['against_step'])}: {changes.get('worse', 0)} sentences clearly worse, "
-                     f"{changes.get('better', 0)} clearly better (sentence chrF moved by ≥ {changes.get('threshold_chrf', '?')}), "
-                     f"{changes.get('unchanged_output', 0)} with identical output")
+        items.append(
+            f"against step {fmt_int(changes['against_step'])}: {changes.get('worse', 0)} sentences clearly worse, "
+            f"{changes.get('better', 0)} clearly better (sentence chrF moved by ≥ {changes.get('threshold_chrf', '?')}), "
+            f"{changes.get('unchanged_output', 0)} with identical output"
+        )
     return items
 
 
@@ -309,14 +384,26 @@ def _by_length(analysis: Mapping[str, Any]) -> Block | None:
         return None
     return table(
         ["reference words", "sentences", "BLEU", "mean chrF", "length ratio"],
-        [[str(b.get("reference_words", "")), fmt_int(b.get("sentences")), fmt_score(b.get("bleu")),
-          fmt_score(b.get("chrf_mean")), fmt_score(b.get("length_ratio"))] for b in buckets if isinstance(b, Mapping)],
+        [
+            [
+                str(b.get("reference_words", "")),
+                fmt_int(b.get("sentences")),
+                fmt_score(b.get("bleu")),
+                fmt_score(b.get("chrf_mean")),
+                fmt_score(b.get("length_ratio")),
+            ]
+            for b in buckets
+            if isinstance(b, Mapping)
+        ],
     )
 
 
 def _example(title: str, item: Mapping[str, Any], *extra: tuple[str, str]) -> dict[str, Any]:
-    fields = [(label, str(item.get(key))) for label, key in (("source", "source"), ("reference", "reference"),
-                                                               ("hypothesis", "hypothesis")) if item.get(key) is not None]
+    fields = [
+        (label, str(item.get(key)))
+        for label, key in (("source", "source"), ("reference", "reference"), ("hypothesis", "hypothesis"))
+        if item.get(key) is not None
+    ]
     return {"title": title, "fields": fields + [e for e in extra if e[1]]}
 
 
@@ -334,27 +421,54 @@ def _analysis_blocks(title: str, analysis: Mapping[str, Any]) -> list[Block]:
     worst = [w for w in analysis.get("worst") or [] if isinstance(w, Mapping)]
     if worst:
         blocks.append(heading("Worst sentences (lowest sentence chrF)", 4))
-        blocks.append({"type": "examples", "items": [
-            _example(f"#{w.get('index', '?')} · chrF {fmt_score(w.get('chrf'))}", w) for w in worst]})
+        blocks.append(
+            {
+                "type": "examples",
+                "items": [_example(f"#{w.get('index', '?')} · chrF {fmt_score(w.get('chrf'))}", w) for w in worst],
+            }
+        )
     loops = analysis.get("loops")
     if isinstance(loops, Mapping) and loops.get("examples"):
         blocks.append(heading("Loops (repeated phrases)", 4))
-        blocks.append({"type": "examples", "items": [
-            _example(f"#{e.get('index', '?')} · repeats “{e.get('repeated', '')}”", e)
-            for e in loops["examples"] if isinstance(e, Mapping)]})
+        blocks.append(
+            {
+                "type": "examples",
+                "items": [
+                    _example(f"#{e.get('index', '?')} · repeats “{e.get('repeated', '')}”", e)
+                    for e in loops["examples"]
+                    if isinstance(e, Mapping)
+                ],
+            }
+        )
     for key, what in (("empty", "Empty translations"), ("copies", "Untranslated copies of the source")):
         part = analysis.get(key)
         if isinstance(part, Mapping) and part.get("examples"):
             blocks.append(heading(what, 4))
-            blocks.append({"type": "examples", "items": [
-                _example(f"#{e.get('index', '?')}", e) for e in part["examples"] if isinstance(e, Mapping)]})
+            blocks.append(
+                {
+                    "type": "examples",
+                    "items": [
+                        _example(f"#{e.get('index', '?')}", e) for e in part["examples"] if isinstance(e, Mapping)
+                    ],
+                }
+            )
     changes = analysis.get("changes")
     if isinstance(changes, Mapping) and changes.get("worse_examples"):
         blocks.append(heading(f"Clearly worse than at step {fmt_int(changes.get('against_step'))}", 4))
-        blocks.append({"type": "examples", "items": [
-            _example(f"#{e.get('index', '?')} · chrF {fmt_score(e.get('previous_chrf'))} → {fmt_score(e.get('chrf'))}", e,
-                     ("before", str(e.get("previous_hypothesis") or "")))
-            for e in changes["worse_examples"] if isinstance(e, Mapping)]})
+        blocks.append(
+            {
+                "type": "examples",
+                "items": [
+                    _example(
+                        f"#{e.get('index', '?')} · chrF {fmt_score(e.get('previous_chrf'))} → {fmt_score(e.get('chrf'))}",
+                        e,
+                        ("before", str(e.get("previous_hypothesis") or "")),
+                    )
+                    for e in changes["worse_examples"]
+                    if isinstance(e, Mapping)
+                ],
+            }
+        )
     return blocks
 
 
@@ -365,16 +479,36 @@ def analysis_blocks(data: dict[str, Any]) -> list[Block]:
         split = analysis["test"].get("split") or "test"
         blocks += _analysis_blocks(f"The student on the {split} split", analysis["test"])
     if analysis["validation"]:
-        blocks += _analysis_blocks(f"The last validation (step {fmt_int(analysis['validation'].get('step'))})", analysis["validation"])
+        blocks += _analysis_blocks(
+            f"The last validation (step {fmt_int(analysis['validation'].get('step'))})", analysis["validation"]
+        )
     if analysis["examples"]:
         blocks.append(heading("Example translations (test split)", 3))
-        blocks.append({"type": "examples", "items": [
-            {"title": f"example {i + 1}", "fields": [(k, str(v)) for k, v in (
-                ("source", e["source"]), ("reference", e["reference"]), ("student", e["student"]), ("teacher", e["teacher"]))
-                if v is not None]}
-            for i, e in enumerate(analysis["examples"])]})
+        blocks.append(
+            {
+                "type": "examples",
+                "items": [
+                    {
+                        "title": f"example {i + 1}",
+                        "fields": [
+                            (k, str(v))
+                            for k, v in (
+                                ("source", e["source"]),
+                                ("reference", e["reference"]),
+                                ("student", e["student"]),
+                                ("teacher", e["teacher"]),
+                            )
+                            if v is not None
+                        ],
+                    }
+                    for i, e in enumerate(analysis["examples"])
+                ],
+            }
+        )
     if not (analysis["test"] or analysis["validation"] or analysis["examples"]):
-        blocks.append(para("No error analysis: the run has neither a test evaluation nor an analysed validation.", "note"))
+        blocks.append(
+            para("No error analysis: the run has neither a test evaluation nor an analysed validation.", "note")
+        )
     return blocks
 
 
@@ -392,9 +526,15 @@ def run_blocks(data: dict[str, Any]) -> list[Block]:
         ["iterations executed", fmt_int(run["iterations_executed"]) if is_number(run["iterations_executed"]) else "—"],
         ["rollbacks", str(run["rollbacks"]) if run["rollbacks"] is not None else "—"],
         ["wall time", fmt_seconds(run["wall_seconds"])],
-        ["validations", str(run["validations"]) + (
-            f" ({fmt_seconds(run['validation_seconds'])}, {fmt_percent(run['validation_share'])} of the wall time)"
-            if is_number(run.get("validation_seconds")) and is_number(run.get("validation_share")) else "")],
+        [
+            "validations",
+            str(run["validations"])
+            + (
+                f" ({fmt_seconds(run['validation_seconds'])}, {fmt_percent(run['validation_share'])} of the wall time)"
+                if is_number(run.get("validation_seconds")) and is_number(run.get("validation_share"))
+                else ""
+            ),
+        ],
     ]
     for label, key in (("error", "error"), ("stop reason", "stop_reason"), ("finalize error", "finalize_error")):
         if run.get(key):
@@ -430,7 +570,9 @@ def run_blocks(data: dict[str, Any]) -> list[Block]:
         rows.append(["versions", "not recorded (the model package holds no cvmkd_version)"])
     if run.get("source_revision"):
         revision = run["source_revision"]
-        rows.append(["source revision", f"{revision.get('commit')}" + (" (modified)" if revision.get("modified") else "")])
+        rows.append(
+            ["source revision", f"{revision.get('commit')}" + (" (modified)" if revision.get("modified") else "")]
+        )
     for key, value in run["outputs"].items():
         rows.append([f"output: {key}", str(value)])
     return [heading("Run summary", 2, "run"), table(["", "value"], rows, "ll")]
@@ -447,7 +589,9 @@ def hyperparameter_blocks(data: dict[str, Any]) -> list[Block]:
     for key, value in items:
         section = re.split(r"[.\[]", key, maxsplit=1)[0]
         groups.setdefault(section, []).append([key, fmt_value(value)])
-    blocks.append({"type": "groups", "items": [(name, table(["key", "value"], rows, "ll")) for name, rows in groups.items()]})
+    blocks.append(
+        {"type": "groups", "items": [(name, table(["key", "value"], rows, "ll")) for name, rows in groups.items()]}
+    )
     return blocks
 
 

@@ -131,8 +131,10 @@ def _block(block: Block, section: str | None) -> str:
         if plot.get("missing"):
             return f'<p class="missing-plot">Plot “{_text(plot["title"])}” not drawn: {_text(plot["missing"])}.</p>'
         data = base64.b64encode(plot["png"]).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(plot["title"])}">'
-                f"<figcaption>{_text(plot['title'])}</figcaption></figure>")
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(plot["title"])}">'
+            f"<figcaption>{_text(plot['title'])}</figcaption></figure>"
+        )
     if kind == "examples":
         items = []
         for item in block["items"]:
@@ -149,7 +151,9 @@ def _block(block: Block, section: str | None) -> str:
 
 
 def render(blocks: list[Block], title: str) -> str:
-    sections = [(b["anchor"], b["text"]) for b in blocks if b["type"] == "heading" and b["level"] == 2 and b.get("anchor")]
+    sections = [
+        (b["anchor"], b["text"]) for b in blocks if b["type"] == "heading" and b["level"] == 2 and b.get("anchor")
+    ]
     nav = "<nav>" + "".join(f'<a href="#{html.escape(a)}">{_text(t)}</a>' for a, t in sections) + "</nav>"
     body: list[str] = []
     section: str | None = None
@@ -160,8 +164,8 @@ def render(blocks: list[Block], title: str) -> str:
         if index == 0:
             body.append(nav)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
         + "\n".join(body)
         + "\n</main>\n</body>\n</html>\n"

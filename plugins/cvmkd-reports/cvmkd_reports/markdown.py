@@ -41,7 +41,7 @@ def _block(block: Block) -> list[str]:
         return ["#" * block["level"] + " " + _inline(block["text"])]
     if kind == "banner":
         symbol = {"passed": "✅", "failed": "❌"}.get(block["state"], "⚪")
-        lines = [f"> {symbol} **{_inline(block['title'])}**"]
+        lines: list[str] = [f"> {symbol} **{_inline(block['title'])}**"]  # declared once for every branch below
         if block["text"]:
             lines += [">", f"> {_inline(block['text'])}"]
         return lines
@@ -61,7 +61,7 @@ def _block(block: Block) -> list[str]:
             return [f"*Plot “{plot['title']}” not drawn: {_inline(plot['missing'])}.*"]
         return [f"![{plot['title']}]({PLOTS_DIR}/{plot['file']})"]
     if kind == "examples":
-        lines: list[str] = []
+        lines = []
         for item in block["items"]:
             lines.append(f"**{_inline(item['title'])}**")
             lines.append("")

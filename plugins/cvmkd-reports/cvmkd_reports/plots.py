@@ -86,8 +86,13 @@ def _rollback_lines(ax: Any, run: RunView, *, label: bool) -> None:
     for index, event in enumerate(run.rollbacks):
         x = event.get("iteration")
         if is_number(x):
-            ax.axvline(x, color=ROLLBACK_COLOUR, linestyle=":", linewidth=1.3,
-                       label="rollback" if label and index == 0 else None)
+            ax.axvline(
+                x,
+                color=ROLLBACK_COLOUR,
+                linestyle=":",
+                linewidth=1.3,
+                label="rollback" if label and index == 0 else None,
+            )
 
 
 def _thousands(ax: Any) -> None:
@@ -108,8 +113,13 @@ def plot_loss(run: RunView, data: dict[str, Any]) -> Figure:
         window = _window(len(ys))
         ax.plot(xs, ys, color=colours[key], alpha=0.22, linewidth=0.6, label="per step")
         smooth = moving_average(ys, window)
-        ax.plot(xs, smooth, color=colours[key], linewidth=1.8,
-                label=f"moving average ({window:,} steps)" if window > 1 else key)
+        ax.plot(
+            xs,
+            smooth,
+            color=colours[key],
+            linewidth=1.8,
+            label=f"moving average ({window:,} steps)" if window > 1 else key,
+        )
         _rollback_lines(ax, run, label=True)
         ax.set_ylabel(title)
         finite = sorted(y for y in smooth if math.isfinite(y))
@@ -184,8 +194,14 @@ def plot_validation(run: RunView, data: dict[str, Any]) -> Figure:
             measured = [r for r in rows if is_number(r["scores"].get(key))]
             points = [(r["iteration"], r["scores"][key] * scale) for r in measured if not r["rolled_back"]]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=4, linewidth=2.2 if key == COMPOSITE else 1.5,
-                        color=colour[key], label=label)
+                ax.plot(
+                    *zip(*points),
+                    marker="o",
+                    markersize=4,
+                    linewidth=2.2 if key == COMPOSITE else 1.5,
+                    color=colour[key],
+                    label=label,
+                )
             dropped = [(r["iteration"], r["scores"][key] * scale) for r in measured if r["rolled_back"]]
             if dropped:
                 ax.scatter(*zip(*dropped), marker="x", s=40, color=colour[key], zorder=3)
@@ -209,7 +225,8 @@ def plot_validation(run: RunView, data: dict[str, Any]) -> Figure:
         labels.append("rolled-back validation")
     columns = len(labels) if len(labels) <= 8 else math.ceil(len(labels) / 2)
     figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8.5, frameon=False)
-    figure.cvmkd_rect = (0, 0.08 if columns == len(labels) else 0.13, 1, 1)  # room for the legend below
+    # room for the legend below: an attribute of our own on the figure, which _png reads back
+    figure.cvmkd_rect = (0, 0.08 if columns == len(labels) else 0.13, 1, 1)  # type: ignore[attr-defined]
     return figure
 
 
@@ -232,10 +249,23 @@ def plot_size_quality(run: RunView, data: dict[str, Any]) -> Figure:
         for row in shown:
             kind = "rejected" if row["accepted"] is False else row["role"]
             style = ROLE_STYLE[kind]
-            label = {"teacher": "teacher", "student": "student (fp32)", "quantized": "quantized",
-                     "rejected": "quantized, rejected"}[kind]
-            ax.scatter(row["file_bytes"] / MB, row["scores"][key], s=70, marker=style["marker"], color=style["color"],
-                       edgecolor="white", linewidth=0.8, zorder=3, label=None if label in seen else label)
+            label = {
+                "teacher": "teacher",
+                "student": "student (fp32)",
+                "quantized": "quantized",
+                "rejected": "quantized, rejected",
+            }[kind]
+            ax.scatter(
+                row["file_bytes"] / MB,
+                row["scores"][key],
+                s=70,
+                marker=style["marker"],
+                color=style["color"],
+                edgecolor="white",
+                linewidth=0.8,
+                zorder=3,
+                label=None if label in seen else label,
+            )
             seen.add(label)
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(f"{score_label(key)} ({models.get('split') or 'test'} split)")
@@ -251,7 +281,9 @@ def _label_points(figure: Figure, ax: Any, points: list[tuple[str, float, float]
     """Label each point where the text covers neither an earlier label nor another point: right
     above, right below, left above, left below (measured with the renderer), else right above."""
     figure.tight_layout()
-    renderer = figure.canvas.get_renderer()
+    canvas = figure.canvas
+    assert isinstance(canvas, FigureCanvasAgg)  # _figure gave every figure an Agg canvas
+    renderer = canvas.get_renderer()
     pixels = [ax.transData.transform((x, y)) for _, x, y in points]
     boxes: list[Any] = []
     candidates = [((7, 5), "left"), ((7, -13), "left"), ((-7, 5), "right"), ((-7, -13), "right")]
@@ -260,7 +292,8 @@ def _label_points(figure: Figure, ax: Any, points: list[tuple[str, float, float]
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, ha=align, fontsize=8.5)
             box = text.get_window_extent(renderer).expanded(1.08, 1.2)
             covers = any(box.overlaps(b) for b in boxes) or any(
-                box.contains(px, py) for j, (px, py) in enumerate(pixels) if j != index)
+                box.contains(px, py) for j, (px, py) in enumerate(pixels) if j != index
+            )
             if not covers or attempt == len(candidates):
                 boxes.append(box)
                 break
@@ -281,7 +314,7 @@ def render_plots(run: RunView, data: dict[str, Any]) -> list[dict[str, Any]]:
     the reason it is not drawn. Memoised on the view, so reporters of one set share them."""
     if "cvmkd_reports.plots" in run.memo:
         return run.memo["cvmkd_reports.plots"]
-    plots = []
+    plots: list[dict[str, Any]] = []
     for name, title, draw in PLOTS:
         try:
             png = _png(draw(run, data))

@@ -111,9 +111,7 @@ class RunView:
         if not self.path.is_dir():
             raise RunDirError(f"{self.path} is a file, not a run directory")
         if not any((self.path / name).is_file() for name in RUN_MARKERS):
-            raise RunDirError(
-                f"{self.path} is not a run directory: it holds none of {', '.join(RUN_MARKERS)}"
-            )
+            raise RunDirError(f"{self.path} is not a run directory: it holds none of {', '.join(RUN_MARKERS)}")
         self.problems: list[str] = []
         self.memo: dict[Any, Any] = {}
         self.recipe: dict[str, Any] | None = self._read_toml(RECIPE_FILE)
@@ -186,7 +184,11 @@ class RunView:
         loggers = (self.recipe or {}).get("loggers")
         if isinstance(loggers, list):
             for logger in loggers:
-                if isinstance(logger, Mapping) and logger.get("name") == "jsonl" and isinstance(logger.get("file"), str):
+                if (
+                    isinstance(logger, Mapping)
+                    and logger.get("name") == "jsonl"
+                    and isinstance(logger.get("file"), str)
+                ):
                     return logger["file"]
         return DEFAULT_TRAIN_LOG
 
@@ -286,7 +288,7 @@ class RunView:
 
     def recipe_reports(self) -> list[tuple[str, dict[str, Any]]]:
         """The recipe's ``[[reports]]``: ``(name, options)`` each."""
-        out = []
+        out: list[tuple[str, dict[str, Any]]] = []
         for entry in self.recipe_get("reports", []) or []:
             if isinstance(entry, str):
                 out.append((entry, {}))
@@ -329,8 +331,15 @@ class RunView:
 
     def missing(self) -> list[str]:
         """The run's usual files that are not there (relative paths), and unreadable ones."""
-        expected = [RECIPE_FILE, SUMMARY_FILE, self.train_log_name, "validation/history.jsonl",
-                    "evaluation.json", "quantization.json", "model/"]
+        expected = [
+            RECIPE_FILE,
+            SUMMARY_FILE,
+            self.train_log_name,
+            "validation/history.jsonl",
+            "evaluation.json",
+            "quantization.json",
+            "model/",
+        ]
         absent = []
         for name in expected:
             target = self.path / name.rstrip("/")
@@ -409,7 +418,9 @@ def make_reporter(registry: Any, name: str, options: Mapping[str, Any] | None = 
         config = structure(dict(options or {}), component.config, where)
     except RecipeError as exc:
         # the options of an older run's recipe may no longer fit: say so and use the defaults
-        log.warning("reporter %r: its recipe settings do not fit (%s); using its defaults", name, "; ".join(exc.problems))
+        log.warning(
+            "reporter %r: its recipe settings do not fit (%s); using its defaults", name, "; ".join(exc.problems)
+        )
         config = structure({}, component.config, where)
     return component.factory(config)
 

@@ -22,7 +22,9 @@ from cvmkd_reports.data import fmt_int, fmt_mb, fmt_ms, fmt_percent, fmt_rate, f
 from cvmkd_reports.runview import RunView, finalize_reports, select_reporters, write_reports
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = TINY_KD_RECIPE + """
+RECIPE = (
+    TINY_KD_RECIPE
+    + """
 [guard]
 name = "guard"
 
@@ -39,6 +41,7 @@ examples = 3
 [[reports]]
 name = "json"
 """
+)
 PLOTS = ("loss", "learning_rate", "validation", "size_quality")
 
 
@@ -99,7 +102,12 @@ def test_the_html_page_is_self_contained_and_compares_every_model(run_dir: Path)
     models = evaluation.get("models", {})
     for name, scores, retention, size in (
         ("teacher", evaluation["teacher"]["scores"], None, models.get("teacher")),
-        ("student", evaluation["student"]["scores"], evaluation["retention"], models.get("student") or quantization["baseline"]),
+        (
+            "student",
+            evaluation["student"]["scores"],
+            evaluation["retention"],
+            models.get("student") or quantization["baseline"],
+        ),
         ("dynamic-int8", variant["scores"], variant["retention"], variant),
     ):
         rows = re.findall(rf"<tr><td[^>]*>{re.escape(name)}(?:<span.*?)?</td>(.*?)</tr>", page, flags=re.S)
@@ -152,8 +160,13 @@ def test_the_markdown_report_references_its_plots(run_dir: Path) -> None:
     images = re.findall(r"!\[[^\]]+\]\((plots/[a-z_]+\.png)\)", text)
     assert images and all((run_dir / "reports" / image).is_file() for image in images)
     assert sorted(images) == sorted(f"plots/{p}.png" for p in PLOTS)
-    for heading in ("## Teacher, student and quantized students", "## Validation history", "## Error analysis",
-                    "## Run summary", "## Hyperparameters"):
+    for heading in (
+        "## Teacher, student and quantized students",
+        "## Validation history",
+        "## Error analysis",
+        "## Run summary",
+        "## Hyperparameters",
+    ):
         assert heading in text
 
 
@@ -165,7 +178,9 @@ def test_cvmkd_report_regenerates_the_same_reports(
     assert main(["report", "runs/tiny", "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == str(out / "report.md")
-    assert set(printed) == {str(out / n) for n in ("report.md", "report.html", "report.json", *(f"plots/{p}.png" for p in PLOTS))}
+    assert set(printed) == {
+        str(out / n) for n in ("report.md", "report.html", "report.json", *(f"plots/{p}.png" for p in PLOTS))
+    }
     for name in ("report.md", "report.html", "report.json"):
         assert (out / name).read_text() == (run_dir / "reports" / name).read_text(), name
 
@@ -173,7 +188,9 @@ def test_cvmkd_report_regenerates_the_same_reports(
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["plots", "report.json"]
 
 
-def test_an_unknown_format_names_the_available_reporters(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_format_names_the_available_reporters(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["report", str(run_dir), "--format", "nope", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: unknown reporter 'nope'; available: html, json, markdown"]
@@ -212,8 +229,13 @@ def test_a_run_without_its_history_file_still_reports(run_dir: Path, tmp_path: P
     assert report["run"]["status"] == "completed"  # from the run_end event of the training log
     assert report["validation"]["rows"] == [] and report["gate"] is None
     notes = " ".join(report["notes"])
-    for missing in ("summary.json is missing", "no validation records", "no test-split evaluation", "no quantized variants",
-                    "no retention-gate verdict"):
+    for missing in (
+        "summary.json is missing",
+        "no validation records",
+        "no test-split evaluation",
+        "no quantized variants",
+        "no retention-gate verdict",
+    ):
         assert missing in notes and missing in page
     assert page.count('<img src="data:image/png;base64,') == 2  # the training curves are still there
     assert "Validation scores over the run” not drawn: no validation records" in page
@@ -245,7 +267,9 @@ class Broken:
         raise ValueError("no ink")
 
 
-def test_a_failing_reporter_does_not_stop_the_others(run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_reporter_does_not_stop_the_others(
+    run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(ReportError) as caught:
         write_reports(run_dir, [("broken", Broken()), ("json", JsonReporter())], tmp_path / "out")
     (line,) = caught.value.lines()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ import attrs
 from cvmkd_core.config import ge, gt
 from cvmkd_core.errors import ComponentError
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.recipe import Recipe
+from cvmkd_core.recipe import ComponentRef, Recipe
 from cvmkd_core.state import RunState, RunSummary, StepResult
 
 log = logging.getLogger("cvmkd")
@@ -136,10 +137,12 @@ class TensorBoardLogger:
 
     @hookimpl
     def cvmkd_configure(self, recipe: Recipe) -> None:
-        if not any(ref.name == "jsonl" for ref in recipe.loggers):
+        # typed as their base class: cvmkd_core makes LoggerRef at runtime, which mypy cannot use as a type
+        loggers: Sequence[ComponentRef] = recipe.loggers
+        if not any(ref.name == "jsonl" for ref in loggers):
             log.warning(
                 "tensorboard: the recipe's [[loggers]] has no jsonl: train.jsonl is not written, and "
-                "cvmkd monitor and the reports read it; list both, [[loggers]] name = \"jsonl\" and name = \"tensorboard\""
+                'cvmkd monitor and the reports read it; list both, [[loggers]] name = "jsonl" and name = "tensorboard"'
             )
 
     @hookimpl
@@ -200,7 +203,9 @@ class TensorBoardLogger:
     @hookimpl
     def cvmkd_run_error(self, state: RunState, error: BaseException) -> None:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        self._close(state, f"{status} at step {state.step} ({state.iterations} iterations): {type(error).__name__}: {error}")
+        self._close(
+            state, f"{status} at step {state.step} ({state.iterations} iterations): {type(error).__name__}: {error}"
+        )
 
     @hookimpl
     def cvmkd_finalize(self, state: RunState, summary: RunSummary) -> None:

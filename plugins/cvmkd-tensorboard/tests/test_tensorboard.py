@@ -105,7 +105,10 @@ def test_a_run_is_logged_as_train_jsonl_and_the_validation_history_say(plugins: 
     for key in ("exact", "composite"):
         assert scalars(accumulator, f"validation/{key}") == [(h["step"], f32(h["scores"][key])) for h in history]
     # the toy's (perfect) teacher, and the student's retention of it, beside every validation
-    for prefix, part in (("teacher", lambda h: h["details"]["teacher"]["scores"]), ("retention", lambda h: h["details"]["retention"])):
+    for prefix, part in (
+        ("teacher", lambda h: h["details"]["teacher"]["scores"]),
+        ("retention", lambda h: h["details"]["retention"]),
+    ):
         for key in ("exact", "composite"):
             assert scalars(accumulator, f"{prefix}/{key}") == [(h["step"], f32(part(h)[key])) for h in history], prefix
     assert history[0]["details"]["teacher"]["scores"]["exact"] == 100.0
@@ -139,7 +142,11 @@ def test_every_sets_its_own_cadence(plugins: Plugins) -> None:
 def test_a_rollback_is_marked(plugins: Plugins) -> None:
     pytest.importorskip("tensorboard")
     plugins.add_plugin(cvmkd_guard, name="guard", source="test")
-    text = TOY_RECIPE.replace("steps = 6", "steps = 12") + '\n[guard]\nname = "guard"\ngate_scores = ["composite"]\n' + LOGGERS
+    text = (
+        TOY_RECIPE.replace("steps = 6", "steps = 12")
+        + '\n[guard]\nname = "guard"\ngate_scores = ["composite"]\n'
+        + LOGGERS
+    )
     summary, run_dir = run(plugins, ["distill.learning_rate=0.2", "distill.sabotage_at_step=7"], text)
     assert summary.rollbacks == 1 and summary.iterations_executed == 15
     accumulator = events(run_dir / "tensorboard")

@@ -18,9 +18,9 @@ import torch
 
 from cvmkd_core.config import ge, gt
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import ScoreSpec
 from cvmkd_core.registry import Registrar
 from cvmkd_core.state import RunState, StepResult
+from cvmkd_validation.metrics import ScoreSpec
 
 #: A recipe for the toy trainer: six steps, validated every three.
 TOY_RECIPE = """
@@ -139,8 +139,18 @@ class ToyPlugin:
 # --- a tiny real distillation, for tests of trainers, quantizers and detectors ------------------
 
 #: French→English word pairs of a made-up corpus that a tiny model learns in seconds.
-TINY_WORDS = {"le": "the", "chat": "cat", "chien": "dog", "mange": "eats", "voit": "sees", "petit": "small",
-              "grand": "big", "oiseau": "bird", "poisson": "fish", "un": "a"}
+TINY_WORDS = {
+    "le": "the",
+    "chat": "cat",
+    "chien": "dog",
+    "mange": "eats",
+    "voit": "sees",
+    "petit": "small",
+    "grand": "big",
+    "oiseau": "bird",
+    "poisson": "fish",
+    "un": "a",
+}
 
 
 def write_tiny_corpus(directory: Any, pairs: int = 120, seed: int = 0) -> Any:

@@ -74,7 +74,9 @@ def _bucket_name(low: int, high: int | None) -> str:
     return f"{low}-{high}" if high is not None else f"{low}+"
 
 
-def analyse(sample: TranslationSample, *, worst: int = 5, examples: int = 3, regression_drop: float = 20.0) -> dict[str, Any]:
+def analyse(
+    sample: TranslationSample, *, worst: int = 5, examples: int = 3, regression_drop: float = 20.0
+) -> dict[str, Any]:
     """The error analysis of ``sample``, as a JSON-serialisable dict with a ``summary`` line."""
     from sacrebleu.metrics import BLEU
 
@@ -102,13 +104,15 @@ def analyse(sample: TranslationSample, *, worst: int = 5, examples: int = 3, reg
         refs = [sample.references[i] for i in members]
         h_len = sum(len(hyp_words[i]) for i in members)
         r_len = sum(len(ref_words[i]) for i in members)
-        buckets.append({
-            "reference_words": _bucket_name(low, high),
-            "sentences": len(members),
-            "bleu": round(float(BLEU().corpus_score(hyps, [refs]).score), 2),
-            "chrf_mean": round(sum(chrf[i] for i in members) / len(members), 2),
-            "length_ratio": round(h_len / r_len, 4) if r_len else None,
-        })
+        buckets.append(
+            {
+                "reference_words": _bucket_name(low, high),
+                "sentences": len(members),
+                "bleu": round(float(BLEU().corpus_score(hyps, [refs]).score), 2),
+                "chrf_mean": round(sum(chrf[i] for i in members) / len(members), 2),
+                "length_ratio": round(h_len / r_len, 4) if r_len else None,
+            }
+        )
 
     order = sorted(range(n), key=lambda i: (chrf[i], i))
     worst_list = [_example(i, sample, chrf=round(chrf[i], 2)) for i in order[:worst]]
@@ -122,10 +126,13 @@ def analyse(sample: TranslationSample, *, worst: int = 5, examples: int = 3, reg
 
     source_chrf = sentence_chrf(sample.hypotheses, sample.sources)
     copies = [
-        i for i in range(n)
+        i
+        for i in range(n)
         if sample.hypotheses[i].strip()
-        and (_norm(sample.hypotheses[i]) == _norm(sample.sources[i])
-             or (source_chrf[i] >= COPY_CHRF and source_chrf[i] > chrf[i]))
+        and (
+            _norm(sample.hypotheses[i]) == _norm(sample.sources[i])
+            or (source_chrf[i] >= COPY_CHRF and source_chrf[i] > chrf[i])
+        )
         and _norm(sample.hypotheses[i]) != _norm(sample.references[i])
     ]
     unknown_words = sum(1 for words in hyp_words for w in words if UNKNOWN in w)
@@ -165,7 +172,8 @@ def analyse(sample: TranslationSample, *, worst: int = 5, examples: int = 3, reg
             "unchanged_output": sum(1 for a, b in zip(sample.previous, sample.hypotheses) if a == b),
             "worse_examples": [
                 _example(
-                    i, sample,
+                    i,
+                    sample,
                     previous_hypothesis=sample.previous[i],
                     chrf=round(chrf[i], 2),
                     previous_chrf=round(before[i], 2),

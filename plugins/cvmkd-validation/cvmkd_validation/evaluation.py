@@ -16,9 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import retention
 from cvmkd_core.state import RunState, RunSummary, TestEvaluation, TranslationSample
 from cvmkd_validation.analysis import analyse
+from cvmkd_validation.metrics import retention
 from cvmkd_validation.validation import score_all, score_specs
 
 log = logging.getLogger("cvmkd")
@@ -120,7 +120,10 @@ def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
         if share is not None:
             log.info(
                 "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
-                key, record[role]["scores"][key], record["teacher"]["scores"][key], 100 * share,
+                key,
+                record[role]["scores"][key],
+                record["teacher"]["scores"][key],
+                100 * share,
             )
     if role == "teacher" or "teacher" not in record:
         scores = record[role]["scores"]

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cvmkd_core.errors import CvmkdError, MetricError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.metrics import (
+from cvmkd_core.state import RunState, TranslationSample, ValidationRecord, ValidationResult
+from cvmkd_validation.metrics import (
     COMPOSITE,
     PairedTestMetric,
     ScoreSpec,
@@ -35,8 +36,10 @@ from cvmkd_core.metrics import (
     metric_specs,
     retention,
 )
-from cvmkd_core.state import RunState, TranslationSample, ValidationRecord, ValidationResult
 from cvmkd_validation.statistics import deltas, paired_bootstrap
+
+if TYPE_CHECKING:
+    from cvmkd_core.recipe import ComponentRef
 
 log = logging.getLogger("cvmkd")
 
@@ -79,7 +82,9 @@ def score_metrics(
             values = {k: (sum(v) / len(v) if v else 0.0) for k, v in per_sentence.items()}
             for key, v in per_sentence.items():
                 if len(v) != len(hypotheses):
-                    raise MetricError(f"{path}: sentence_scores gave {len(v)} values of {key!r} for {len(hypotheses)} sentences")
+                    raise MetricError(
+                        f"{path}: sentence_scores gave {len(v)} values of {key!r} for {len(hypotheses)} sentences"
+                    )
                 sentences[key] = [float(x) for x in v]
         else:
             values = metric.score(hypotheses, references, sources)
@@ -141,9 +146,9 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
         return None
     trainer = state.components.get("distill")
     if not isinstance(trainer, Translator):
-        raise CvmkdError(
-            f"trainer {state.recipe.distill.name!r} cannot translate, so metrics cannot score it"
-        )
+        # typed as its base class: cvmkd_core makes TrainerRef at runtime, which mypy cannot use as a type
+        distill: ComponentRef = state.recipe.distill
+        raise CvmkdError(f"trainer {distill.name!r} cannot translate, so metrics cannot score it")
     config = state.recipe.section("validation")
     sources, references = trainer.validation_data(state)
     if config.max_sentences:
@@ -275,7 +280,8 @@ def _teacher(
     atomic_write_json(directory / "teacher.json", {**record, "beam_size": state.recipe.section("validation").beam_size})
     log.info(
         "teacher on the %d validation sentences: %s",
-        len(sources), ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
+        len(sources),
+        ", ".join(f"{k} {v:.2f}" for k, v in scores.items()),
     )
     memory["teacher"] = record
     return record
@@ -318,7 +324,7 @@ def _significance(
             results.update(metric.paired_test(baseline, hypotheses, references, sources, samples=samples))
         elif isinstance(metric, SentenceMetric):
             before = remembered.get("sentence_scores") or {}
-            keys = list(metric.scores)
+            keys = list(metric_specs(metric))  # its declared keys (``scores``, or the older ``higher_is_better``)
             if any(k not in before for k in keys):
                 before = {**before, **metric.sentence_scores(baseline, references, sources)}
             for key in keys:

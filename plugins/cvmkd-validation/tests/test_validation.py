@@ -12,7 +12,13 @@ import pytest
 from cvmkd_core import hookimpl
 from cvmkd_core.cli import main
 from cvmkd_core.errors import MetricError
-from cvmkd_core.metrics import (
+from cvmkd_core.plugins import Plugins
+from cvmkd_core.recipe import load_recipe
+from cvmkd_core.session import Session, run_session
+from cvmkd_core.state import TranslationSample
+from cvmkd_testing import TOY_RECIPE
+from cvmkd_validation.analysis import analyse, repeated_unit
+from cvmkd_validation.metrics import (
     COMPOSITE,
     ScoreSpec,
     composite,
@@ -20,12 +26,6 @@ from cvmkd_core.metrics import (
     metric_specs,
     retention,
 )
-from cvmkd_core.plugins import Plugins
-from cvmkd_core.recipe import load_recipe
-from cvmkd_core.session import Session, run_session
-from cvmkd_core.state import TranslationSample
-from cvmkd_testing import TOY_RECIPE
-from cvmkd_validation.analysis import analyse, repeated_unit
 from cvmkd_validation.statistics import paired_bootstrap
 
 SPECS = {
@@ -56,7 +56,10 @@ def test_composite_is_the_weighted_mean_of_normalised_scores() -> None:
     equal = composite_weights({}, SPECS, "validation.composite")
     assert equal == {"bleu": 1.0, "ter": 1.0, "bertscore_f1": 1.0}
     assert composite({"bleu": 30.0}, equal, SPECS) is None  # a weighted score is missing
-    with pytest.raises(MetricError, match=r"validation.composite: no selected metric returns 'chrf'; available scores: bleu, ter, bertscore_f1"):
+    with pytest.raises(
+        MetricError,
+        match=r"validation.composite: no selected metric returns 'chrf'; available scores: bleu, ter, bertscore_f1",
+    ):
         composite_weights({"chrf": 1.0}, SPECS, "validation.composite")
 
 
@@ -102,16 +105,30 @@ def test_repeated_units_are_found_only_when_repeated_in_a_row() -> None:
 
 def test_the_analysis_finds_each_kind_of_error() -> None:
     sources = ["au commencement dieu créa le ciel", "et la terre était informe", "il dit", "la lumière fut", "dieu vit"]
-    references = ["in the beginning god created the heaven", "and the earth was without form", "he said", "there was light", "god saw"]
-    hypotheses = [
-        "in the beginning god created the heaven",   # perfect
-        "and the earth the earth the earth was",     # loop
-        "",                                          # empty
-        "la lumière fut",                            # untranslated copy
-        "god \u2047 saw",                            # unknown token
+    references = [
+        "in the beginning god created the heaven",
+        "and the earth was without form",
+        "he said",
+        "there was light",
+        "god saw",
     ]
-    previous = ["in the beginning god created the heaven", "and the earth was without form", "he said", "there was light", "god saw"]
-    sample = TranslationSample(step=20, sources=sources, references=references, hypotheses=hypotheses, previous=previous, previous_step=10)
+    hypotheses = [
+        "in the beginning god created the heaven",  # perfect
+        "and the earth the earth the earth was",  # loop
+        "",  # empty
+        "la lumière fut",  # untranslated copy
+        "god \u2047 saw",  # unknown token
+    ]
+    previous = [
+        "in the beginning god created the heaven",
+        "and the earth was without form",
+        "he said",
+        "there was light",
+        "god saw",
+    ]
+    sample = TranslationSample(
+        step=20, sources=sources, references=references, hypotheses=hypotheses, previous=previous, previous_step=10
+    )
     found = analyse(sample, worst=2, examples=2, regression_drop=20.0)
     assert found["sentences"] == 5
     assert found["empty"]["count"] == 1 and found["empty"]["examples"][0]["index"] == 2
@@ -127,7 +144,9 @@ def test_the_analysis_finds_each_kind_of_error() -> None:
     words = sum(len(r.split()) for r in references)
     assert found["length"]["ratio"] == pytest.approx(sum(len(h.split()) for h in hypotheses) / words, abs=1e-4)
     assert sum(b["sentences"] for b in found["by_reference_length"]) == 5
-    assert "1 empty" in found["summary"] and "1 with loops" in found["summary"] and "4 clearly worse" in found["summary"]
+    assert (
+        "1 empty" in found["summary"] and "1 with loops" in found["summary"] and "4 clearly worse" in found["summary"]
+    )
 
 
 # --- records after a run ----------------------------------------------------------------------
@@ -148,7 +167,9 @@ class WordsMetric:
 
     scores = {"words": ScoreSpec(True, 0.0, 10.0)}
 
-    def sentence_scores(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, list[float]]:
+    def sentence_scores(
+        self, hypotheses: list[str], references: list[str], sources: list[str]
+    ) -> dict[str, list[float]]:
         return {"words": [float(len(h.split())) for h in hypotheses]}
 
 
@@ -165,13 +186,19 @@ def test_records_hold_teacher_retention_deltas_significance_and_analysis(write, 
     summary, run_dir = _run(write, toy_plugins, ["distill.learning_rate=0.2", "run.steps=9"], text)
     first, second, third = _history(run_dir)
     teacher = json.loads((run_dir / "validation" / "teacher.json").read_text())
-    assert teacher["scores"] == {"exact": 100.0, "words": pytest.approx(3.5), COMPOSITE: pytest.approx(100 * (3 + 0.35) / 4)}
+    assert teacher["scores"] == {
+        "exact": 100.0,
+        "words": pytest.approx(3.5),
+        COMPOSITE: pytest.approx(100 * (3 + 0.35) / 4),
+    }
     assert first["scores"]["exact"] == 0.0 and second["scores"]["exact"] == 100.0
     for record in (first, second, third):
         details = record["details"]
         assert details["sentences"] == 4 and details["beam_size"] == 1
         assert details["composite_weights"] == {"exact": 3.0, "words": 1.0}
-        assert details["retention"][COMPOSITE] == pytest.approx(record["scores"][COMPOSITE] / teacher["scores"][COMPOSITE])
+        assert details["retention"][COMPOSITE] == pytest.approx(
+            record["scores"][COMPOSITE] / teacher["scores"][COMPOSITE]
+        )
         assert details["teacher"]["scores"] == teacher["scores"]
         hypotheses = (run_dir / "validation" / details["hypotheses"]).read_text().splitlines()
         assert len(hypotheses) == 4
@@ -193,7 +220,11 @@ def test_records_hold_teacher_retention_deltas_significance_and_analysis(write, 
 
 
 def test_no_teacher_scoring_when_the_recipe_says_so(write, toy_plugins: Plugins) -> None:
-    _, run_dir = _run(write, toy_plugins, ["validation.teacher=false", "validation.save_hypotheses=false", "validation.analysis.enabled=false"])
+    _, run_dir = _run(
+        write,
+        toy_plugins,
+        ["validation.teacher=false", "validation.save_hypotheses=false", "validation.analysis.enabled=false"],
+    )
     record = _history(run_dir)[-1]
     assert not {"teacher", "retention", "hypotheses", "analysis"} & set(record["details"])
     assert not (run_dir / "validation" / "teacher.json").exists()
@@ -213,7 +244,9 @@ def test_an_analysis_hook_adds_its_findings_to_the_record(write, toy_plugins: Pl
 
 
 def test_a_composite_weight_on_an_unknown_score_stops_before_the_run(write, toy_hook_file, capsys) -> None:
-    recipe = write("r.toml", TOY_RECIPE.replace('metrics = ["exact"]', 'metrics = ["exact"]\ncomposite = {exact = 1, bleu = 1}'))
+    recipe = write(
+        "r.toml", TOY_RECIPE.replace('metrics = ["exact"]', 'metrics = ["exact"]\ncomposite = {exact = 1, bleu = 1}')
+    )
     status = main(["check", str(recipe), "--plugin", str(toy_hook_file)])
     assert status == 2
     assert capsys.readouterr().err.strip() == (

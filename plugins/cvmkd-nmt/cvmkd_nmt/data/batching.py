@@ -84,9 +84,7 @@ def make_batch(
         tgt_in=tgt_in,
         tgt_out=tgt_out,
         n_tokens=sum(len(t) + 1 for t in tgt_cut),
-        indices=None
-        if indices is None
-        else torch.tensor(list(indices), dtype=torch.long),
+        indices=None if indices is None else torch.tensor(list(indices), dtype=torch.long),
     )
 
 
@@ -105,9 +103,7 @@ def _cut(
     cur_w = 0
     for i in order:
         w = max(cur_w, width[i])
-        full = (batch_size is not None and len(cur) >= batch_size) or w * (
-            len(cur) + 1
-        ) > max_tokens
+        full = (batch_size is not None and len(cur) >= batch_size) or w * (len(cur) + 1) > max_tokens
         if cur and full:
             out.append(cur)
             cur, w = [], width[i]
@@ -154,9 +150,7 @@ class BucketBatchSampler:
         drop_last: bool = True,
     ) -> None:
         if tgt_lengths is not None and len(tgt_lengths) != len(src_lengths):
-            raise ValueError(
-                f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths"
-            )
+            raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths")
         if batch_size is None and max_tokens is None:
             raise ValueError("give batch_size, max_tokens or both")
         if batch_size is not None and batch_size < 1:
@@ -174,9 +168,7 @@ class BucketBatchSampler:
         self.chunk_size = max(chunk_size, 1)
         self.drop_last = drop_last and max_tokens is None
         if self.drop_last and batch_size is not None and n < batch_size:
-            raise ValueError(
-                f"training set has {n} pairs, fewer than one batch of {batch_size}"
-            )
+            raise ValueError(f"training set has {n} pairs, fewer than one batch of {batch_size}")
         # Padded width of a pair: the longer side plus its eos (source) or bos (target input).
         tgt = tgt_lengths if tgt_lengths is not None else src_lengths
         self._width = [max(s, t) + 1 for s, t in zip(src_lengths, tgt)]
@@ -184,9 +176,7 @@ class BucketBatchSampler:
         self.seed = seed
         self.epoch = 0
         self.index = 0
-        self._cache: tuple[int, int, list[list[int]]] | None = (
-            None  # (seed, epoch, batches)
-        )
+        self._cache: tuple[int, int, list[list[int]]] | None = None  # (seed, epoch, batches)
 
     def __len__(self) -> int:
         """Number of batches in the current epoch (it can vary by a few between epochs in token mode)."""
@@ -203,9 +193,7 @@ class BucketBatchSampler:
         width = self._width
         batches: list[list[int]] = []
         for start in range(0, self._n, self.chunk_size):
-            chunk = sorted(
-                order[start : start + self.chunk_size], key=width.__getitem__
-            )  # stable sort
+            chunk = sorted(order[start : start + self.chunk_size], key=width.__getitem__)  # stable sort
             batches.extend(_cut(chunk, width, self.batch_size, self.max_tokens))
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
@@ -241,9 +229,7 @@ class BucketBatchSampler:
             int(state["seed"]),
         )
         if epoch < 0 or index < 0:
-            raise ValueError(
-                f"batch sampler state has negative epoch or index: {state}"
-            )
+            raise ValueError(f"batch sampler state has negative epoch or index: {state}")
         self.seed, self.epoch, self.index = seed, epoch, index
         n = len(self._epoch_batches(epoch))
         if index > n:

@@ -62,14 +62,10 @@ def _read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
         raise CorpusError(f"{path}: is a directory, not a corpus file") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
-    if data.startswith(
-        b"\xef\xbb\xbf"
-    ):  # a BOM written by some Windows editors is not text
+    if data.startswith(b"\xef\xbb\xbf"):  # a BOM written by some Windows editors is not text
         data = data[3:]
     lines = data.split(b"\n")
-    if (
-        lines and lines[-1] == b""
-    ):  # the newline ending the last line does not start a new one
+    if lines and lines[-1] == b"":  # the newline ending the last line does not start a new one
         lines.pop()
     for number, raw in enumerate(lines, start=1):
         if raw.endswith(b"\r"):
@@ -84,9 +80,7 @@ def _read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
 
 def _finish(pairs: list[Pair], skipped: int, path: PathLike) -> PairList:
     if not pairs:
-        what = (
-            "empty file" if skipped == 0 else f"all {skipped} lines have an empty side"
-        )
+        what = "empty file" if skipped == 0 else f"all {skipped} lines have an empty side"
         raise CorpusError(f"{path}: no sentence pairs ({what})")
     if skipped:
         log.warning("%s: skipped %d pairs with an empty side", path, skipped)
@@ -103,9 +97,7 @@ def _empty_side(src: str, tgt: str) -> str | None:
     return None
 
 
-def read_tsv(
-    path: PathLike, src_col: int = 0, tgt_col: int = 1, skip_empty: bool = False
-) -> PairList:
+def read_tsv(path: PathLike, src_col: int = 0, tgt_col: int = 1, skip_empty: bool = False) -> PairList:
     """Read a tab-separated file, one pair per line, taking columns ``src_col`` and ``tgt_col`` (0-based).
 
     Lines may have more columns than needed (for example a score); fewer is an error.
@@ -117,15 +109,11 @@ def read_tsv(
     skipped = 0
     for number, line in _read_lines(path):
         if not line.strip():
-            src = tgt = (
-                ""  # a blank line is a pair with two empty sides, not a field-count error
-            )
+            src = tgt = ""  # a blank line is a pair with two empty sides, not a field-count error
         else:
             fields = line.split("\t")
             if len(fields) < need:
-                raise CorpusError(
-                    f"{path}: line {number}: expected {need} tab-separated fields, got {len(fields)}"
-                )
+                raise CorpusError(f"{path}: line {number}: expected {need} tab-separated fields, got {len(fields)}")
             src, tgt = fields[src_col].strip(), fields[tgt_col].strip()
         problem = _empty_side(src, tgt)
         if problem:
@@ -137,9 +125,7 @@ def read_tsv(
     return _finish(pairs, skipped, path)
 
 
-def read_parallel(
-    src_path: PathLike, tgt_path: PathLike, skip_empty: bool = False
-) -> PairList:
+def read_parallel(src_path: PathLike, tgt_path: PathLike, skip_empty: bool = False) -> PairList:
     """Read two line-aligned files (line *n* of one translates line *n* of the other).
 
     Different line counts are an error, reported before any empty-side problem since a
@@ -148,9 +134,7 @@ def read_parallel(
     src_lines = [text for _, text in _read_lines(src_path)]
     tgt_lines = [text for _, text in _read_lines(tgt_path)]
     if len(src_lines) != len(tgt_lines):
-        raise CorpusError(
-            f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}"
-        )
+        raise CorpusError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}")
     pairs: list[Pair] = []
     skipped = 0
     for number, (s, t) in enumerate(zip(src_lines, tgt_lines), start=1):
@@ -159,29 +143,21 @@ def read_parallel(
         if problem:
             if not skip_empty:
                 if not src and not tgt:
-                    raise CorpusError(
-                        f"{src_path} and {tgt_path}: line {number}: empty line in both files"
-                    )
+                    raise CorpusError(f"{src_path} and {tgt_path}: line {number}: empty line in both files")
                 where, side = (src_path, "source") if not src else (tgt_path, "target")
                 raise CorpusError(f"{where}: line {number}: empty {side} side")
             skipped += 1
             continue
         pairs.append(Pair(src, tgt))
     if not pairs:
-        what = (
-            "empty files" if skipped == 0 else f"all {skipped} lines have an empty side"
-        )
+        what = "empty files" if skipped == 0 else f"all {skipped} lines have an empty side"
         raise CorpusError(f"{src_path}, {tgt_path}: no sentence pairs ({what})")
     if skipped:
-        log.warning(
-            "%s, %s: skipped %d pairs with an empty side", src_path, tgt_path, skipped
-        )
+        log.warning("%s, %s: skipped %d pairs with an empty side", src_path, tgt_path, skipped)
     return PairList(pairs, skipped)
 
 
-def read_jsonl(
-    path: PathLike, src_key: str = "src", tgt_key: str = "tgt", skip_empty: bool = False
-) -> PairList:
+def read_jsonl(path: PathLike, src_key: str = "src", tgt_key: str = "tgt", skip_empty: bool = False) -> PairList:
     """Read JSON Lines, one object per line with string values under ``src_key`` and ``tgt_key``.
 
     A blank line counts as a pair with empty sides (error, or skipped with ``skip_empty=True``).
@@ -197,21 +173,15 @@ def read_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorpusError(
-                f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})"
-            ) from None
+            raise CorpusError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise CorpusError(
-                f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}"
-            )
+            raise CorpusError(f"{path}: line {number}: expected a JSON object, got {type(obj).__name__}")
         sides = []
         for key in (src_key, tgt_key):
             if key not in obj:
                 raise CorpusError(f'{path}: line {number}: missing key "{key}"')
             if not isinstance(obj[key], str):
-                raise CorpusError(
-                    f'{path}: line {number}: key "{key}" must be a string, got {type(obj[key]).__name__}'
-                )
+                raise CorpusError(f'{path}: line {number}: key "{key}" must be a string, got {type(obj[key]).__name__}')
             sides.append(obj[key].strip())
         src, tgt = sides
         problem = _empty_side(src, tgt)
@@ -238,9 +208,7 @@ def filter_pairs(
     instead). Returns ``(kept, number_dropped)``; the order of kept pairs is preserved.
     """
     if min_len < 0 or (max_len is not None and max_len < min_len):
-        raise ValueError(
-            f"filter_pairs: need 0 <= min_len <= max_len, got {min_len} and {max_len}"
-        )
+        raise ValueError(f"filter_pairs: need 0 <= min_len <= max_len, got {min_len} and {max_len}")
     if max_ratio is not None and max_ratio < 1:
         raise ValueError(f"filter_pairs: max_ratio must be at least 1, got {max_ratio}")
     kept: list[Pair] = []
@@ -269,9 +237,7 @@ def split_pairs(
     """
     n = len(pairs)
     if valid_size < 0 or test_size < 0:
-        raise CorpusError(
-            f"split sizes must not be negative (valid_size={valid_size}, test_size={test_size})"
-        )
+        raise CorpusError(f"split sizes must not be negative (valid_size={valid_size}, test_size={test_size})")
     if valid_size + test_size >= n:
         raise CorpusError(
             f"corpus has {n} pairs: valid_size={valid_size} + test_size={test_size} leaves no training data"

@@ -33,26 +33,20 @@ MODEL_FILENAME = "tokenizer.model"
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
-_TOO_HIGH = re.compile(
-    r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)"
-)
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
 class Tokenizer:
     """A loaded SentencePiece model. ``encode`` does not add bos/eos: batching adds them where needed."""
 
-    def __init__(
-        self, model_bytes: bytes, path: Path | None = None, from_cache: bool = False
-    ) -> None:
+    def __init__(self, model_bytes: bytes, path: Path | None = None, from_cache: bool = False) -> None:
         self._model_bytes = model_bytes
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(model_bytes)
         except (RuntimeError, OSError) as e:
             where = path if path is not None else "tokenizer"
-            raise ModelError(
-                f"{where}: not a valid SentencePiece model ({e})"
-            ) from None
+            raise ModelError(f"{where}: not a valid SentencePiece model ({e})") from None
         #: Where the model was loaded from (``None`` if built from bytes).
         self.path = path
         #: True when :func:`train_tokenizer` found the model in its cache instead of training.
@@ -118,9 +112,7 @@ class Tokenizer:
             raise TypeError("Tokenizer.encode takes a list of texts, not one string")
         return self._sp.encode(list(texts), out_type=int, num_threads=_threads())
 
-    def encode_pairs(
-        self, pairs: Sequence[Pair]
-    ) -> tuple[list[list[int]], list[list[int]]]:
+    def encode_pairs(self, pairs: Sequence[Pair]) -> tuple[list[list[int]], list[list[int]]]:
         """Encode both sides of the pairs: ``(source_ids, target_ids)``."""
         return self.encode([p.src for p in pairs]), self.encode([p.tgt for p in pairs])
 
@@ -129,10 +121,7 @@ class Tokenizer:
 
         Accepts lists of ints or rows of an integer tensor.
         """
-        cleaned = [
-            [i for i in (int(x) for x in ids) if i not in self._strip_ids]
-            for ids in ids_batch
-        ]
+        cleaned = [[i for i in (int(x) for x in ids) if i not in self._strip_ids] for ids in ids_batch]
         return self._sp.decode(cleaned, num_threads=_threads())
 
     def id_to_piece(self, i: int) -> str:
@@ -150,9 +139,8 @@ class Tokenizer:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(
-            state["model_bytes"], path=state["path"], from_cache=state["from_cache"]
-        )  # type: ignore[misc]
+        # Tokenizer's own __init__: the state holds exactly its arguments (see __getstate__).
+        Tokenizer.__init__(self, state["model_bytes"], path=state["path"], from_cache=state["from_cache"])
 
 
 def _threads() -> int:
@@ -171,7 +159,7 @@ def _atomic_write(target: Path, data: bytes) -> None:
         raise
 
 
-def _sentences(texts_or_pairs: Iterable[str] | Iterable[Pair]) -> list[str]:
+def _sentences(texts_or_pairs: Iterable[str] | Iterable[tuple[str, str]]) -> list[str]:
     out: list[str] = []
     for item in texts_or_pairs:
         if isinstance(item, str):
@@ -179,16 +167,14 @@ def _sentences(texts_or_pairs: Iterable[str] | Iterable[Pair]) -> list[str]:
         elif isinstance(item, tuple) and len(item) == 2:
             out.extend(item)  # both sides of a pair: the vocabulary is joint
         else:
-            raise TypeError(
-                f"train_tokenizer expects strings or (src, tgt) pairs, got {type(item).__name__}"
-            )
+            raise TypeError(f"train_tokenizer expects strings or (src, tgt) pairs, got {type(item).__name__}")
     # SentencePiece treats a newline inside a sentence as an ordinary character; replace it so the
     # hash and the training see the same text as a file-based run would.
     return [s.replace("\n", " ") for s in out if s.strip()]
 
 
 def train_tokenizer(
-    texts_or_pairs: Iterable[str] | Iterable[Pair],
+    texts_or_pairs: Iterable[str] | Iterable[tuple[str, str]],  # Pairs, or any (src, tgt) tuples
     vocab_size: int,
     cache_dir: PathLike,
     model_type: str = "unigram",
@@ -211,9 +197,7 @@ def train_tokenizer(
     ``extra_options`` are passed to ``SentencePieceTrainer.train`` as they are.
     """
     if vocab_size < 5:
-        raise ValueError(
-            f"vocab_size must be at least 5 (4 special ids + 1), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be at least 5 (4 special ids + 1), got {vocab_size}")
     sentences = _sentences(texts_or_pairs)
     if not sentences:
         raise CorpusError("cannot train a tokenizer: no non-empty training sentences")
@@ -240,9 +224,7 @@ def train_tokenizer(
     cache = Path(cache_dir)
     cached = cache / f"{digest}.model"
     if cached.is_file():
-        log.info(
-            "tokenizer: using cached model %s (same training text and settings)", cached
-        )
+        log.info("tokenizer: using cached model %s (same training text and settings)", cached)
         tok = Tokenizer.load(cached)
         tok.from_cache = True
         return tok

@@ -15,9 +15,7 @@ def _int_at_least(minimum: int):  # noqa: ANN202 - attrs validator factory
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         # bool is an int subclass; True as a layer count is always a mistake in a config file.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ModelError(
-                f"ModelConfig.{attribute.name} must be an integer, got {value!r}"
-            )
+            raise ModelError(f"ModelConfig.{attribute.name} must be an integer, got {value!r}")
         if value < minimum:
             op = "> 0" if minimum == 1 else f">= {minimum}"
             raise ModelError(f"ModelConfig.{attribute.name} must be {op}, got {value}")
@@ -39,9 +37,7 @@ def _bool(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 def _activation(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value not in _ACTIVATIONS:
-        raise ModelError(
-            f"ModelConfig.{attribute.name} must be one of {', '.join(_ACTIVATIONS)}, got {value!r}"
-        )
+        raise ModelError(f"ModelConfig.{attribute.name} must be one of {', '.join(_ACTIVATIONS)}, got {value!r}")
 
 
 def _to_float(value: Any) -> Any:
@@ -77,15 +73,12 @@ class ModelConfig:
     def __attrs_post_init__(self) -> None:
         if self.d_model % self.n_heads != 0:
             raise ModelError(
-                f"ModelConfig.d_model must be divisible by n_heads, got d_model={self.d_model}, "
-                f"n_heads={self.n_heads}"
+                f"ModelConfig.d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
             )
         specials = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id}
         for name, value in specials.items():
             if value >= self.vocab_size:
-                raise ModelError(
-                    f"ModelConfig.{name} must be < vocab_size ({self.vocab_size}), got {value}"
-                )
+                raise ModelError(f"ModelConfig.{name} must be < vocab_size ({self.vocab_size}), got {value}")
         if len(set(specials.values())) != len(specials):
             raise ModelError(
                 "ModelConfig.pad_id, bos_id and eos_id must be distinct, got "
@@ -109,15 +102,8 @@ class ModelConfig:
         fields = attrs.fields_dict(cls)
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ModelError(
-                f"unknown model config key(s): {', '.join(unknown)}; "
-                f"known keys: {', '.join(fields)}"
-            )
-        missing = [
-            name
-            for name, field in fields.items()
-            if field.default is attrs.NOTHING and name not in data
-        ]
+            raise ModelError(f"unknown model config key(s): {', '.join(unknown)}; known keys: {', '.join(fields)}")
+        missing = [name for name, field in fields.items() if field.default is attrs.NOTHING and name not in data]
         if missing:
             raise ModelError(f"model config is missing key(s): {', '.join(missing)}")
         return cls(**data)

@@ -40,9 +40,7 @@ def _log_probs(model: CvmTransformer, logits: Tensor) -> Tensor:
     return logp
 
 
-def _max_steps(
-    model: CvmTransformer, src_ids: Tensor, max_len_a: float, max_len_b: int
-) -> list[int]:
+def _max_steps(model: CvmTransformer, src_ids: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
     """Per-sentence output budget (tokens incl. eos) from the non-pad source length, so a
     sentence decodes the same alone or in a padded batch; capped by the model's max_len."""
     if max_len_a < 0 or max_len_b < 0 or (max_len_a == 0 and max_len_b < 1):
@@ -79,9 +77,7 @@ def _step_logits(
     return model.decode(history, memory, src_pad_mask)[:, -1], None
 
 
-def _keep_best(
-    hyps: list[tuple[float, list[int]]], score: float, tokens: list[int], size: int
-) -> None:
+def _keep_best(hyps: list[tuple[float, list[int]]], score: float, tokens: list[int], size: int) -> None:
     """Add a finished hypothesis, keeping only the ``size`` best (ties: the earlier stays)."""
     if len(hyps) < size:
         hyps.append((score, tokens))
@@ -115,9 +111,7 @@ def greedy_decode(
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         cache = None
         for step in range(max(limits)):
-            logits, cache = _step_logits(
-                model, prev, history, memory, src_pad_mask, cache, use_cache
-            )
+            logits, cache = _step_logits(model, prev, history, memory, src_pad_mask, cache, use_cache)
             tok = _log_probs(model, logits).argmax(dim=-1)
             tok = tok.masked_fill(done, cfg.pad_id)
             history = torch.cat([history, tok[:, None]], dim=1)
@@ -139,7 +133,35 @@ def beam_search(
     max_len_b: int = 10,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Best beam-search translation of each sentence of a (B, S) batch, without bos/eos/pad.
+    """Best beam-search translation of each sentence of a (B, S) batch, without bos/eos/pad
+    (see :func:`beam_search_nbest` for the search itself)."""
+    return [
+        hyps[0] if hyps else []
+        for hyps in beam_search_nbest(
+            model,
+            src_ids,
+            beam_size,
+            1,
+            length_penalty=length_penalty,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            use_cache=use_cache,
+        )
+    ]
+
+
+def beam_search_nbest(
+    model: CvmTransformer,
+    src_ids: Tensor,
+    beam_size: int = 4,
+    nbest: int = 1,
+    length_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    use_cache: bool = True,
+) -> list[list[list[int]]]:
+    """The ``nbest`` best beam-search translations of each sentence of a (B, S) batch, best
+    first, without bos/eos/pad (``nbest <= beam_size``).
 
     Each step takes the top 2*beam_size candidates of a sentence. An eos candidate ranked
     within the top beam_size becomes a finished hypothesis scored
@@ -153,6 +175,8 @@ def beam_search(
     """
     if beam_size < 1:
         raise ModelError(f"beam_size must be > 0, got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise ModelError(f"nbest must be between 1 and beam_size ({beam_size}), got {nbest}")
     cfg = model.config
     k = beam_size
     with _eval_mode(model), torch.inference_mode():
@@ -176,9 +200,7 @@ def beam_search(
         cache = None
 
         for step in range(max(limits)):
-            logits, cache = _step_logits(
-                model, prev, history, memory, src_pad_mask, cache, use_cache
-            )
+            logits, cache = _step_logits(model, prev, history, memory, src_pad_mask, cache, use_cache)
             logp = _log_probs(model, logits)
             cand = (scores.view(-1, 1) + logp).view(batch, k * vocab)
             top_scores, top_idx = cand.topk(n_cand, dim=1)
@@ -230,14 +252,11 @@ def beam_search(
             if all(done):
                 break
 
-        results: list[list[int]] = []
+        results: list[list[list[int]]] = []
         for hyps in finished:
-            if not hyps:
-                results.append([])
-                continue
-            # max() keeps the first of equal scores, i.e. the one found earliest.
-            best = max(hyps, key=lambda h: h[0])
-            results.append(_strip(best[1], cfg.eos_id, cfg.pad_id))
+            # a stable sort keeps the first of equal scores, i.e. the one found earliest
+            ranked = sorted(hyps, key=lambda h: -h[0])[:nbest]
+            results.append([_strip(hyp, cfg.eos_id, cfg.pad_id) for _, hyp in ranked])
         return results
 
 
@@ -267,10 +286,7 @@ def score_sequences(
         logp = _log_probs(model, logits.reshape(b * t, v)).view(b, t, v)
         token_logp = logp.gather(2, tgt_out[:, :, None]).squeeze(2)
         token_logp = token_logp.masked_fill(tgt_out.eq(cfg.pad_id), 0.0)
-        return [
-            float(token_logp[i].sum()) / max(1, len(targets[i])) ** length_penalty
-            for i in range(b)
-        ]
+        return [float(token_logp[i].sum()) / max(1, len(targets[i])) ** length_penalty for i in range(b)]
 
 
 def timed_decode(model: CvmTransformer, src_ids: Tensor, steps: int) -> float:

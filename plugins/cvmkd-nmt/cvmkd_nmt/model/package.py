@@ -99,7 +99,9 @@ def update_metadata(directory: str | Path, fields: dict[str, Any]) -> dict[str, 
     return meta
 
 
-def load_package(directory: str | Path, device: str | torch.device = "cpu") -> tuple[CvmTransformer, Any, dict[str, Any]]:
+def load_package(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[CvmTransformer, Any, dict[str, Any]]:
     """Load a package written by :func:`save_package`: (model in eval mode, tokenizer, metadata)."""
     from cvmkd_nmt.data.tokenizer import Tokenizer
 
@@ -169,7 +171,4 @@ def _load_quantized(directory: Path, model: CvmTransformer, device: str | torch.
     if torch.device(device).type != "cpu" and any(
         isinstance(m, (DynamicInt8Linear, StaticInt8Linear)) for m in model.modules()
     ):
-        raise ModelError(
-            f"model package {directory}: its int8 layers run on the CPU only, "
-            f"cannot load it on {device}"
-        )
+        raise ModelError(f"model package {directory}: its int8 layers run on the CPU only, cannot load it on {device}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,7 @@ from cvmkd_nmt.model.config import ModelConfig
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     """The (max_len, d_model) sin/cos table of Vaswani et al. (sin on even, cos on odd dims)."""
     position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
-    inv_freq = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model)
-    )
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
     table = torch.zeros(max_len, d_model, dtype=torch.float64)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
@@ -144,9 +144,7 @@ class DecoderLayer(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        x = x + self.dropout(
-            self.self_attn.attend(h, k, v, attn_mask=self_mask, is_causal=self_causal)
-        )
+        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=self_mask, is_causal=self_causal))
         h = self.cross_attn_norm(x)
         x = x + self.dropout(self.cross_attn.attend(h, cross_k, cross_v, attn_mask=cross_mask))
         return x + self.dropout(self.ff(self.ff_norm(x))), (k, v)
@@ -193,6 +191,10 @@ class CvmTransformer(nn.Module):
     src_embed``), so a state dict holds three keys that alias one tensor.
     """
 
+    # a buffer (registered in __init__), declared for type checkers: nn.Module's __getattr__
+    # types every buffer as ``Tensor | Module``
+    positions: Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -206,16 +208,10 @@ class CvmTransformer(nn.Module):
         self.embed_scale = math.sqrt(d)
         self.embed_dropout = nn.Dropout(config.dropout)
         # A buffer, not a parameter: max_len costs no weights and is not saved in checkpoints.
-        self.register_buffer(
-            "positions", sinusoidal_positions(config.max_len, d), persistent=False
-        )
-        self.encoder_layers = nn.ModuleList(
-            EncoderLayer(config) for _ in range(config.n_encoder_layers)
-        )
+        self.register_buffer("positions", sinusoidal_positions(config.max_len, d), persistent=False)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(config) for _ in range(config.n_decoder_layers)
-        )
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.reset_parameters()
 
@@ -246,9 +242,7 @@ class CvmTransformer(nn.Module):
 
     def _check_ids(self, ids: Tensor, what: str) -> None:
         if ids.dim() != 2:
-            raise ModelError(
-                f"{what} must be a (batch, length) tensor, got shape {tuple(ids.shape)}"
-            )
+            raise ModelError(f"{what} must be a (batch, length) tensor, got shape {tuple(ids.shape)}")
         if ids.dtype != torch.long:
             raise ModelError(f"{what} must hold int64 token ids, got {ids.dtype}")
         if ids.size(1) > self.config.max_len:
@@ -286,6 +280,10 @@ class CvmTransformer(nn.Module):
             return None
         return _key_keep_mask(src_pad_mask)
 
+    def _decoders(self) -> Iterable[DecoderLayer]:
+        # decoder_layers holds only DecoderLayers (built in __init__); ModuleList types them as Module
+        return cast("Iterable[DecoderLayer]", self.decoder_layers)
+
     def decode(self, tgt_in_ids: Tensor, memory: Tensor, src_pad_mask: Tensor | None) -> Tensor:
         """Full (teacher-forced) decoder pass: (B, T) target inputs -> (B, T, V) logits."""
         self._check_ids(tgt_in_ids, "target")
@@ -305,7 +303,7 @@ class CvmTransformer(nn.Module):
             self_mask, causal_flag = None, True
         cross_mask = self._cross_mask(src_pad_mask)
         x = self._embed(self.tgt_embed, tgt_in_ids)
-        for layer in self.decoder_layers:
+        for layer in self._decoders():
             cross_k, cross_v = layer.cross_attn.project_kv(memory)
             x, _ = layer(x, cross_k, cross_v, cross_mask, self_mask, causal_flag)
         return self.output_proj(self.decoder_norm(x))
@@ -328,15 +326,13 @@ class CvmTransformer(nn.Module):
             cache = DecoderCache()
         pos = cache.length
         if pos >= self.config.max_len:
-            raise ModelError(
-                f"cannot decode position {pos}: the model's max_len is {self.config.max_len}"
-            )
+            raise ModelError(f"cannot decode position {pos}: the model's max_len is {self.config.max_len}")
         first = not cache.cross_k
         if first:
             cache.cross_mask = self._cross_mask(src_pad_mask)
         cross_mask = cache.cross_mask
         x = self._embed(self.tgt_embed, ids, start=pos)
-        for i, layer in enumerate(self.decoder_layers):
+        for i, layer in enumerate(self._decoders()):
             if first:
                 cross_k, cross_v = layer.cross_attn.project_kv(memory)
                 cache.cross_k.append(cross_k)

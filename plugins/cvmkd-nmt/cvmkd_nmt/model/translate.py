@@ -81,6 +81,44 @@ def translate(
     return results
 
 
+def translate_nbest(
+    model: Any,
+    tokenizer: Any,
+    sources: list[str],
+    *,
+    beam_size: int,
+    nbest: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+) -> list[list[str]]:
+    """The ``nbest`` best beam-search translations of each of ``sources``, best first."""
+    from cvmkd_nmt.data.batching import pad_rows
+    from cvmkd_nmt.model.decoding import beam_search_nbest
+
+    device = torch.device(device)
+    encoded = encode_sources(tokenizer, sources, model.config.max_len)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: list[list[str]] = [[] for _ in sources]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src = pad_rows([encoded[i] for i in chunk], tokenizer.pad_id).to(device)
+            with torch.inference_mode(), autocast(device, precision):
+                lists = beam_search_nbest(
+                    model, src, beam_size=beam_size, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b
+                )
+            for i, hyps in zip(chunk, lists):
+                results[i] = tokenizer.decode(hyps) if hyps else [""]
+    finally:
+        model.train(was_training)
+    return results
+
+
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for line in lines:
@@ -92,14 +130,20 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _translate_lines(model: Any, tokenizer: Any, lines: list[str], args: argparse.Namespace, device: torch.device) -> list[str]:
+def _translate_lines(
+    model: Any, tokenizer: Any, lines: list[str], args: argparse.Namespace, device: torch.device
+) -> list[str]:
     """Translations of ``lines``; an empty line stays empty (nothing to translate)."""
     todo = [i for i, line in enumerate(lines) if line.strip()]
     outputs = [""] * len(lines)
     if todo:
         done = translate(
-            model, tokenizer, [lines[i].strip() for i in todo],
-            beam_size=args.beam_size, batch_size=args.batch_size, device=device,
+            model,
+            tokenizer,
+            [lines[i].strip() for i in todo],
+            beam_size=args.beam_size,
+            batch_size=args.batch_size,
+            device=device,
         )
         for i, text in zip(todo, done):
             outputs[i] = text.replace("\n", " ")
@@ -159,6 +203,11 @@ def translate_command(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     log.info(
         "translated %d lines in %.2fs with %s (%s, beam %d, batch %d)",
-        count, seconds, args.model, scheme, args.beam_size, args.batch_size,
+        count,
+        seconds,
+        args.model,
+        scheme,
+        args.beam_size,
+        args.batch_size,
     )
     return 0

@@ -50,7 +50,9 @@ class SentenceMetric(Protocol):
     """A metric whose corpus score is the mean of sentence scores (ROUGE, BERTScore); validation
     calls ``sentence_scores`` instead of ``score`` and keeps them for its paired test."""
 
-    def sentence_scores(self, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, list[float]]: ...
+    def sentence_scores(
+        self, hypotheses: list[str], references: list[str], sources: list[str]
+    ) -> dict[str, list[float]]: ...
 
 
 @runtime_checkable
@@ -129,7 +131,9 @@ def composite_weights(configured: Mapping[str, float], specs: Mapping[str, Score
     return {k: float(w) for k, w in configured.items() if w > 0}
 
 
-def composite(scores: Mapping[str, float], weights: Mapping[str, float], specs: Mapping[str, ScoreSpec]) -> float | None:
+def composite(
+    scores: Mapping[str, float], weights: Mapping[str, float], specs: Mapping[str, ScoreSpec]
+) -> float | None:
     """Weighted mean of the normalised scores, on 0-100; None when a weighted score is missing."""
     total = sum(weights.values())
     if total <= 0 or any(k not in scores for k in weights):
@@ -137,7 +141,9 @@ def composite(scores: Mapping[str, float], weights: Mapping[str, float], specs: 
     return 100.0 * sum(w * specs[k].normalise(scores[k]) for k, w in weights.items()) / total
 
 
-def retention(student: Mapping[str, float], teacher: Mapping[str, float], specs: Mapping[str, ScoreSpec]) -> dict[str, float | None]:
+def retention(
+    student: Mapping[str, float], teacher: Mapping[str, float], specs: Mapping[str, ScoreSpec]
+) -> dict[str, float | None]:
     """Per key, the student's normalised score over the teacher's: 1.0 means "as good as the
     teacher", for TER as for BLEU. None where the teacher's normalised score is 0."""
     shares: dict[str, float | None] = {}

@@ -1,0 +1,144 @@
+"""Sequence-level knowledge distillation (Kim & Rush, 2016): the teacher translates the training
+sources once, and the student trains on those translations instead of the references, or on both.
+With an n-best list the hypothesis closest to the reference (sentence chrF) is kept: Kim & Rush's
+sequence-level interpolation.
+
+The translations are cached on disk under a key of everything they depend on (the teacher's
+weights, the tokenizer, the sources, the decoding settings), written in chunks, so an interrupted
+pass resumes at the first missing chunk and a later run with the same teacher reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cvmkd_core.config import gt, one_of
+from cvmkd_core.files import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("cvmkd")
+
+#: bump when cached translations can no longer be trusted to match (decoding changed meaning)
+CACHE_VERSION = "1"
+
+
+@attrs.frozen
+class SequenceKDConfig:
+    """``[distill.sequence]``: what the student trains on."""
+
+    targets: str = attrs.field(default="reference", validator=one_of("reference", "teacher", "both"))
+    """reference: the corpus (word-level KD only); teacher: the teacher's translations of the
+    training sources (sequence-level KD); both: each source twice, with either target"""
+    beam_size: int = attrs.field(default=1, validator=gt(0))
+    """the teacher's beam; 1: greedy"""
+    nbest: int = attrs.field(default=1, validator=gt(0))
+    """> 1: keep, of the teacher's n best, the one closest to the reference (sentence chrF)"""
+    batch_size: int = attrs.field(default=64, validator=gt(0))
+    chunk_size: int = attrs.field(default=2000, validator=gt(0))
+    """sentences per cache file: how much an interrupted pass can lose"""
+
+    def __attrs_post_init__(self) -> None:
+        from cvmkd_core.config import ConfigValueError
+
+        if self.nbest > self.beam_size:
+            raise ConfigValueError(f"nbest ({self.nbest}) must not exceed beam_size ({self.beam_size})")
+
+
+def cache_key(
+    weights: str, tokenizer: str, sources: list[str], references: list[str], config: SequenceKDConfig, settings: str
+) -> str:
+    """What the teacher's translations depend on; references count only when they choose among the n best."""
+    digest = hashlib.sha256()
+    for part in (CACHE_VERSION, weights, tokenizer, settings, str(config.beam_size), str(config.nbest)):
+        digest.update(part.encode() + b"\0")
+    for text in sources:
+        digest.update(text.encode() + b"\n")
+    if config.nbest > 1:
+        for text in references:
+            digest.update(text.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def closest(hypotheses: list[str], reference: str) -> str:
+    """The hypothesis with the best sentence chrF against ``reference`` (the first of equals)."""
+    from sacrebleu.metrics import CHRF
+
+    if len(hypotheses) == 1:
+        return hypotheses[0]
+    chrf = CHRF()
+    scores = [chrf.sentence_score(h, [reference]).score for h in hypotheses]
+    return hypotheses[max(range(len(scores)), key=lambda i: (scores[i], -i))]
+
+
+def teacher_targets(
+    translate: Callable[[list[str]], list[list[str]]],
+    sources: list[str],
+    references: list[str],
+    config: SequenceKDConfig,
+    directory: Path,
+) -> tuple[list[str], dict[str, Any]]:
+    """The teacher's translation of every source, from the cache in ``directory`` where it has
+    them, translating (``translate(batch) -> n-best lists``) and caching the missing chunks."""
+    started = time.perf_counter()
+    chunks = [(i, min(i + config.chunk_size, len(sources))) for i in range(0, len(sources), config.chunk_size)]
+    out: list[str] = []
+    reused = translated = 0
+    for index, (start, end) in enumerate(chunks):
+        path = directory / f"chunk_{index:05d}.txt"
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
+        if len(lines) == end - start:
+            out.extend(lines)
+            reused += len(lines)
+            continue
+        nbest = translate(sources[start:end])
+        chosen = [closest(hyps, ref) for hyps, ref in zip(nbest, references[start:end])]
+        atomic_write_text(path, "".join(h.replace("\n", " ") + "\n" for h in chosen))
+        out.extend(chosen)
+        translated += len(chosen)
+        seconds = time.perf_counter() - started
+        done = end
+        log.info(
+            "teacher translations for sequence-level KD: %d/%d sentences (%.0f%%), %.0fs, about %.0fs left",
+            done,
+            len(sources),
+            100 * done / len(sources),
+            seconds,
+            seconds / max(translated, 1) * (len(sources) - done),
+        )
+    seconds = round(time.perf_counter() - started, 1)
+    info = {
+        "path": str(directory),
+        "sentences": len(out),
+        "reused": reused,
+        "translated": translated,
+        "seconds": seconds,
+        "beam_size": config.beam_size,
+        "nbest": config.nbest,
+        "targets": config.targets,
+        "empty": sum(1 for h in out if not h.strip()),
+    }
+    atomic_write_json(directory / "info.json", info)
+    return out, info
+
+
+def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig) -> Any:
+    """``data`` training on the teacher's translations (``teacher``; the reference where the
+    teacher gave nothing) or on both (``both``)."""
+    tokenizer = data.tokenizer
+    teacher_ids = tokenizer.encode(hypotheses)
+    teacher_ids = [ids if ids else ref for ids, ref in zip(teacher_ids, data.train_tgt)]
+    digest = hashlib.sha256("\n".join(hypotheses).encode()).hexdigest()[:16]
+    if config.targets == "teacher":
+        return attrs.evolve(data, train_tgt=teacher_ids, targets=f"teacher:{digest}")
+    return attrs.evolve(
+        data,
+        train_src=data.train_src + data.train_src,
+        train_tgt=data.train_tgt + teacher_ids,
+        targets=f"both:{digest}",
+    )

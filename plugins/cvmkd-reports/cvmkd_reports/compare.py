@@ -1,0 +1,155 @@
+"""``cvmkd compare RUN_DIR RUN_DIR [...]``: finished runs side by side on the same test split.
+
+Each run's test split (``test.src``, ``test.ref``) and its student's translations
+(``test.student.hyp``) are read from its directory; runs tested on different sentences are
+refused. For each run: every test score (``evaluation.json``), parameters, file size and CPU
+speed, retention of its teacher, and a paired bootstrap p-value of each score with a paired test
+(BLEU, chrF, TER) against the first run, computed again from the translations by the metric
+plugins themselves. Markdown on stdout; with ``--out DIR`` also ``compare.md`` and
+``compare.json`` there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cvmkd_core.errors import CvmkdError, RunDirError
+from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_validation.metrics import PairedTestMetric
+
+
+class CompareError(CvmkdError):
+    """Runs that cannot be compared."""
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def _run(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise RunDirError(f"no run directory at {path}")
+    files = {name: path / name for name in ("test.src", "test.ref", "test.student.hyp", "evaluation.json")}
+    missing = [name for name, file in files.items() if not file.is_file()]
+    if missing:
+        raise CompareError(
+            f"{path}: no {', '.join(missing)}: only a finished run that scored a test split can be compared "
+            "(runs made before cvmkd wrote its test translations cannot)"
+        )
+    evaluation = json.loads(files["evaluation.json"].read_text(encoding="utf-8"))
+    student = evaluation.get("student") or {}
+    models = evaluation.get("models") or {}
+    return {
+        "path": str(path),
+        "sources": _lines(files["test.src"]),
+        "references": _lines(files["test.ref"]),
+        "hypotheses": _lines(files["test.student.hyp"]),
+        "scores": student.get("scores") or {},
+        "teacher_scores": (evaluation.get("teacher") or {}).get("scores") or {},
+        "retention": evaluation.get("retention") or {},
+        "size": models.get("student") or {},
+    }
+
+
+def _same_test_set(first: dict[str, Any], other: dict[str, Any]) -> None:
+    for what in ("sources", "references"):
+        a, b = first[what], other[what]
+        if a != b:
+            where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise CompareError(
+                f"{other['path']} was tested on other sentences than {first['path']}: "
+                f"{what} differ at line {where + 1} ({len(b)} vs {len(a)} sentences); compare runs of the same test split"
+            )
+
+
+def compare(paths: list[Path], registry: Any, samples: int = 1000) -> dict[str, Any]:
+    """The comparison of the runs at ``paths``, the first being the baseline."""
+    if len(paths) < 2:
+        raise CompareError("give at least two run directories to compare")
+    runs = [_run(p) for p in paths]
+    for other in runs[1:]:
+        _same_test_set(runs[0], other)
+    metrics = []
+    for name in ("bleu", "chrf", "ter"):  # each with its default settings, as runs score by default
+        if name in registry.names("metric"):
+            component = registry.get("metric", name)
+            metrics.append(
+                component.factory(component.config()) if component.config is not None else component.factory()
+            )
+    base = runs[0]
+    for run in runs:
+        run["p_values"] = {}
+        if run is base:
+            continue
+        for metric in metrics:
+            if isinstance(metric, PairedTestMetric):
+                tested = metric.paired_test(
+                    base["hypotheses"], run["hypotheses"], base["references"], base["sources"], samples=samples
+                )
+                run["p_values"].update({k: v.get("p_value") for k, v in tested.items()})
+    keys = list(dict.fromkeys(k for run in runs for k in run["scores"]))
+    return {
+        "baseline": base["path"],
+        "sentences": len(base["sources"]),
+        "samples": samples,
+        "keys": keys,
+        "runs": [{k: v for k, v in run.items() if k not in ("sources", "references", "hypotheses")} for run in runs],
+    }
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    keys = result["keys"]
+    lines = [
+        f"# Comparison on the same {result['sentences']} test sentences",
+        "",
+        f"Baseline: `{result['baseline']}`. p: paired bootstrap ({result['samples']} resamples) against it.",
+        "",
+        "| run | " + " | ".join(keys) + " | retention (composite) | parameters | file MB | tokens/s, batch 32 |",
+        "|---|" + "---|" * (len(keys) + 4),
+    ]
+    base = result["runs"][0]["scores"]
+    for run in result["runs"]:
+        cells = []
+        for key in keys:
+            value = run["scores"].get(key)
+            text = _number(value)
+            if run is not result["runs"][0] and isinstance(value, (int, float)) and key in base:
+                text += f" ({value - base[key]:+.2f}"
+                p = run["p_values"].get(key)
+                text += f", p={p:.3f})" if isinstance(p, (int, float)) else ")"
+            cells.append(text)
+        size = run["size"]
+        retention = run["retention"].get("composite")
+        parameters = size.get("parameters")
+        file_bytes = size.get("file_bytes")
+        speed = (size.get("throughput") or {}).get("tokens_per_second")
+        lines.append(
+            f"| `{run['path']}` | "
+            + " | ".join(cells)
+            + f" | {_number(100 * retention, 1) + '%' if isinstance(retention, (int, float)) else '–'}"
+            + f" | {f'{parameters:,}' if isinstance(parameters, int) else '–'}"
+            + f" | {_number(file_bytes / 1e6) if isinstance(file_bytes, int) else '–'}"
+            + f" | {_number(speed, 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def compare_command(args: Any) -> int:
+    from cvmkd_core.plugins import build_plugins
+
+    plugins = build_plugins()
+    result = compare([Path(p) for p in args.run_dirs], plugins.registry, samples=args.samples)
+    text = markdown(result)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "compare.md", text)
+        atomic_write_json(out / "compare.json", result)
+    return 0

@@ -1,0 +1,77 @@
+"""``cvmkd compare``: two tiny distillations side by side on the same test split, with p-values
+computed again from their translations; runs tested on other sentences are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvmkd_core.cli import main
+from cvmkd_core.session import open_session, run_session
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compare")
+    write_tiny_corpus(root)
+    recipe = TINY_KD_RECIPE.replace('cache_dir = "cache"', f'cache_dir = "{root / "cache"}"').replace(
+        'train = "corpus.tsv"', f'train = "{root / "corpus.tsv"}"'
+    )
+    (root / "recipe.toml").write_text(recipe)
+    torch.set_num_threads(1)
+    dirs = []
+    for name, loss in (("kd", "kd"), ("ce", "ce")):
+        summary, run_dir = run_session(
+            open_session(
+                root / "recipe.toml",
+                [f"run.name={name}", f"run.output_dir={root / 'runs'}", f"distill.loss.name={loss}"],
+            )
+        )
+        assert summary.status == "completed"
+        dirs.append(run_dir)
+    return dirs[0], dirs[1]
+
+
+def test_runs_are_compared_on_the_same_sentences(two_runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kd, ce = two_runs
+    assert main(["compare", str(ce), str(kd), "--out", str(tmp_path / "out"), "--samples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Comparison on the same 8 test sentences")
+    assert f"`{ce}`" in out and f"`{kd}`" in out and "p=" in out
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["baseline"] == str(ce) and result["sentences"] == 8
+    first, second = result["runs"]
+    evaluation = json.loads((kd / "evaluation.json").read_text())
+    assert second["scores"] == evaluation["student"]["scores"]
+    assert first["p_values"] == {} and set(second["p_values"]) == {"bleu", "chrf", "ter"}
+    assert all(0 < p <= 1 for p in second["p_values"].values())
+    assert (tmp_path / "out" / "compare.md").read_text() == out
+    # the test split's text files hold what the run scored
+    lines = (kd / "test.src").read_text().splitlines()
+    assert len(lines) == 8 == len((kd / "test.student.hyp").read_text().splitlines())
+
+
+def test_runs_tested_on_other_sentences_are_refused(
+    two_runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kd, ce = two_runs
+    other = tmp_path / "other"
+    shutil.copytree(kd, other)
+    refs = (other / "test.ref").read_text().splitlines()
+    refs[2] = "something else entirely"
+    (other / "test.ref").write_text("\n".join(refs) + "\n")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    assert main(["compare", str(ce), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {other} was tested on other sentences than {ce}: references differ at line 3 "
+        "(8 vs 8 sentences); compare runs of the same test split\n"
+    )
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    assert main(["compare", str(ce)]) == 2
+    assert capsys.readouterr().err == "error: give at least two run directories to compare\n"
