@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,6 +27,7 @@ KINDS: tuple[str, ...] = (
     "logger",
     "trainer",
     "section",
+    "package",
 )
 
 
@@ -151,6 +153,12 @@ class Registrar:
     def trainer(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
         """A trainer: builds models and data at run start and performs the step."""
         self._add("trainer", name, factory, config)
+
+    def package(self, name: str, path: str | Path) -> None:
+        """A model shipped with the plugin (a pre-trained teacher): a folder accepted by name
+        wherever a model folder is (``[teacher] checkpoint = "bible-fr-en"``)."""
+        folder = Path(path)
+        self._add("package", name, lambda: folder, None)
 
     def section(self, name: str, config: type) -> None:
         """A top-level recipe table this plugin owns (``[teacher]``, ``[tokenizer]``): structured

@@ -502,7 +502,7 @@ CASES: list[Case] = [
     Case(
         "teacher-package-missing",
         kd("--set", "teacher.checkpoint=nopkg"),
-        "error: no such tokenizer model: nopkg/tokenizer.model (no folder nopkg)",
+        "error: no model package at nopkg, and no registered model named 'nopkg' (none installed)",
         2,
         kd=True,
     ),
@@ -531,7 +531,12 @@ CASES: list[Case] = [
         setup=(_package("pkg", _swap_tokenizer),),
     ),
     # --- cvmkd translate: model packages and options ---
-    Case("translate-package-missing", ["translate", "--model", "nopkg"], "error: no model package at nopkg", 2),
+    Case(
+        "translate-package-missing",
+        ["translate", "--model", "nopkg"],
+        "error: no model package at nopkg, and no registered model named 'nopkg' (none installed)",
+        2,
+    ),
     Case(
         "translate-weights-truncated",
         ["translate", "--model", "pkg", "-i", "in.txt", "-o", "runs/earlier/train.jsonl"],

@@ -14,7 +14,7 @@ class TeacherConfig:
     """``[teacher]``: load a teacher, or train one (cached, so later runs reuse it)."""
 
     checkpoint: str = ""
-    """a teacher model package (a run's ``model/`` folder); empty: train a teacher or reuse the cached one"""
+    """a teacher model package (a run's ``model/`` folder) or the name of an installed one (``bible-fr-en``); empty: train a teacher or reuse the cached one"""
     model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "teacher-cpu"}))  # type: ignore[valid-type]
     steps: int = attrs.field(default=2000, validator=gt(0))
     validate_every: int = attrs.field(default=1000, validator=gt(0))

@@ -66,6 +66,9 @@ class KDTrainer(Seq2SeqTrainer):
         recipe = state.recipe
         checkpoint = recipe.section("teacher").checkpoint
         if checkpoint:
+            from cvmkd_nmt.model.package import resolve_package
+
+            checkpoint = str(resolve_package(checkpoint, state.registry))
             # the student must speak the teacher's vocabulary: use the teacher's tokenizer
             from cvmkd_nmt.model.package import TOKENIZER
 

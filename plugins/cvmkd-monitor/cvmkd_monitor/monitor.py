@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cvmkd_core.errors import CvmkdError, RunDirError
-from cvmkd_core.rundir import RunFiles
+from cvmkd_core.rundir import DEFAULT_TRAIN_LOG, RECIPE_FILE, RunFiles
 
 #: bytes of train.jsonl parsed when a log is first opened; doubled until it holds enough steps
 TAIL_BYTES = 64 * 1024
@@ -683,7 +683,7 @@ def check_run_dir(path: Path) -> None:
         raise RunDirError(f"no run directory at {path}")
     if not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory")
-    if not any((path / name).exists() for name in ("recipe.toml", "train.jsonl", "teacher")):
+    if not any((path / name).exists() for name in (RECIPE_FILE, DEFAULT_TRAIN_LOG, "teacher")):
         raise RunDirError(f"{path} is not a run directory: it holds no recipe.toml, train.jsonl or teacher/")
 
 

@@ -402,24 +402,30 @@ def test_follow_shows_a_run_being_written_and_exits_when_it_ends(tmp_path: Path)
     (run / "recipe.toml").write_text(RECIPE.replace("steps = 1000", "steps = 60", 1))
     log, out_file, errors = run / "train.jsonl", tmp_path / "monitor.out", []
 
+    def wait_for(text: str) -> None:
+        """Until the monitor has printed ``text``: the writer paces itself on what the monitor
+        saw, so the outcome does not depend on how fast either process runs."""
+        deadline = time.time() + 60
+        while text not in out_file.read_text() and time.time() < deadline:
+            time.sleep(0.02)
+
     def write_run() -> None:
         try:
-            deadline = time.time() + 30
-            while "waiting for the first step" not in out_file.read_text() and time.time() < deadline:
-                time.sleep(0.02)  # the monitor has started and seen the run before its first step
+            wait_for("waiting for the first step")  # the monitor has seen the run before its first step
             with open(log, "a") as handle:
                 handle.write(_line({"event": "run_start", "time": time.time(), "step": 0, "total_steps": 60}))
                 handle.flush()
                 for step in range(1, 61):
-                    time.sleep(0.04)
                     text = _line(_step(step, time.time()))
-                    handle.write(text[:20])  # half a line now, the rest a moment later
+                    handle.write(text[:20])  # half a line now, the rest after a refresh may have read it
                     handle.flush()
-                    time.sleep(0.01)
+                    if step % 20 == 0:
+                        wait_for(f"step {step - 1}/60")  # it shows the last whole line, not the half one
                     handle.write(text[20:])
                     handle.flush()
+                    if step % 20 == 0:
+                        wait_for(f"step {step}/60")
                 handle.write(_line({"event": "run_end", "time": time.time(), "status": "completed", "step": 60}))
-            time.sleep(0.3)
             atomic_write_json(run / "summary.json", {"status": "completed", "final_step": 60, "wall_seconds": 3.5})
         except BaseException as exc:  # pragma: no cover - reported by the assertion below
             errors.append(exc)

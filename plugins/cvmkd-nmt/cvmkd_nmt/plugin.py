@@ -159,7 +159,10 @@ def cvmkd_register(register: Any) -> None:
 
 def _translate_arguments(parser: Any) -> None:
     parser.add_argument(
-        "--model", required=True, metavar="DIR", help="a model package: runs/NAME/model or runs/NAME/model-SCHEME"
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="a model package (runs/NAME/model, runs/NAME/model-SCHEME) or the name of an installed one",
     )
     parser.add_argument("--input", "-i", default="-", metavar="FILE", help="one sentence per line (default: stdin)")
     parser.add_argument(

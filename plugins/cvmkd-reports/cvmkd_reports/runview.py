@@ -39,6 +39,7 @@ from cvmkd_core.errors import (
     one_line,
 )
 from cvmkd_core.files import atomic_write_json
+from cvmkd_core.rundir import DEFAULT_TRAIN_LOG, RECIPE_FILE, SUMMARY_FILE, RunFiles
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,9 +50,6 @@ log = logging.getLogger("cvmkd")
 
 #: the folder reports are written to by default, in the run directory
 REPORTS_DIR = "reports"
-SUMMARY_FILE = "summary.json"
-RECIPE_FILE = "recipe.toml"
-DEFAULT_TRAIN_LOG = "train.jsonl"
 #: at least one of these makes a folder a run directory
 RUN_MARKERS = (RECIPE_FILE, SUMMARY_FILE, DEFAULT_TRAIN_LOG)
 #: the weights file of a model package
@@ -180,17 +178,9 @@ class RunView:
 
     @property
     def train_log_name(self) -> str:
-        """The JSONL logger's file (``[[loggers]] name = "jsonl" file = ...``), else train.jsonl."""
-        loggers = (self.recipe or {}).get("loggers")
-        if isinstance(loggers, list):
-            for logger in loggers:
-                if (
-                    isinstance(logger, Mapping)
-                    and logger.get("name") == "jsonl"
-                    and isinstance(logger.get("file"), str)
-                ):
-                    return logger["file"]
-        return DEFAULT_TRAIN_LOG
+        """The JSONL logger's file (``[[loggers]] name = "jsonl" file = ...``), else train.jsonl:
+        the layout every reader of runs shares (:class:`cvmkd_core.rundir.RunFiles`)."""
+        return RunFiles(self.path).train_log(self.recipe or {}).relative_to(self.path).as_posix()
 
     def _read_train_log(self) -> None:
         for record in self._read_jsonl(self.train_log_name) or []:

@@ -36,3 +36,26 @@ def toy_plugins() -> Plugins:
 @pytest.fixture
 def toy_hook_file(write: Callable[[str, str], Path]) -> Path:
     return write("toy_hooks.py", TOY_HOOK_FILE)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny teacher package for the whole test run (made once): the ``tiny`` preset on a
+    tokenizer of :func:`~cvmkd_testing.write_tiny_corpus`'s corpus, written by ``save_package``.
+    Its weights are untrained: tests of plumbing (loading, naming, distilling from it) need a
+    real package, not a good one. ``corpus.tsv`` lies beside the package folder."""
+    import torch
+
+    from cvmkd_nmt.data.tokenizer import train_tokenizer
+    from cvmkd_nmt.model.package import save_package
+    from cvmkd_nmt.model.presets import preset
+    from cvmkd_nmt.model.transformer import CvmTransformer
+    from cvmkd_testing import write_tiny_corpus
+
+    root = tmp_path_factory.mktemp("tiny-teacher")
+    corpus = write_tiny_corpus(root)
+    pairs = [tuple(line.split("\t")) for line in corpus.read_text().splitlines()]
+    tokenizer = train_tokenizer(pairs, vocab_size=40, cache_dir=root / "tokenizers")
+    torch.manual_seed(0)
+    model = CvmTransformer(preset("tiny", vocab_size=tokenizer.vocab_size))
+    return save_package(root / "package", model, tokenizer, {"role": "teacher"})

@@ -99,6 +99,19 @@ def update_metadata(directory: str | Path, fields: dict[str, Any]) -> dict[str, 
     return meta
 
 
+def resolve_package(reference: str | Path, registry: Any = None) -> Path:
+    """The folder of a model package given as a path, or as the name a plugin registered it
+    under (``register.package("bible-fr-en", folder)``); a path that exists wins."""
+    path = Path(reference)
+    if path.exists() or registry is None or len(path.parts) != 1:  # a folder path, not a name
+        return path
+    names = registry.names("package")
+    if str(reference) in names:
+        return Path(registry.get("package", str(reference)).factory())
+    known = ", ".join(names) or "none installed"
+    raise ModelError(f"no model package at {reference}, and no registered model named {str(reference)!r} ({known})")
+
+
 def load_package(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CvmTransformer, Any, dict[str, Any]]:

@@ -154,8 +154,9 @@ def translate_command(args: argparse.Namespace) -> int:
     """``cvmkd translate --model DIR [--input FILE] [--output FILE] [--batch-size N] [--beam-size N]``:
     one translation per input line, in order. A file output is written to a temporary file and
     renamed when complete, so an error never leaves a partial or clobbered file."""
+    from cvmkd_core.plugins import build_plugins
     from cvmkd_nmt.hardware import resolve_device
-    from cvmkd_nmt.model.package import load_package
+    from cvmkd_nmt.model.package import load_package, resolve_package
 
     for option, value in (("--batch-size", args.batch_size), ("--beam-size", args.beam_size)):
         if value < 1:
@@ -165,7 +166,8 @@ def translate_command(args: argparse.Namespace) -> int:
     if args.output != "-" and Path(args.output).is_dir():
         raise CvmkdError(f"--output {args.output}: is a directory")
     device = resolve_device(args.device)
-    model, tokenizer, metadata = load_package(args.model, device)
+    folder = resolve_package(args.model, build_plugins().registry)  # a folder, or a registered name
+    model, tokenizer, metadata = load_package(folder, device)
     scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
     scheme = "fp32" if scheme == "none" else scheme
     started = time.perf_counter()
