@@ -158,6 +158,11 @@ def _report_arguments(parser: Any) -> None:
         help="a reporter to run; repeatable (default: the run recipe's [[reports]], else every installed reporter)",
     )
     parser.add_argument("--out", metavar="DIR", help="write here instead of RUN_DIR/reports")
+    parser.add_argument(
+        "--baseline",
+        metavar="RUN_DIR",
+        help="a control run (trained without the teacher) on the same test split: the report shows the gain over it",
+    )
     parser.add_argument("--plugin", dest="hook_files", action="append", default=[], metavar="FILE")
 
 

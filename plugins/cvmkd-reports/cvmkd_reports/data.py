@@ -561,10 +561,36 @@ def run_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     }
 
 
+def baseline_section(run: RunView) -> dict[str, Any] | None:
+    """The gain over a control run (``cvmkd report --baseline``): per test score, the control's
+    value, this run's, the difference and its paired bootstrap p-value."""
+    if run.baseline is None:
+        return None
+    control, this = run.baseline["runs"][0], run.baseline["runs"][1]
+    rows = []
+    for key in run.baseline["keys"]:
+        before, after = control["scores"].get(key), this["scores"].get(key)
+        rows.append(
+            {
+                "key": key,
+                "control": before,
+                "run": after,
+                "gain": after - before if is_number(before) and is_number(after) else None,
+                "p_value": this["p_values"].get(key),
+            }
+        )
+    return {
+        "control": control["path"],
+        "sentences": run.baseline["sentences"],
+        "samples": run.baseline["samples"],
+        "rows": rows,
+    }
+
+
 def gather(run: RunView, *, examples: int = 5) -> dict[str, Any]:
     """Everything a report shows, as plain data (memoised on the view: every writer of one set of
     reports shares it)."""
-    memo_key = ("cvmkd_reports.data", examples)
+    memo_key = ("cvmkd_reports.data", examples, run.baseline is not None)
     if memo_key in run.memo:
         return run.memo[memo_key]
     notes: list[str] = []
@@ -574,6 +600,7 @@ def gather(run: RunView, *, examples: int = 5) -> dict[str, Any]:
         "run": run_part,
         "gate": gate_section(run, notes),
         "models": models_section(run, notes),
+        "baseline": baseline_section(run),
         "validation": validation_section(run, notes),
         "analysis": analysis_section(run, notes, examples),
         "hyperparameters": [[key, value] for key, value in run.recipe_items()],

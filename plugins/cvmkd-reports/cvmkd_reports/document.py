@@ -603,6 +603,33 @@ def notes_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) -> list
     return [heading("What this report lacks", 2, "missing"), {"type": "list", "items": notes}]
 
 
+def baseline_blocks(data: dict[str, Any]) -> list[Block]:
+    """The gain over training without the teacher, when the report was given a control run."""
+    section = data.get("baseline")
+    if not section:
+        return []
+    rows = [
+        [
+            score_label(r["key"]),
+            fmt_score(r["control"]),
+            fmt_score(r["run"]),
+            cell(
+                fmt_delta(r["gain"]), mark="good" if isinstance(r["p_value"], float) and r["p_value"] < 0.05 else None
+            ),
+            fmt_p(r["p_value"]),
+        ]
+        for r in section["rows"]
+    ]
+    return [
+        heading("Gain over training without the teacher", anchor="baseline"),
+        para(
+            f"Against the control run `{section['control']}` on the same {section['sentences']} test sentences; "
+            f"p: paired bootstrap ({section['samples']} resamples), for the scores with a paired test."
+        ),
+        table(["score", "without the teacher", "this run", "gain", "p"], rows),
+    ]
+
+
 def build(data: dict[str, Any], plots: list[dict[str, Any]]) -> list[Block]:
     """The whole report, in order."""
     by_name = {p["name"]: p for p in plots}
@@ -610,6 +637,7 @@ def build(data: dict[str, Any], plots: list[dict[str, Any]]) -> list[Block]:
         *header_blocks(data),
         *notes_blocks(data, by_name),
         *models_blocks(data, by_name),
+        *baseline_blocks(data),
         *validation_blocks(data, by_name),
         *training_blocks(data, by_name),
         *analysis_blocks(data),

@@ -112,6 +112,9 @@ class RunView:
             raise RunDirError(f"{self.path} is not a run directory: it holds none of {', '.join(RUN_MARKERS)}")
         self.problems: list[str] = []
         self.memo: dict[Any, Any] = {}
+        #: ``cvmkd compare``'s result of a control run (first) against this one, given by
+        #: ``cvmkd report --baseline``: the report then shows the gain over training without the teacher
+        self.baseline: dict[str, Any] | None = None
         self.recipe: dict[str, Any] | None = self._read_toml(RECIPE_FILE)
         self.summary: dict[str, Any] | None = self._read_json(SUMMARY_FILE)
         self.steps: list[dict[str, Any]] = []
@@ -444,6 +447,10 @@ def report_command(args: Any) -> int:
 
     run = RunView(args.run_dir)
     plugins = build_plugins(list(getattr(args, "hook_files", None) or []))
+    if getattr(args, "baseline", None):
+        from cvmkd_reports.compare import compare
+
+        run.baseline = compare([Path(args.baseline), run.path], plugins.registry)
     reporters = select_reporters(plugins.registry, run, list(getattr(args, "formats", None) or []))
     out = Path(args.out) if getattr(args, "out", None) else run.path / REPORTS_DIR
     try:

@@ -75,3 +75,25 @@ def test_runs_tested_on_other_sentences_are_refused(
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
     assert main(["compare", str(ce)]) == 2
     assert capsys.readouterr().err == "error: give at least two run directories to compare\n"
+
+
+def test_a_report_given_the_control_shows_the_gain_over_it(two_runs, tmp_path: Path, capsys) -> None:
+    kd, ce = two_runs
+    out = tmp_path / "report"
+    assert (
+        main(["report", str(kd), "--baseline", str(ce), "--out", str(out), "--format", "markdown", "--format", "json"])
+        == 0
+    )
+    capsys.readouterr()
+    text = (out / "report.md").read_text()
+    assert "## Gain over training without the teacher" in text and f"`{ce}`" in text
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["key"]: r for r in data["baseline"]["rows"]}
+    kd_scores = json.loads((kd / "evaluation.json").read_text())["student"]["scores"]
+    ce_scores = json.loads((ce / "evaluation.json").read_text())["student"]["scores"]
+    assert rows["bleu"]["run"] == kd_scores["bleu"] and rows["bleu"]["control"] == ce_scores["bleu"]
+    assert rows["bleu"]["gain"] == pytest.approx(kd_scores["bleu"] - ce_scores["bleu"])
+    assert 0 < rows["bleu"]["p_value"] <= 1 and rows["composite"]["p_value"] is None  # no paired test for it
+    # without --baseline there is no such section
+    assert main(["report", str(kd), "--out", str(tmp_path / "plain"), "--format", "markdown"]) == 0
+    assert "Gain over training" not in (tmp_path / "plain" / "report.md").read_text()
