@@ -9,7 +9,7 @@ Plugins use :func:`structure` and the validators below for their own config clas
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -255,7 +255,3 @@ def structure_collect(data: Any, cls: type, path: str = "") -> Any:
 
 def unstructure(obj: Any) -> Any:
     return converter.unstructure(obj)
-
-
-def field_names(cls: type) -> Iterable[str]:
-    return [f.name for f in attrs.fields(cls)]

@@ -88,17 +88,6 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise ModelError(f"model package {directory}: {METADATA} is damaged ({exc})") from None
 
 
-def update_metadata(directory: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``fields`` into a package's metadata.json (atomically); returns the new metadata.
-    The weights are untouched, so their recorded sha256 stays valid."""
-    from cvmkd_core.files import atomic_write_json
-
-    meta = read_metadata(directory)
-    meta.update(fields)
-    atomic_write_json(Path(directory) / METADATA, meta)
-    return meta
-
-
 def resolve_package(reference: str | Path, registry: Any = None) -> Path:
     """The folder of a model package given as a path, or as the name a plugin registered it
     under (``register.package("bible-fr-en", folder)``); a path that exists wins."""
