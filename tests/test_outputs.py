@@ -45,10 +45,12 @@ SOURCES = ["le chat mange", "", "le petit chien voit le chat", "le chien"]
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+def finished_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_kd_cache: Path
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("outputs")
     write_tiny_corpus(root)
-    (root / "recipe.toml").write_text(RECIPE)
+    (root / "recipe.toml").write_text(RECIPE.replace('cache_dir = "cache"', f'cache_dir = "{tiny_kd_cache}"'))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:

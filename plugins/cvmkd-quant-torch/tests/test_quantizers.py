@@ -37,10 +37,10 @@ max_composite_loss = 1.0
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_kd_cache: Path) -> Path:
     monkeypatch.chdir(tmp_path)
     write_tiny_corpus(tmp_path)
-    (tmp_path / "recipe.toml").write_text(RECIPE)
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace('cache_dir = "cache"', f'cache_dir = "{tiny_kd_cache}"'))
     torch.set_num_threads(1)
     return tmp_path
 

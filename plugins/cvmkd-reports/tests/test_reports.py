@@ -45,7 +45,7 @@ PLOTS = ("loss", "learning_rate", "validation", "size_quality")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_kd_cache: Path) -> Path:
     """One real tiny run for the whole module (about 10 s on 2 cores)."""
     root = tmp_path_factory.mktemp("reports")
     threads = torch.get_num_threads()
@@ -53,7 +53,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         write_tiny_corpus(root)
-        (root / "recipe.toml").write_text(RECIPE)
+        (root / "recipe.toml").write_text(RECIPE.replace('cache_dir = "cache"', f'cache_dir = "{tiny_kd_cache}"'))
         summary, path = run_session(open_session(root / "recipe.toml"))
     torch.set_num_threads(threads)
     assert summary.status == "completed"

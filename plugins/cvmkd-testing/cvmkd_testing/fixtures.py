@@ -59,3 +59,12 @@ def tiny_teacher_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = CvmTransformer(preset("tiny", vocab_size=tokenizer.vocab_size))
     return save_package(root / "package", model, tokenizer, {"role": "teacher"})
+
+
+@pytest.fixture(scope="session")
+def tiny_kd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for every test that distils with :data:`~cvmkd_testing.TINY_KD_RECIPE`
+    (set ``run.cache_dir`` to it): the first such run trains the tiny teacher and its tokenizer,
+    every later one reuses them, as a user's second run would. Tests about training or caching
+    the teacher itself use a folder of their own."""
+    return tmp_path_factory.mktemp("tiny-kd-cache")
