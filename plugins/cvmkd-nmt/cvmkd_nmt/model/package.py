@@ -10,6 +10,7 @@ sees half a package. Loading checks every piece and says which one is missing or
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -39,8 +40,13 @@ def save_package(
     model: CvmTransformer,
     tokenizer: Any,
     metadata: dict[str, Any] | None = None,
+    *,
+    half: bool = False,
 ) -> Path:
-    """Write ``model``, its config, ``tokenizer`` and ``metadata`` to ``directory``, replacing it."""
+    """Write ``model``, its config, ``tokenizer`` and ``metadata`` to ``directory``, replacing it.
+
+    ``half``: store a float model's weights in float16 (half the file; how a pre-trained model is
+    shipped). Loading gives a float32 model again, with those rounded values."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -53,11 +59,14 @@ def save_package(
             (tmp / QUANTIZATION).write_text(json.dumps(spec, indent=2) + "\n")
         else:
             # save_model understands the tied embeddings that save_file would refuse
-            save_model(model, str(tmp / WEIGHTS))
+            stored = copy.deepcopy(model).half() if half else model
+            save_model(stored, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         tokenizer.save(tmp)
         meta = dict(metadata or {})
         meta.setdefault("format", "cvmkd-model/1")
+        if half and not is_quantized(model):
+            meta["stored_dtype"] = "float16"
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         meta["tokenizer_sha256"] = tokenizer.sha256
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n")
