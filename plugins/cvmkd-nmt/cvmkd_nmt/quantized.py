@@ -461,6 +461,7 @@ class _KernelInt8Linear(_QuantModule):
         self._build(qweight.data, qweight.scale, bias)
 
     def _make_kernel(self, data: Tensor, scale: Tensor, bias: Tensor | None) -> AoLinear:
+        """The torch.ao kernel holding the int8 weights; each subclass (dynamic, static) builds its own."""
         raise NotImplementedError
 
     def _build(self, data: Tensor, scale: Tensor | None, bias: Tensor | None) -> None:

@@ -19,7 +19,7 @@ from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState, RunSummary, TestEvaluation, TranslationSample
 from cvmkd_validation.analysis import analyse
 from cvmkd_validation.metrics import retention
-from cvmkd_validation.validation import score_all, score_specs
+from cvmkd_validation.validation import _lines, score_all, score_specs
 
 log = logging.getLogger("cvmkd")
 
@@ -38,10 +38,6 @@ class TestTranslator(Protocol):
         ...
 
     def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
-
-
-def _lines(texts: list[str]) -> str:
-    return "".join(t.replace("\n", " ") + "\n" for t in texts)
 
 
 def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = None) -> dict[str, Any]:
