@@ -1,0 +1,138 @@
+"""The shipped teacher: registered by name, a complete float16 package within its size budget,
+metadata that says how it was trained and what it scores, a translator that translates; and
+build.py, which makes such a package from a teacher run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from cvmkd_core.cli import main
+from cvmkd_core.plugins import build_plugins
+from cvmkd_core.recipe import load_recipe
+from cvmkd_nmt.model.package import WEIGHTS, load_package, read_metadata, resolve_package
+from cvmkd_nmt.model.translate import translate
+from cvmkd_teacher_bible import NAME, PACKAGE
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILD = Path(__file__).resolve().parents[1] / "build.py"
+
+
+def test_the_name_resolves_to_the_shipped_package() -> None:
+    registry = build_plugins().registry
+    assert NAME == "bible-fr-en"
+    assert resolve_package(NAME, registry) == PACKAGE
+
+
+def test_the_package_is_a_float16_teacher_within_budget() -> None:
+    size = (PACKAGE / WEIGHTS).stat().st_size
+    assert size <= 40 * 1024 * 1024
+    meta = read_metadata(PACKAGE)
+    assert meta["role"] == "teacher" and meta["stored_dtype"] == "float16"
+    assert meta["corpus"]["name"] == "bible:fr-en"
+    # 2 bytes a parameter: the file is the weights, stored once (tied embeddings)
+    assert size == pytest.approx(2 * meta["parameters"], rel=0.01)
+
+
+def test_metadata_says_how_it_was_trained_and_what_it_scores() -> None:
+    meta = read_metadata(PACKAGE)
+    training = meta["training"]
+    recipe = load_recipe(ROOT / "recipes" / "teacher.toml").to_dict()
+    # trained by recipes/teacher.toml: the recorded recipe has the file's settings
+    for key in ("max_tokens", "learning_rate", "warmup_steps", "label_smoothing", "average_checkpoints"):
+        assert meta["recipe"]["distill"][key] == recipe["distill"][key], key
+    assert meta["recipe"]["distill"]["model"] == recipe["distill"]["model"]
+    assert training["steps"] == meta["final_step"] == training["invocations"][-1]["to_step"]
+    assert training["training_seconds"] > 0
+    assert [v["step"] for v in training["validation"]] == sorted(v["step"] for v in training["validation"])
+    test = training["test"]
+    assert test["sentences"] == 1000 and set(test["by_beam_size"]) == {"1", "5"}
+    assert meta["test_scores"] == test["by_beam_size"]["1"]
+    assert len(meta["source_revision"]["commit"]) == 40
+
+
+def test_it_translates_french_into_english() -> None:
+    model, tokenizer, _ = load_package(PACKAGE)
+    (out,) = translate(model, tokenizer, ["Au commencement, Dieu créa les cieux et la terre."])
+    words = set(out.lower().replace(",", " ").replace(".", " ").split())
+    assert {"god", "heavens", "earth"} <= words
+
+
+@pytest.mark.slow
+def test_build_makes_a_half_precision_package_from_a_teacher_run(
+    write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvmkd_testing import write_tiny_corpus
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_corpus(tmp_path)
+    recipe = write(
+        "teacher.toml",
+        """
+[run]
+name = "t"
+steps = 8
+validate_every = 4
+keep_checkpoints = 2
+seed = 3
+
+[corpus]
+name = "files"
+train = "corpus.tsv"
+valid_size = 8
+test_size = 8
+
+[tokenizer]
+vocab_size = 40
+
+[distill]
+name = "teacher"
+batch_size = 16
+learning_rate = 3e-3
+warmup_steps = 2
+average_checkpoints = 2
+test_beam_sizes = [1, 2]
+
+[distill.model]
+name = "cvm"
+preset = "tiny"
+
+[validation]
+metrics = ["bleu", "chrf"]
+significance_samples = 0
+""",
+    )
+    assert main(["run", str(recipe), "--run-dir", "run", "--quiet"]) == 0
+    spec = importlib.util.spec_from_file_location("teacher_build", BUILD)
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    dest = tmp_path / "shipped"
+    assert build.main(["run", "--dest", str(dest), "--revision", "0" * 40]) == 0
+
+    model, _, meta = load_package(dest)
+    original, _, _ = load_package(tmp_path / "run" / "model")
+    assert meta["stored_dtype"] == "float16"
+    assert (dest / WEIGHTS).stat().st_size < (tmp_path / "run" / "model" / WEIGHTS).stat().st_size * 0.6
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert a.dtype == b.dtype and a.half().float().equal(b.half().float()), name
+    evaluation = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    training = meta["training"]
+    assert training["steps"] == 8 and len(training["validation"]) == 2
+    assert training["test"]["by_beam_size"]["1"] == evaluation["teacher"]["scores"]
+    assert training["test"]["by_beam_size"]["2"] == evaluation["teacher"]["by_beam_size"]["2"]["scores"]
+    assert meta["source_revision"] == {"commit": "0" * 40, "dirty": False, "recorded_by": "build.py --revision"}
+
+
+def test_build_refuses_a_folder_that_is_not_a_teacher_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("teacher_build", BUILD)
+    assert spec and spec.loader
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.main([str(tmp_path), "--dest", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path) in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
