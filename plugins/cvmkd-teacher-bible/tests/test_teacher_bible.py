@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,15 @@ from cvmkd_teacher_bible import NAME, PACKAGE
 
 ROOT = Path(__file__).resolve().parents[3]
 BUILD = Path(__file__).resolve().parents[1] / "build.py"
+
+
+def _build_module() -> Any:
+    """build.py is a script beside the package, not an importable module: load it from its file."""
+    spec = importlib.util.spec_from_file_location("teacher_build", BUILD)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_name_resolves_to_the_shipped_package() -> None:
@@ -106,10 +116,7 @@ significance_samples = 0
 """,
     )
     assert main(["run", str(recipe), "--run-dir", "run", "--quiet"]) == 0
-    spec = importlib.util.spec_from_file_location("teacher_build", BUILD)
-    assert spec and spec.loader
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = _build_module()
     dest = tmp_path / "shipped"
     assert build.main(["run", "--dest", str(dest), "--revision", "0" * 40]) == 0
 
@@ -128,10 +135,7 @@ significance_samples = 0
 
 
 def test_build_refuses_a_folder_that_is_not_a_teacher_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("teacher_build", BUILD)
-    assert spec and spec.loader
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = _build_module()
     assert build.main([str(tmp_path), "--dest", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path) in err and err.count("\n") == 1
