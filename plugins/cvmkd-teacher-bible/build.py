@@ -1,11 +1,14 @@
 """Build the shipped teacher package from a finished ``recipes/teacher.toml`` run.
 
-    python plugins/cvmkd-teacher-bible/build.py RUN_DIR [--revision COMMIT]
+    python plugins/cvmkd-teacher-bible/build.py [EARLIER_RUN_DIR ...] RUN_DIR [--revision COMMIT]
 
 Reads RUN_DIR/model (the run's exported teacher), re-saves it with float16 weights into
 ``cvmkd_teacher_bible/bible-fr-en/`` (half the file; loading gives float32 again) and adds to its
 metadata what the run's own files say about its training: steps, wall time of each invocation,
 the validation curve, the checkpoint average, and the test scores at each beam size.
+A teacher trained in stages (``recipes/teacher.toml``, then ``recipes/teacher-continue.toml``
+from its package) names every stage's run folder in order: each later stage must have started
+from the weights the one before it exported, and ``training.stages`` records each of them.
 ``--revision`` names the cvmkd commit the run used when the run could not tell (an installed
 wheel records no revision). Nothing in the metadata is typed in by hand.
 """
@@ -75,8 +78,20 @@ def training_facts(run: Path) -> dict[str, Any]:
     }
 
 
+def stage_record(run: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """An earlier stage: its recipe, its weights and what its files say about its training."""
+    return {
+        "run": run.name,
+        "recipe": metadata.get("recipe"),
+        "weights_sha256": metadata.get("weights_sha256"),
+        "initialised_from": metadata.get("initialised_from"),
+        **training_facts(run),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("earlier", type=Path, nargs="*", help="the run folders of earlier stages, in order")
     parser.add_argument("run", type=Path, help="the folder of a finished recipes/teacher.toml run")
     parser.add_argument("--revision", help="the cvmkd commit the run used, when its metadata has none")
     parser.add_argument("--dest", type=Path, default=DEST, help=f"where to write the package (default {DEST})")
@@ -84,18 +99,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from cvmkd_nmt.model.package import WEIGHTS, load_package, save_package
 
-    try:
-        model, tokenizer, metadata = load_package(args.run / "model")
-        facts = training_facts(args.run)
-    except (OSError, KeyError, ValueError) as exc:
-        print(f"error: {args.run}: not a finished teacher run ({exc})", file=sys.stderr)
-        return 2
-    except Exception as exc:  # cvmkd's own errors say what is wrong
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if metadata.get("role") != "teacher":
-        print(f"error: {args.run / 'model'} is a {metadata.get('role')!r} package, not a teacher", file=sys.stderr)
-        return 2
+    stages: list[dict[str, Any]] = []
+    for run in [*args.earlier, args.run]:
+        try:
+            model, tokenizer, metadata = load_package(run / "model")
+            facts = training_facts(run)
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"error: {run}: not a finished teacher run ({exc})", file=sys.stderr)
+            return 2
+        except Exception as exc:  # cvmkd's own errors say what is wrong
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if metadata.get("role") != "teacher":
+            print(f"error: {run / 'model'} is a {metadata.get('role')!r} package, not a teacher", file=sys.stderr)
+            return 2
+        if stages:
+            started = (metadata.get("initialised_from") or {}).get("weights_sha256")
+            if started != stages[-1]["weights_sha256"]:
+                print(
+                    f"error: {run}: did not start from the weights of the stage before it ({args.earlier[len(stages) - 1]})",
+                    file=sys.stderr,
+                )
+                return 2
+        stages.append(stage_record(run, metadata))
+    if len(stages) > 1:
+        facts["stages"] = stages[:-1]
+        facts["total_steps"] = sum(s["steps"] for s in stages)
+        facts["total_training_seconds"] = round(sum(s["training_seconds"] for s in stages), 1)
     if metadata.get("source_revision") is None and args.revision:
         metadata["source_revision"] = {"commit": args.revision, "dirty": False, "recorded_by": "build.py --revision"}
     metadata["test_scores"] = facts["test"]["by_beam_size"]["1"]

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -97,7 +98,9 @@ class Seq2SeqTrainer:
         torch.manual_seed(recipe.run.seed)
         random.seed(recipe.run.seed)
         tokenizer = self.data.tokenizer
-        self.model = self._model_component(state).build(tokenizer.vocab_size).to(self.device)
+        self.model = self._model_component(state).build(tokenizer.vocab_size)
+        self._initial_weights(state)
+        self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=self.config.learning_rate,
@@ -130,6 +133,7 @@ class Seq2SeqTrainer:
             "hardware": describe_hardware(self.device),
             "model_config": self.model.config.to_dict(),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
+            **({"initialised_from": start} if (start := getattr(self, "initialised_from", None)) else {}),
         }
         log.info(
             "%s: %s parameters, %s on %s, %d steps of %s",
@@ -142,6 +146,9 @@ class Seq2SeqTrainer:
             if not self.config.max_tokens
             else f"≤{self.config.max_tokens} tokens",
         )
+
+    def _initial_weights(self, state: RunState) -> None:
+        """Load the weights training starts from (the model's own initialisation by default)."""
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -287,10 +294,52 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     def __init__(self, config: TeacherConfig) -> None:
         super().__init__(config)
+        self.start_package: Path | None = None
+        self.initialised_from: dict[str, Any] = {}
 
     def _model_component(self, state: RunState) -> Any:
         # a teacher recipe names its model in [distill.model]; a teacher stage copies [teacher]
         return state.components.get("distill.model") or state.components["teacher.model"]
+
+    def _prepare(self, state: RunState) -> None:
+        if not self.config.init_from:
+            return Seq2SeqTrainer._prepare(self, state)
+        from cvmkd_nmt.model.package import TOKENIZER, resolve_package
+
+        self.start_package = resolve_package(self.config.init_from, state.registry)
+        if not (self.start_package / TOKENIZER).is_file():
+            raise ModelError(f"init_from = {self.config.init_from!r}: no model package at {self.start_package}")
+        # the package's tokenizer, so that its embeddings keep their meaning
+        self.data = prepare_data(state, tokenizer_path=self.start_package / TOKENIZER)
+
+    def _metadata(self, state: RunState, summary: RunSummary) -> dict[str, Any]:
+        metadata = Seq2SeqTrainer._metadata(self, state, summary)
+        if self.initialised_from:
+            metadata["initialised_from"] = self.initialised_from
+        return metadata
+
+    def _initial_weights(self, state: RunState) -> None:
+        if self.start_package is None:
+            return
+        from cvmkd_nmt.model.package import load_package
+
+        start, _, metadata = load_package(self.start_package)
+        built, loaded = self.model.config.to_dict(), start.config.to_dict()
+        differ = sorted(k for k in set(built) | set(loaded) if k != "dropout" and built.get(k) != loaded.get(k))
+        if differ:
+            raise ModelError(
+                f"init_from = {self.config.init_from!r}: the recipe's model differs from the package's in "
+                + ", ".join(f"{k} ({built.get(k)} here, {loaded.get(k)} there)" for k in differ)
+            )
+        self.model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        self.initialised_from = {
+            "package": str(self.config.init_from),
+            "path": str(self.start_package),
+            "weights_sha256": metadata.get("weights_sha256"),
+            "final_step": metadata.get("final_step"),
+            "recipe_sha256": metadata.get("recipe_sha256"),
+        }
+        log.info("teacher: training continues from the weights of %s", self.start_package)
 
     @hookimpl
     def cvmkd_check(self, state: RunState) -> None:

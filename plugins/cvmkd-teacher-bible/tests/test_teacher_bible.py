@@ -132,6 +132,20 @@ significance_samples = 0
     assert training["test"]["by_beam_size"]["1"] == evaluation["teacher"]["scores"]
     assert training["test"]["by_beam_size"]["2"] == evaluation["teacher"]["by_beam_size"]["2"]["scores"]
     assert meta["source_revision"] == {"commit": "0" * 40, "dirty": False, "recorded_by": "build.py --revision"}
+    assert "stages" not in training
+
+    # a second stage continues from the first's package; the build records both, in order
+    argv = ["run", str(recipe), "--run-dir", "more", "--quiet", "--set", "run.steps=4"]
+    assert main([*argv, "--set", 'distill.init_from="run/model"', "--set", "distill.average_checkpoints=1"]) == 0
+    assert build.main(["run", "more", "--dest", str(dest), "--revision", "0" * 40]) == 0
+    meta = read_metadata(dest)
+    (first,) = meta["training"]["stages"]
+    assert first["run"] == "run" and first["steps"] == 8 and first["recipe"]["distill"]["average_checkpoints"] == 2
+    assert meta["initialised_from"]["weights_sha256"] == first["weights_sha256"]
+    assert meta["training"]["steps"] == 4 and meta["training"]["total_steps"] == 12
+    # stages given in the wrong order do not chain
+    assert build.main(["more", "run", "--dest", str(tmp_path / "wrong")]) == 2
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_build_refuses_a_folder_that_is_not_a_teacher_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
