@@ -27,6 +27,7 @@ EXIT_USAGE = 2
 #: the run completed, but the student failed the retention gate; every output is kept
 EXIT_GATE_FAILED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 log = logging.getLogger("cvmkd")
 
@@ -138,6 +139,20 @@ def _setup_logging(debug: bool, quiet: bool = False) -> None:
         warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"  # type: ignore[assignment]
 
 
+def resume_command(args: argparse.Namespace, run_dir: Any) -> str:
+    """The command that continues this run exactly: the same recipe, ``--set`` options and hook
+    files, with ``--resume --run-dir``."""
+    import shlex
+
+    words = ["cvmkd", "run", args.recipe]
+    for override in args.overrides:
+        words += ["--set", override]
+    for hook_file in args.hook_files:
+        words += ["--plugin", str(hook_file)]
+    words += ["--resume", "--run-dir", str(run_dir)]
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cvmkd_core.session import open_session, run_session
 
@@ -157,10 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if summary.status == "interrupted":
         print(
-            f"interrupted at step {summary.final_step}; continue with: cvmkd run {args.recipe} --resume --run-dir {run_dir}",
-            file=sys.stderr,
+            f"interrupted at step {summary.final_step}; continue with: {resume_command(args, run_dir)}", file=sys.stderr
         )
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if summary.extra.get("signal") == "SIGTERM" else EXIT_INTERRUPTED
     gate = summary.gate
     if gate is not None and gate.passed is False:
         print(f"retention gate failed: {gate.verdict} ({run_dir})", file=sys.stderr)

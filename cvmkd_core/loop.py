@@ -161,8 +161,9 @@ def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
 
 @contextlib.contextmanager
 def _interrupts(state: RunState) -> Iterator[None]:
-    """The first Ctrl-C asks the loop to stop after the current step and write a checkpoint;
-    the second stops at once (KeyboardInterrupt). Only the main thread can take signals."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers, ``kill`` and ``timeout`` send) asks
+    the loop to stop after the current step and write a checkpoint; a second one stops at once
+    (KeyboardInterrupt). Only the main thread can take signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -171,14 +172,18 @@ def _interrupts(state: RunState) -> Iterator[None]:
         if state.interrupted:
             raise KeyboardInterrupt
         state.interrupted = True
-        state.request_stop("interrupted (Ctrl-C): stopping after this step; press Ctrl-C again to stop at once")
+        name = signal.Signals(signum).name
+        state.interrupted_by = name
+        what = "Ctrl-C" if signum == signal.SIGINT else name
+        state.request_stop(f"interrupted ({what}): stopping after this step; {what} again stops at once")
         log.warning("%s", state.stop_reason)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 class Loop:
@@ -365,7 +370,15 @@ class Loop:
         atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
-        state.emit(Event.RESUME, step=state.step, checkpoint=entry.file)
+        changes = state.scratch.get("resume_changes") or {}
+        for key, (before, after) in changes.items():
+            log.warning("resumed with %s = %r (the run was started with %r)", key, after, before)
+        state.emit(
+            Event.RESUME,
+            step=state.step,
+            checkpoint=entry.file,
+            **({"changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}} if changes else {}),
+        )
 
     def _finalize(self, summary: RunSummary, failed: BaseException | None) -> None:
         state = self.state
@@ -375,6 +388,8 @@ class Loop:
         summary.wall_seconds = round(time.time() - state.started_at, 3)
         if state.stop_reason:
             summary.extra["stop_reason"] = state.stop_reason
+        if state.interrupted_by:
+            summary.extra["signal"] = state.interrupted_by
         if state.history:
             last = state.history[-1].to_dict()
             summary.last_validation = {k: v for k, v in last.items() if k != "details"}

@@ -3,7 +3,10 @@ the model and the reports. An existing run directory is never silently overwritt
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,10 @@ RECIPE_FILE = "recipe.toml"
 SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "validation/history.jsonl"
 DEFAULT_TRAIN_LOG = "train.jsonl"
+LOCK_FILE = ".lock"
+#: recipe keys a resumed run may change (``--set`` on ``--resume``): where the run ends and what it
+#: runs on. Every other difference from the run's recipe.toml is refused.
+CHANGEABLE_ON_RESUME = ("run.steps", "run.device")
 
 
 class RunFiles:
@@ -60,6 +67,92 @@ def run_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
     return Path(recipe.run.output_dir) / recipe.run.name
 
 
+@contextlib.contextmanager
+def run_dir_lock(path: Path, *, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory (``.lock``, holding the writer's PID) for the
+    whole run: a second ``cvmkd run`` on the same folder, fresh or ``--resume``, is refused.
+    The operating system releases the lock when its process ends, however it ends, so a lock
+    left by a killed run never blocks the next one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS: no locking
+        yield
+        return
+    if not path.is_dir() and not create:
+        yield  # nothing to lock: the caller reports the missing directory
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise RunDirError(f"cannot write run directory {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunDirError(
+                f"run directory {path} is in use by {holder}: wait for that run to end or stop it "
+                "(Ctrl-C or kill -TERM), then --resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _flatten(tables: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tables, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tables.items():
+            flat.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+            if isinstance(value, dict) and not value:
+                flat[f"{prefix}{key}"] = {}
+        return flat
+    return {prefix.rstrip("."): tables}
+
+
+def recipe_changes(path: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ between the run's ``recipe.toml`` and ``recipe``:
+    ``{key: (the run's value, the new value)}``; a key only one side has maps to None there."""
+    try:
+        stored = tomllib.loads((path / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RunDirError(f"cannot resume: {path / RECIPE_FILE} is unreadable ({exc})") from None
+    before, after = _flatten(stored), _flatten(tomllib.loads(recipe.to_toml()))
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    }
+
+
+def _shown(value: Any) -> str:
+    text = "(unset)" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resume_recipe(path: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+    """A resumed run continues the recipe it was started with. Differences in the keys of
+    :data:`CHANGEABLE_ON_RESUME` are allowed and returned; any other is refused, in one line."""
+    changes = recipe_changes(path, recipe)
+    refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
+    if refused:
+        shown = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in list(refused.items())[:4]]
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise RunDirError(
+            f"cannot resume {path}: the recipe differs from the run's {RECIPE_FILE} in "
+            f"{', '.join(shown)}{more}; resume with the run's own recipe "
+            f"(cvmkd run {path / RECIPE_FILE} --resume --run-dir {path}), start a new run, or change "
+            f"only {' or '.join(CHANGEABLE_ON_RESUME)} on resume"
+        )
+    return changes
+
+
 def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False) -> Path:
     """Create the run directory and write the resolved recipe (defaults made explicit).
 
@@ -71,10 +164,13 @@ def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False) -> Path
             raise RunDirError(f"cannot resume: no run directory {path}")
         if not (path / RECIPE_FILE).is_file():
             raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing)")
+        changes = check_resume_recipe(path, recipe)
         # a damaged manifest, or no usable checkpoint, is refused before the run writes anything
         CheckpointStore(path / "checkpoints").verify("last")
+        if changes:  # the run's recipe.toml stays the recipe the run follows
+            atomic_write_text(path / RECIPE_FILE, recipe.to_toml())
         return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
         raise RunDirError(
             f"run directory {path} exists already; choose another run.name or --run-dir, "
             "or pass --resume to continue that run"

@@ -17,7 +17,7 @@ from cvmkd_core.recipe import (
     read_recipe_tables,
     structure_recipe,
 )
-from cvmkd_core.rundir import RECIPE_FILE, prepare_run_dir, run_dir_for
+from cvmkd_core.rundir import RECIPE_FILE, check_resume_recipe, prepare_run_dir, run_dir_for, run_dir_lock
 from cvmkd_core.state import RunState, RunSummary
 
 
@@ -80,8 +80,12 @@ def run_session(
     """Run the recipe; returns the summary and the run directory."""
     path = run_dir_for(session.recipe, run_dir)
     state = prepare_state(session, path)
-    prepare_run_dir(path, session.recipe, resume=resume)
-    summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
+    # one writer per run directory, from before anything is written until the run has ended
+    with run_dir_lock(path, create=not resume):
+        if resume and (path / RECIPE_FILE).is_file():
+            state.scratch["resume_changes"] = check_resume_recipe(path, session.recipe)
+        prepare_run_dir(path, session.recipe, resume=resume)
+        summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
     return summary, path
 
 

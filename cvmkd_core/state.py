@@ -187,6 +187,8 @@ class RunState:
     stop_reason: str | None = None
     #: set by the first Ctrl-C: the loop finishes the step, writes a checkpoint and stops
     interrupted: bool = False
+    #: the signal that interrupted the run (SIGINT, SIGTERM), if one did
+    interrupted_by: str | None = None
     #: a rollback asked for between validations; the loop performs it after the current step
     pending_rollback: Rollback | None = None
     history: list[ValidationRecord] = attrs.field(factory=list)

@@ -166,6 +166,27 @@ def _toy_run(root: Path) -> None:
     assert main(["run", "r.toml", "--plugin", "toy_hooks.py", "--quiet"]) == 0
 
 
+#: open lock files of the run directories a case pretends another process is writing
+_HELD: list = []
+
+
+def _held_by_another_process(root: Path) -> None:
+    """runs/toy locked as a running ``cvmkd run`` would hold it (flock conflicts across open
+    files even within one process)."""
+    import fcntl
+
+    handle = open(root / "runs/toy/.lock", "w", encoding="utf-8")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write("process 4242\n")
+    handle.flush()
+    _HELD.append(handle)
+
+
+def _release_locks() -> None:
+    while _HELD:
+        _HELD.pop().close()
+
+
 CKPT_3 = "runs/toy/checkpoints/step_00000003_it00000003.pt"
 CKPT_6 = "runs/toy/checkpoints/step_00000006_it00000006.pt"
 
@@ -626,6 +647,24 @@ CASES: list[Case] = [
         "error: cannot resume: no run directory runs/gone",
         2,
     ),
+    Case(
+        "resume-changed-recipe",
+        toy("--resume", "--run-dir", "runs/toy", "--set", "run.seed=9", "--set", "run.validate_every=2"),
+        "error: cannot resume runs/toy: the recipe differs from the run's recipe.toml in run.seed 0 -> 9, "
+        "run.validate_every 3 -> 2; resume with the run's own recipe (cvmkd run runs/toy/recipe.toml --resume "
+        "--run-dir runs/toy), start a new run, or change only run.steps or run.device on resume",
+        2,
+        setup=(_toy_run,),
+    ),
+    Case(
+        "run-dir-in-use",
+        toy("--resume", "--run-dir", "runs/toy"),
+        "error: run directory runs/toy is in use by process 4242: wait for that run to end or stop it "
+        "(Ctrl-C or kill -TERM), then --resume",
+        2,
+        setup=(_toy_run, _held_by_another_process),
+        may_change=("runs/toy/.lock",),
+    ),
     # --- checkpoints ---
     Case(
         "disk-full-while-checkpointing",
@@ -776,7 +815,10 @@ def test_bad_input(
 
     caplog.clear()
     caplog.set_level(logging.INFO, logger="cvmkd")
-    status = main(case.argv)
+    try:
+        status = main(case.argv)
+    finally:
+        _release_locks()
     out, err = capsys.readouterr()
 
     expected = case.stderr.replace("{cwd}", str(root))

@@ -91,6 +91,18 @@ def cvmkd_step_end(state, result):
 """
 
 
+#: slows every student step down, so that another process can act while the run trains
+SLOW = """
+import time
+from cvmkd_core import hookimpl
+
+@hookimpl
+def cvmkd_step_end(state, result):
+    if state.recipe.distill.name == "kd":
+        time.sleep({seconds})
+"""
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     write_tiny_corpus(tmp_path)
@@ -110,6 +122,32 @@ def _cvmkd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
+
+
+def _start(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "CVMKD_DISABLE_PLUGIN_AUTOLOAD"}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cvmkd_core.cli", "run", "recipe.toml", "--quiet", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_student_step(run_dir: Path, step: int, process: subprocess.Popen[str]) -> None:
+    """Until the student's train log has reached ``step`` (the teacher stage logs elsewhere)."""
+    deadline = time.monotonic() + 240
+    log = run_dir / "train.jsonl"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        lines = log.read_text().splitlines() if log.is_file() else []
+        if any(json.loads(x).get("step", 0) >= step and "loss" in json.loads(x) for x in lines if x.strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in {log}")
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -152,7 +190,9 @@ def test_a_first_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_run_resum
     (workdir / "interrupt.py").write_text(INTERRUPTER.format(step=6, twice=False))
     stopped = _cvmkd(workdir, "--run-dir", "runs/x", "--plugin", "interrupt.py")
     assert stopped.returncode == 130
-    assert "interrupted at step 6; continue with: cvmkd run recipe.toml --resume --run-dir runs/x" in stopped.stderr
+    # the hint repeats the command exactly, plugin files and --set options included
+    hint = "continue with: cvmkd run recipe.toml --plugin interrupt.py --resume --run-dir runs/x"
+    assert f"interrupted at step 6; {hint}" in stopped.stderr
     run_dir = workdir / "runs/x"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final_step"] == 6
@@ -178,3 +218,92 @@ def test_a_second_ctrl_c_stops_at_once(workdir: Path) -> None:
     manifest = json.loads((workdir / "runs/y" / "checkpoints" / "manifest.json").read_text())
     assert [c["step"] for c in manifest["checkpoints"]] == [4]  # no checkpoint at the interrupt
     assert time.perf_counter() - started < 120
+
+
+def _weights_equal(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(a_dir / "model/model.safetensors")
+    b = load_file(b_dir / "model/model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_a_first_ctrl_c_and_the_run_resumes_to_the_same_weights(workdir: Path) -> None:
+    whole = _cvmkd(workdir, "--run-dir", "runs/whole")
+    assert whole.returncode == 0, whole.stderr
+
+    # what `timeout -s TERM`, Slurm and Kubernetes do: SIGTERM to a run in the middle of training
+    (workdir / "slow.py").write_text(SLOW.format(seconds=0.3))
+    run_dir = workdir / "runs/t"
+    process = _start(workdir, "--run-dir", "runs/t", "--plugin", "slow.py")
+    _wait_for_student_step(run_dir, 5, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["extra"]["signal"] == "SIGTERM"
+    stopped_at = summary["final_step"]
+    assert 5 <= stopped_at < 16
+    assert f"interrupted at step {stopped_at}; continue with: cvmkd run recipe.toml --plugin slow.py --resume" in err
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert manifest["checkpoints"][-1]["step"] == stopped_at
+
+    resumed = _cvmkd(workdir, "--run-dir", "runs/t", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _weights_equal(workdir / "runs/whole", run_dir)
+
+
+@pytest.mark.slow
+def test_one_writer_per_run_directory(workdir: Path) -> None:
+    (workdir / "slow.py").write_text(SLOW.format(seconds=0.3))
+    run_dir = workdir / "runs/race"
+    first = _start(workdir, "--run-dir", "runs/race", "--plugin", "slow.py")
+    _wait_for_student_step(run_dir, 2, first)
+    second = _cvmkd(workdir, "--run-dir", "runs/race", "--resume")
+    fresh = _cvmkd(workdir, "--run-dir", "runs/race")
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    for refused in (second, fresh):
+        assert refused.returncode == 2
+        line = refused.stderr.strip()
+        assert line.count("\n") == 0 and f"runs/race is in use by process {first.pid}" in line, line
+    steps = [json.loads(x)["step"] for x in (run_dir / "train.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 17))
+    assert [r["step"] for r in _history(run_dir)] == [4, 8, 12, 16]
+    # the lock goes with its process: the finished run can be resumed (and has nothing left to do)
+    again = _cvmkd(workdir, "--run-dir", "runs/race", "--resume")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_recipe_and_allows_more_steps(workdir: Path) -> None:
+    (workdir / "interrupt.py").write_text(INTERRUPTER.format(step=6, twice=False))
+    run_dir = workdir / "runs/r"
+    assert _cvmkd(workdir, "--run-dir", "runs/r", "--plugin", "interrupt.py").returncode == 130
+    kept = {name: (run_dir / name).read_bytes() for name in ("recipe.toml", "summary.json", "train.jsonl")}
+
+    changed = _cvmkd(
+        workdir,
+        "--run-dir",
+        "runs/r",
+        "--resume",
+        "--set",
+        "distill.learning_rate=0.37",
+        "--set",
+        "student.model.d_model=24",
+    )
+    assert changed.returncode == 2
+    line = changed.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("error: cannot resume runs/r: the recipe differs")
+    assert "distill.learning_rate 0.001 -> 0.37" in line and "student.model.d_model" in line
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept  # nothing written
+
+    longer = _cvmkd(workdir, "--run-dir", "runs/r", "--resume", "--set", "run.steps=20")
+    assert longer.returncode == 0, longer.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_step"] == 20
+    assert "steps = 20" in (run_dir / "recipe.toml").read_text()
+    events = [json.loads(x) for x in (run_dir / "train.jsonl").read_text().splitlines()]
+    (resume,) = [e for e in events if e.get("event") == "resume"]
+    assert resume["changes"] == {"run.steps": {"from": 16, "to": 20}}
