@@ -73,6 +73,20 @@ def between(low: float, high: float, *, high_open: bool = False) -> Callable[[An
     return _validator(lambda v: low <= v <= high, f"must be in [{low}, {high}]")
 
 
+def inside_run_dir(_instance: Any, _attribute: Any, value: str) -> None:
+    """A file a component writes into the run directory: a relative path that stays inside it."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if (
+        not value
+        or "\\" in value
+        or PurePosixPath(value).is_absolute()
+        or PureWindowsPath(value).is_absolute()
+        or ".." in PurePosixPath(value).parts
+    ):
+        raise ConfigValueError(f"must be a relative path inside the run directory, got {value!r}")
+
+
 def one_of(*choices: Any) -> Callable[[Any, Any, Any], None]:
     shown = ", ".join(repr(c) for c in choices)
     return _validator(lambda v: v in choices, f"must be one of {shown}")

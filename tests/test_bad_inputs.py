@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import textwrap
 from collections.abc import Callable
@@ -164,6 +165,34 @@ def _write_bytes(path: str, data: bytes) -> Callable[[Path], None]:
 def _toy_run(root: Path) -> None:
     """A completed toy run in runs/toy: checkpoints at steps 3 and 6."""
     assert main(["run", "r.toml", "--plugin", "toy_hooks.py", "--quiet"]) == 0
+
+
+TWO_STEP_TEACHER = ("--set", "teacher.steps=2", "--set", "teacher.validate_every=2", "--set", "teacher.batch_size=8")
+
+
+def _first_kd_run(root: Path) -> None:
+    """A finished kd run (a two-step teacher, then the student): it leaves cache/ holding the
+    tokenizer, the teacher, its top-k outputs and its translations of the validation verses."""
+    argv = kd(*TWO_STEP_TEACHER, "--run-dir", "runs/first", "--quiet")
+    assert main(argv) == 0
+
+
+def _flip_a_byte(pattern: str) -> Callable[[Path], None]:
+    """Change one byte of the one cached file matching ``pattern``: same size, other content."""
+
+    def step(root: Path) -> None:
+        (path,) = root.glob(pattern)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x20
+        path.write_bytes(bytes(data))
+
+    return step
+
+
+def _edit_config(package: Path) -> None:
+    config = json.loads((package / "config.json").read_text())
+    config["n_heads"] = 1  # still a model the weights fit, but another one
+    (package / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 #: open lock files of the run directories a case pretends another process is writing
@@ -451,6 +480,12 @@ CASES: list[Case] = [
         "error: r.toml: validation.composite: no selected metric returns 'bleu'; available scores: exact",
         2,
     ),
+    Case(
+        "logger-file-outside-the-run",
+        toy("--set", 'loggers=[{name="jsonl", file="../../victim.txt"}]'),
+        "error: r.toml: loggers[0].file: must be a relative path inside the run directory, got '../../victim.txt'",
+        2,
+    ),
     Case("set-without-equals", toy("--set", "run.steps"), "error: --set 'run.steps': expected section.key=value", 2),
     Case(
         "set-unknown-path",
@@ -542,6 +577,49 @@ CASES: list[Case] = [
         2,
         kd=True,
         setup=(_package("pkg", _remove_config),),
+    ),
+    Case(
+        "batch-larger-than-the-corpus",
+        kd("--set", "teacher.steps=2"),
+        "error: the training set has 52 pairs, fewer than one batch of the teacher's batch_size = 64: lower it, "
+        "or give max_tokens instead",
+        2,
+        kd=True,
+    ),
+    Case(
+        "teacher-config-edited",
+        kd("--set", "teacher.checkpoint=pkg"),
+        "error: model package pkg: config.json does not match the sha256 recorded in metadata.json (edited or damaged)",
+        2,
+        kd=True,
+        setup=(_package("pkg", _edit_config),),
+    ),
+    Case(
+        "cached-tokenizer-edited",
+        kd(*TWO_STEP_TEACHER, "--run-dir", "runs/second"),
+        "error: cached tokenizer {glob:cache/tokenizers/*.model} does not match the sha256 recorded when it was "
+        "written (edited or damaged); delete it and it is rebuilt",
+        2,
+        kd=True,
+        setup=(_first_kd_run, _flip_a_byte("cache/tokenizers/*.model")),
+    ),
+    Case(
+        "cached-teacher-outputs-edited",
+        kd(*TWO_STEP_TEACHER, "--run-dir", "runs/second"),
+        "error: cached teacher outputs {glob:cache/teacher-outputs/*.safetensors} does not match the sha256 "
+        "recorded when it was written (edited or damaged); delete it and it is rebuilt",
+        2,
+        kd=True,
+        setup=(_first_kd_run, _flip_a_byte("cache/teacher-outputs/*.safetensors")),
+    ),
+    Case(
+        "cached-teacher-translations-edited",
+        kd(*TWO_STEP_TEACHER, "--run-dir", "runs/second"),
+        "error: cached teacher translations {glob:cache/teacher-translations/*.txt} does not match the sha256 "
+        "recorded when it was written (edited or damaged); delete it and it is rebuilt",
+        2,
+        kd=True,
+        setup=(_first_kd_run, _flip_a_byte("cache/teacher-translations/*.txt")),
     ),
     Case(
         "teacher-vocabulary-mismatch",
@@ -822,6 +900,9 @@ def test_bad_input(
     out, err = capsys.readouterr()
 
     expected = case.stderr.replace("{cwd}", str(root))
+    for pattern in re.findall(r"\{glob:([^}]+)\}", expected):  # a cached file's name: a content hash
+        (match,) = root.glob(pattern)
+        expected = expected.replace(f"{{glob:{pattern}}}", str(match.relative_to(root)))
     assert err == (expected + "\n" if expected else "")
     assert status == case.status
     if case.stdout is not None:

@@ -7,7 +7,7 @@ from typing import IO, Any
 
 import attrs
 
-from cvmkd_core.config import ge
+from cvmkd_core.config import ge, inside_run_dir
 from cvmkd_core.files import append_jsonl
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState, RunSummary, StepResult
@@ -17,7 +17,8 @@ from cvmkd_core.state import RunState, RunSummary, StepResult
 class JsonlConfig:
     """``[[loggers]] name = "jsonl"``."""
 
-    file: str = "train.jsonl"
+    file: str = attrs.field(default="train.jsonl", validator=inside_run_dir)
+    """where in the run directory (a relative path; folders are created)"""
     every: int = attrs.field(default=0, validator=ge(0))
     """log every N steps; 0 follows ``run.log_every``"""
 
@@ -32,7 +33,9 @@ class JsonlLogger:
 
     def _open(self, state: RunState) -> IO[str]:
         if self._handle is None:
-            self._handle = open(state.run_dir / self.config.file, "a", encoding="utf-8")
+            path = state.run_dir / self.config.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(path, "a", encoding="utf-8")
         return self._handle
 
     @hookimpl

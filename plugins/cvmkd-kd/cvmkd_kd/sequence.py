@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import gt, one_of
-from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_core.files import atomic_write_json, atomic_write_text, record_digest, verified_cache_file
 
 log = logging.getLogger("cvmkd")
 
@@ -91,7 +91,8 @@ def teacher_targets(
     reused = translated = 0
     for index, (start, end) in enumerate(chunks):
         path = directory / f"chunk_{index:05d}.txt"
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1] if path.is_file() else []
+        usable = verified_cache_file(path, "cached teacher translations")
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1] if usable else []
         if len(lines) == end - start:
             out.extend(lines)
             reused += len(lines)
@@ -99,6 +100,7 @@ def teacher_targets(
         nbest = translate(sources[start:end])
         chosen = [closest(hyps, ref) for hyps, ref in zip(nbest, references[start:end])]
         atomic_write_text(path, "".join(h.replace("\n", " ") + "\n" for h in chosen))
+        record_digest(path)
         out.extend(chosen)
         translated += len(chosen)
         seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ import attrs
 import torch
 
 from cvmkd_core.errors import ModelError
+from cvmkd_core.files import record_digest, verified_cache_file
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
@@ -106,7 +107,10 @@ class KDTrainer(Seq2SeqTrainer):
         key = teacher_key(state, self.data)
         cached = state.recipe.run.cache_path() / "teachers" / key[:20]
         if (cached / "metadata.json").is_file():
-            model, _, metadata = load_package(cached)
+            try:
+                model, _, metadata = load_package(cached)
+            except ModelError as exc:
+                raise ModelError(f"cached teacher: {exc}; delete {cached} and it is trained again") from None
             self.teacher_info = {
                 "source": "cache",
                 "path": str(cached),
@@ -215,7 +219,7 @@ class KDTrainer(Seq2SeqTrainer):
             f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{self.data.targets}|{max_len}|{self.config.topk}|{self.precision}".encode()
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-outputs" / f"{fingerprint[:20]}.safetensors"
-        if path.is_file():
+        if verified_cache_file(path, "cached teacher outputs"):
             cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size)
             log.info("reusing cached teacher outputs %s", path)
             self.teacher_info["outputs"] = {"path": str(path), "reused": True, **cache.stats()}
@@ -318,11 +322,12 @@ class KDTrainer(Seq2SeqTrainer):
             ).encode()
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-translations" / f"{key[:24]}.txt"
-        if path.is_file():
+        if verified_cache_file(path, "cached teacher translations"):
             lines = path.read_text(encoding="utf-8").split("\n")[:-1]
             if len(lines) == len(sources):
                 log.info("reusing the teacher's cached translations %s", path)
                 return lines
         hypotheses = self.translate_with_teacher(state, sources, beam_size=beam_size)
         atomic_write_text(path, "".join(h.replace("\n", " ") + "\n" for h in hypotheses))
+        record_digest(path)
         return hypotheses

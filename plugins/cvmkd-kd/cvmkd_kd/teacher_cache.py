@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cvmkd_core.errors import ModelError
+from cvmkd_core.files import digest_path, record_digest, verified_cache_file
 from cvmkd_kd.loss import check_vocab
 
 __all__ = ["CacheBatch", "TeacherCache", "build_teacher_cache"]
@@ -179,6 +180,7 @@ def build_teacher_cache(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    record_digest(path)
     try:  # make the rename itself durable; not every OS can open a directory
         _fsync_path(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -248,6 +250,8 @@ class TeacherCache:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"teacher cache {path} does not exist: build it first")
+        if not verified_cache_file(path, "teacher cache"):
+            raise ModelError(f"teacher cache {path} has no recorded sha256 ({digest_path(path).name}): rebuild it")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from cvmkd_core.config import ge, gt, one_of
-from cvmkd_core.errors import ModelError
+from cvmkd_core.errors import CorpusError, ModelError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.recipe import LossRef
 from cvmkd_core.state import RunState, RunSummary, StepResult
@@ -111,6 +111,12 @@ class Seq2SeqTrainer:
         )
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler("cuda")
+        pairs = len(self.data.train_src)
+        if not self.config.max_tokens and pairs < self.config.batch_size:
+            raise CorpusError(
+                f"the training set has {pairs} pairs, fewer than one batch of the {self.role}'s "
+                f"batch_size = {self.config.batch_size}: lower it, or give max_tokens instead"
+            )
         self.stream = BatchStream(
             self.data.train_src,
             self.data.train_tgt,

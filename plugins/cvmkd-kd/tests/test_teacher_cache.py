@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from cvmkd_core.errors import ModelError
+from cvmkd_core.errors import CacheError, ModelError
+from cvmkd_core.files import record_digest
 from cvmkd_kd.loss import KDConfig, kd_loss
 from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
 
@@ -99,7 +100,8 @@ def test_lookup_returns_teacher_topk_in_any_batch_order(setup, k: int) -> None:
     teacher, pairs, build_batches, path = setup
     built = build_teacher_cache(teacher, build_batches, N, k, path, fingerprint=FP)
     loaded = TeacherCache.load(path, FP)
-    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+    # no temp file left behind: the cache and the record of its sha256
+    assert sorted(path.parent.iterdir()) == [path, path.with_name(path.name + ".sha256")]
     assert (loaded.k, loaded.vocab_size, loaded.n_pairs) == (k, V, N)
     assert loaded.n_positions == sum(len(t) for _, t in pairs)
 
@@ -173,6 +175,9 @@ def test_fingerprint_mismatch_and_bad_files_are_refused(setup, tmp_path: Path) -
         TeacherCache.load(tmp_path / "missing.safetensors", FP)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="no recorded sha256"):
+        TeacherCache.load(bad, FP)
+    record_digest(bad)
     with pytest.raises(ModelError, match="unreadable"):
         TeacherCache.load(bad, FP)
     with pytest.raises(ModelError, match=r"teacher vocabulary \(11\) differs from the student's \(12\)"):
@@ -184,7 +189,17 @@ def test_rebuild_replaces_the_file(setup) -> None:
     build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint="old")
     build_teacher_cache(teacher, build_batches, N, 5, path, fingerprint=FP)
     assert TeacherCache.load(path, FP).k == 5
-    assert list(path.parent.iterdir()) == [path]
+    assert sorted(path.parent.iterdir()) == [path, path.with_name(path.name + ".sha256")]
+
+
+def test_an_edited_cache_of_the_same_size_is_refused(setup) -> None:
+    teacher, _, build_batches, path = setup
+    build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit of a stored log-probability
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"does not match the sha256 recorded .*; delete it and it is rebuilt"):
+        TeacherCache.load(path, FP)
 
 
 def test_lookup_refuses_mismatched_lengths(setup) -> None:

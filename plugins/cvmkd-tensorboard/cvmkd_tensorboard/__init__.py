@@ -48,7 +48,7 @@ from typing import Any
 
 import attrs
 
-from cvmkd_core.config import ge, gt
+from cvmkd_core.config import ge, gt, inside_run_dir
 from cvmkd_core.errors import ComponentError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.recipe import ComponentRef, Recipe
@@ -63,8 +63,8 @@ MISSING = "logger 'tensorboard' needs the tensorboard package: pip install tenso
 class TensorBoardConfig:
     """``[[loggers]] name = "tensorboard"``."""
 
-    log_dir: str = "tensorboard"
-    """folder of the event files, relative to the run directory"""
+    log_dir: str = attrs.field(default="tensorboard", validator=inside_run_dir)
+    """folder of the event files, relative to the run directory (and inside it)"""
     every: int = attrs.field(default=0, validator=ge(0))
     """log training scalars every N steps; 0 follows ``run.log_every``"""
     flush_seconds: float = attrs.field(default=30.0, validator=gt(0))

@@ -19,6 +19,7 @@ from typing import Any
 import sentencepiece as spm
 
 from cvmkd_core.errors import CorpusError, ModelError
+from cvmkd_core.files import record_digest, verified_cache_file
 
 from .readers import Pair
 
@@ -223,7 +224,7 @@ def train_tokenizer(
     digest = _content_hash(sentences, settings, seed)
     cache = Path(cache_dir)
     cached = cache / f"{digest}.model"
-    if cached.is_file():
+    if verified_cache_file(cached, "cached tokenizer"):
         log.info("tokenizer: using cached model %s (same training text and settings)", cached)
         tok = Tokenizer.load(cached)
         tok.from_cache = True
@@ -257,6 +258,7 @@ def train_tokenizer(
         raise CorpusError(f"tokenizer: SentencePiece training failed: {e}") from None
     data = writer.getvalue()
     _atomic_write(cached, data)
+    record_digest(cached)
     log.info(
         "tokenizer: trained in %.1f s, cached as %s",
         time.perf_counter() - start,

@@ -69,6 +69,10 @@ def save_package(
             meta["stored_dtype"] = "float16"
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         meta["tokenizer_sha256"] = tokenizer.sha256
+        # every other file the model is rebuilt from, so that an edit cannot change it unseen
+        meta["files_sha256"] = {
+            name: sha256_file(tmp / name) for name in (CONFIG, TOKENIZER, QUANTIZATION) if (tmp / name).is_file()
+        }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         for path in tmp.iterdir():
             with open(path, "rb") as handle:
@@ -148,8 +152,28 @@ def load_package(
             f"model package {directory}: tokenizer has {tokenizer.vocab_size} pieces but the model "
             f"expects {config.vocab_size}"
         )
+    verify_files(directory, metadata)
     model.to(device).eval()
     return model, tokenizer, metadata
+
+
+def verify_files(directory: Path, metadata: dict[str, Any]) -> None:
+    """Check config, tokenizer and quantization spec against the sha256 the package recorded
+    when it was written (packages written before cvmkd recorded them are not checked)."""
+    recorded = metadata.get("files_sha256") or {}
+    for name in (CONFIG, TOKENIZER, QUANTIZATION):
+        expected = recorded.get(name)
+        if expected is None:
+            if name == QUANTIZATION and recorded and (directory / name).is_file():
+                raise ModelError(f"model package {directory}: {name} was added after the package was written")
+            continue
+        path = directory / name
+        if not path.is_file():
+            raise ModelError(f"model package {directory}: {name} is missing")
+        if sha256_file(path) != expected:
+            raise ModelError(
+                f"model package {directory}: {name} does not match the sha256 recorded in {METADATA} (edited or damaged)"
+            )
 
 
 def _quantized_weights(path: Path) -> bool:
