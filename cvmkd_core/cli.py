@@ -177,7 +177,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_TERMINATED if summary.extra.get("signal") == "SIGTERM" else EXIT_INTERRUPTED
     gate = summary.gate
     if gate is not None and gate.passed is False:
-        print(f"retention gate failed: {gate.verdict} ({run_dir})", file=sys.stderr)
+        verdict = str(gate.verdict)
+        if not verdict.startswith("retention gate failed"):
+            verdict = f"retention gate failed: {verdict}"
+        print(f"{verdict} ({run_dir})", file=sys.stderr)
         return EXIT_GATE_FAILED
     print(f"{summary.status}: {run_dir}")
     return EXIT_OK

@@ -54,6 +54,21 @@ class RunDirError(CvmkdError):
     """The run directory exists already, or cannot be written."""
 
 
+class WriteError(CvmkdError, OSError):
+    """A file could not be written (a full disk, a read-only folder): names the file. Still an
+    OSError, with its errno and strerror, for code that handles those."""
+
+    def __init__(self, path: Any, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror}"
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
 class CheckpointError(CvmkdError):
     """A checkpoint is missing, corrupted or incompatible."""
 

@@ -400,18 +400,26 @@ class Loop:
             "share_of_wall_time": round(state.validation_seconds / wall, 4),
         }
         hook = self.pm.hook
+        stage = "run_end"
         try:
             state.emit(Event.RUN_END, status=summary.status, step=state.step, iterations=state.iterations)
             for phase in (hook.cvmkd_export, hook.cvmkd_evaluate, hook.cvmkd_quantize, hook.cvmkd_finalize):
+                stage = phase.name
                 phase(state=state, summary=summary)
             # the wall time covers finalize too (test evaluation, quantization, export)
             summary.wall_seconds = round(time.time() - state.started_at, 3)
+            stage = "cvmkd_record_outcome"
             hook.cvmkd_record_outcome(state=state, summary=summary)
         except BaseException as exc:
             if failed is None:
                 # the run's own work is done, but a finalize step (export, report...) failed
                 summary.status = "failed"
                 summary.error = f"finalize: {type(exc).__name__}: {exc}"
+                summary.extra["failed_in"] = stage.removeprefix("cvmkd_")
+                if stage != "cvmkd_record_outcome":
+                    # the packages written so far say that the run failed, not that it completed
+                    with contextlib.suppress(Exception):
+                        hook.cvmkd_record_outcome(state=state, summary=summary)
                 raise
             # the original error matters more; finalize's own failure is still reported
             log.error("finalize failed after the run failed: %s: %s", type(exc).__name__, exc)

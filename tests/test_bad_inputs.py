@@ -336,6 +336,35 @@ def cvmkd_finalize(state, summary):
 """
 
 
+#: the disk fills up while the finished run writes evaluation.json (its test scores)
+FULL_DISK_AT_FINALIZE = """\
+import errno
+
+from cvmkd_core import files, hookimpl
+
+_original = files.atomic_write
+
+
+def _atomic_write(path, write):
+    def fill_up(handle):
+        if str(path).endswith("evaluation.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(handle)
+
+    _original(path, fill_up)
+
+
+@hookimpl(tryfirst=True)
+def cvmkd_evaluate(state, summary):
+    files.atomic_write = _atomic_write
+
+
+@hookimpl
+def cvmkd_report(state, summary):
+    files.atomic_write = _original
+"""
+
+
 # --- checks after the command --------------------------------------------------------------------
 
 
@@ -378,6 +407,16 @@ def _summary_finalize_failed(root: Path) -> None:
     summary = _summary(root)
     assert summary["status"] == "failed" and summary["error"] == "finalize: ValueError: boom"
     assert summary["final_step"] == 6
+
+
+def _finalize_failed_at_evaluation(root: Path) -> None:
+    """summary.json says where the run failed; the package claims no test scores and no success."""
+    summary = _summary(root, "runs/kd")
+    assert (summary["status"], summary["extra"]["failed_in"]) == ("failed", "evaluate")
+    meta = json.loads((root / "runs/kd/model/metadata.json").read_text())
+    assert meta["status"] == "failed" and meta["failed_in"] == "evaluate"
+    assert "test_scores" not in meta and "gate" not in meta
+    assert not list((root / "runs/kd").glob(".evaluation.json.*"))  # no temporary file left
 
 
 def _no_summary(root: Path) -> None:
@@ -585,6 +624,15 @@ CASES: list[Case] = [
         "or give max_tokens instead",
         2,
         kd=True,
+    ),
+    Case(
+        "disk-full-while-finalizing",
+        kd("--set", "teacher.checkpoint=pkg", "--plugin", "full_disk.py", "--quiet"),
+        "error: cannot write runs/kd/evaluation.json: No space left on device",
+        2,
+        kd=True,
+        setup=(_package("pkg"), _write("full_disk.py", FULL_DISK_AT_FINALIZE)),
+        check=_finalize_failed_at_evaluation,
     ),
     Case(
         "teacher-config-edited",

@@ -276,7 +276,8 @@ class Seq2SeqTrainer:
             "parameters": count_parameters(self.model),
             "final_step": state.step,
             "iterations_executed": state.iterations,
-            "status": summary.status,
+            # "finalizing" until the run's outcome is stamped, once every finalize step succeeded
+            "status": "finalizing",
             "hardware": describe_hardware(self.device),
             "wall_seconds": round(time.time() - state.started_at, 1),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),

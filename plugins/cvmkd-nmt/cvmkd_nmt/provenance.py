@@ -129,6 +129,11 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
                 if shared in student_meta and shared not in meta:
                     meta[shared] = student_meta[shared]
         meta.update(common)
+        meta["status"] = summary.status
+        if summary.status == "failed":
+            # a package of a run whose finalize failed: it claims no results it does not have
+            meta["error"] = summary.error
+            meta["failed_in"] = summary.extra.get("failed_in")
         meta.setdefault("hardware", describe_hardware(torch.device("cpu")))
         gate_name = "student" if key == "model" else key[len("model-") :]
         gate = _gate_for(attrs.asdict(summary.gate) if summary.gate is not None else None, gate_name)
