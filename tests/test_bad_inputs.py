@@ -419,6 +419,36 @@ def _finalize_failed_at_evaluation(root: Path) -> None:
     assert not list((root / "runs/kd").glob(".evaluation.json.*"))  # no temporary file left
 
 
+def _copies_corpus(root: Path) -> None:
+    """corpus.tsv with ten of its lines' targets replaced by their sources (nine of them fall in
+    the training split)."""
+    lines = _corpus_lines()
+    for i in range(0, 60, 6):
+        src = lines[i].split("\t")[0]
+        lines[i] = f"{src}\t{src}"
+    (root / "copies.tsv").write_text("\n".join(lines) + "\n")
+
+
+def _assert_text(path: Path, text: str) -> None:
+    assert path.read_text() == text
+
+
+def _assert_lines(path: Path, count: int) -> None:
+    lines = path.read_text().splitlines()
+    assert len(lines) == count and all(line.strip() for line in lines)
+
+
+def _assert_mode(path: Path, mode: int) -> None:
+    assert path.stat().st_mode & 0o777 == mode and path.read_text() != "old\n"
+
+
+def _chmod(name: str, mode: int) -> Callable[[Path], None]:
+    def step(root: Path) -> None:
+        (root / name).chmod(mode)
+
+    return step
+
+
 def _no_summary(root: Path) -> None:
     assert not (root / "runs/toy/summary.json").exists()
 
@@ -444,6 +474,8 @@ class Case:
     xfail: str | None = None
     #: entry-point plugins to load (CVMKD_PLUGINS); none by default, "kd" for the kd cases
     plugins: str | None = None
+    #: bytes the command reads on its standard input
+    stdin: bytes | None = None
 
 
 def toy(*args: str) -> list[str]:
@@ -586,6 +618,33 @@ CASES: list[Case] = [
         setup=(_write("notab.tsv", "le chat\tthe cat\nle chien the dog\n"),),
     ),
     Case(
+        "corpus-tsv-extra-field",
+        kd("--set", "corpus.train=extra.tsv"),
+        "error: extra.tsv: line 2: expected 2 tab-separated fields, got 3 (a tab inside a sentence?)",
+        2,
+        kd=True,
+        setup=(_write("extra.tsv", "le chat\tthe cat\nle chien\tthe\tdog\n"),),
+    ),
+    Case(
+        "corpus-length-filter-is-logged",
+        kd("--set", "teacher.checkpoint=pkg", "--set", "corpus.max_words=3", "--set", "distill.batch_size=8", "--quiet"),
+        "",
+        0,
+        kd=True,
+        setup=(_package("pkg"),),
+        warning="corpus.tsv: dropped 23 of 52 training pairs longer than max_words = 3 words or with a length "
+        "ratio above max_ratio = 3",
+    ),
+    Case(
+        "corpus-untranslated-copies-are-logged",
+        kd("--set", "teacher.checkpoint=pkg", "--set", "corpus.train=copies.tsv", "--quiet"),
+        "",
+        0,
+        kd=True,
+        setup=(_package("pkg"), _copies_corpus),
+        warning="copies.tsv: 9 of 52 training pairs have identical source and target (untranslated copies?)",
+    ),
+    Case(
         "corpus-not-utf8",
         kd("--set", "corpus.train=latin1.tsv"),
         "error: latin1.tsv: line 2: invalid UTF-8 (byte 0xe9 at column 4)",
@@ -711,11 +770,80 @@ CASES: list[Case] = [
     Case(
         "translate-input-not-utf8",
         ["translate", "--model", "pkg", "-i", "latin1.txt", "-o", "out.txt"],
-        "error: --input latin1.txt: not UTF-8 text (invalid continuation byte at byte 3)",
+        "error: --input latin1.txt: line 1: invalid UTF-8 (byte 0xe9 at column 4)",
         2,
         kd=True,
         setup=(_package("pkg"), _write_bytes("latin1.txt", "caf\xe9 noir\n".encode("latin-1"))),
         check=lambda root: _absent(root, "out.txt"),
+    ),
+    Case(
+        "translate-stdin-not-utf8",
+        ["translate", "--model", "pkg"],
+        "error: --input stdin: line 2: invalid UTF-8 (byte 0xe9 at column 4)",
+        2,
+        kd=True,
+        setup=(_package("pkg"),),
+        stdin="le chat\ncaf\xe9 noir\n".encode("latin-1"),
+    ),
+    Case(
+        "translate-input-is-a-folder",
+        ["translate", "--model", "pkg", "-i", "notes"],
+        "error: --input notes: is a directory",
+        2,
+        kd=True,
+        setup=(_package("pkg"),),
+    ),
+    Case(
+        "translate-input-dev-null",
+        ["translate", "--model", "pkg", "-i", "/dev/null", "-o", "empty.txt"],
+        "",
+        0,
+        kd=True,
+        setup=(_package("pkg"),),
+        check=lambda root: _assert_text(root / "empty.txt", ""),
+    ),
+    Case(
+        # a folder that cannot be written (read-only, or a file in the way: root ignores modes)
+        "translate-output-folder-unwritable",
+        ["translate", "--model", "pkg", "-i", "in.txt", "-o", "blocker/out.txt"],
+        "error: --output blocker/out.txt: cannot write it (File exists)",
+        2,
+        kd=True,
+        setup=(_package("pkg"), _write("in.txt", "le chat\n"), _write("blocker", "a file\n")),
+    ),
+    Case(
+        "translate-output-keeps-its-permissions",
+        ["translate", "--model", "pkg", "-i", "in.txt", "-o", "shared.txt"],
+        "",
+        0,
+        kd=True,
+        setup=(_package("pkg"), _write("in.txt", "le chat\n"), _write("shared.txt", "old\n"), _chmod("shared.txt", 0o644)),
+        may_change=("shared.txt",),
+        check=lambda root: _assert_mode(root / "shared.txt", 0o644),
+    ),
+    Case(
+        "translate-long-line-is-not-cut",
+        ["translate", "--model", "pkg", "-i", "long.txt", "-o", "long.out"],
+        "",
+        0,
+        kd=True,
+        setup=(_package("pkg"), _write("long.txt", "le chat mange. " * 150 + "\n")),
+        warning="line 1: 1350 pieces, more than the model reads at once (63): translated as 22 segments",
+        check=lambda root: _assert_lines(root / "long.out", 1),
+    ),
+    Case(
+        "translate-beam-too-wide",
+        ["translate", "--model", "pkg", "--beam-size", "100000"],
+        "error: --beam-size must be at most 64 (got 100000)",
+        2,
+    ),
+    Case(
+        "translate-unknown-device",
+        ["translate", "--model", "pkg", "--device", "tpu"],
+        "error: --device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N",
+        2,
+        kd=True,
+        setup=(_package("pkg"),),
     ),
     Case(
         "translate-batch-size-zero",
@@ -939,6 +1067,8 @@ def test_bad_input(
     before = snapshot(root)
     assert "runs/earlier/summary.json" in before
 
+    if case.stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(case.stdin)))
     caplog.clear()
     caplog.set_level(logging.INFO, logger="cvmkd")
     try:

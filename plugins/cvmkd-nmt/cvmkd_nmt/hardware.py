@@ -24,12 +24,22 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_device(requested: str) -> torch.device:
+def resolve_device(requested: str, what: str = "run.device") -> torch.device:
+    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise CvmkdError("run.device: 'cuda' was asked for but no CUDA device is available")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CvmkdError(f"{what}: unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CvmkdError(f"{what}: {requested!r} was asked for but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CvmkdError(f"{what}: {requested!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

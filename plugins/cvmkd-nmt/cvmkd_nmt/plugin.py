@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ class FilesCorpus:
 
         c = self.config
         if c.format == "tsv":
-            return read_tsv(path)
+            return read_tsv(path, exact=True)
         if c.format == "jsonl":
             return read_jsonl(path)
         return read_parallel(f"{path}.{c.source_lang}", f"{path}.{c.target_lang}")
@@ -130,9 +131,28 @@ class FilesCorpus:
             train, split_valid, split_test = split_pairs(train, held_valid, held_test, seed=c.seed)
             valid = valid if valid is not None else split_valid
             test = test if test is not None else split_test
+        before = len(train)
         train, dropped = filter_pairs(train, max_len=c.max_words, max_ratio=c.max_ratio)
+        if dropped:
+            logging.getLogger("cvmkd").warning(
+                "%s: dropped %d of %d training pairs longer than max_words = %d words or with a length "
+                "ratio above max_ratio = %g",
+                c.train,
+                dropped,
+                before,
+                c.max_words,
+                c.max_ratio,
+            )
         if not train:
             raise CorpusError(f"{c.train}: no training pairs left after length filtering")
+        copies = sum(1 for pair in train if pair.src == pair.tgt)
+        if copies:
+            logging.getLogger("cvmkd").warning(
+                "%s: %d of %d training pairs have identical source and target (untranslated copies?)",
+                c.train,
+                copies,
+                len(train),
+            )
         if not valid:
             raise CorpusError(f"{c.valid or c.train}: no validation pairs (set valid or valid_size)")
         return CorpusSplits(

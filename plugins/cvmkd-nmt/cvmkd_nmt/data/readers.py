@@ -97,10 +97,14 @@ def _empty_side(src: str, tgt: str) -> str | None:
     return None
 
 
-def read_tsv(path: PathLike, src_col: int = 0, tgt_col: int = 1, skip_empty: bool = False) -> PairList:
+def read_tsv(
+    path: PathLike, src_col: int = 0, tgt_col: int = 1, skip_empty: bool = False, exact: bool = False
+) -> PairList:
     """Read a tab-separated file, one pair per line, taking columns ``src_col`` and ``tgt_col`` (0-based).
 
-    Lines may have more columns than needed (for example a score); fewer is an error.
+    Lines may have more columns than needed (for example a score); fewer is an error. With
+    ``exact``, a line must have exactly the columns needed: a stray tab inside a sentence would
+    otherwise cut it short unseen.
     Each side is stripped of surrounding whitespace. A pair with an empty side is an error,
     or with ``skip_empty=True`` is skipped and counted in the result's ``skipped``.
     """
@@ -112,8 +116,11 @@ def read_tsv(path: PathLike, src_col: int = 0, tgt_col: int = 1, skip_empty: boo
             src = tgt = ""  # a blank line is a pair with two empty sides, not a field-count error
         else:
             fields = line.split("\t")
-            if len(fields) < need:
-                raise CorpusError(f"{path}: line {number}: expected {need} tab-separated fields, got {len(fields)}")
+            if len(fields) < need or (exact and len(fields) > need):
+                hint = " (a tab inside a sentence?)" if len(fields) > need else ""
+                raise CorpusError(
+                    f"{path}: line {number}: expected {need} tab-separated fields, got {len(fields)}{hint}"
+                )
             src, tgt = fields[src_col].strip(), fields[tgt_col].strip()
         problem = _empty_side(src, tgt)
         if problem:

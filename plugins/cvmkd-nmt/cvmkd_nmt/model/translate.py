@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -19,6 +20,9 @@ from cvmkd_core.errors import CvmkdError
 from cvmkd_nmt.hardware import autocast
 
 log = logging.getLogger("cvmkd")
+
+#: the largest --beam-size: wider beams cost time in proportion and gain nothing measurable
+MAX_BEAM = 64
 
 #: lines read before translating when the input is a file or a pipe; sorting by length inside a
 #: chunk keeps batches dense while the memory stays bounded for inputs of any size
@@ -119,6 +123,22 @@ def translate_nbest(
     return results
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _decoded(lines: Iterable[bytes], name: str) -> Iterator[str]:
+    for number, raw in enumerate(lines, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CvmkdError(
+                f"--input {name}: line {number}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            ) from None
+
+
 def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for line in lines:
@@ -130,24 +150,71 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _translate_lines(
-    model: Any, tokenizer: Any, lines: list[str], args: argparse.Namespace, device: torch.device
-) -> list[str]:
-    """Translations of ``lines``; an empty line stays empty (nothing to translate)."""
-    todo = [i for i, line in enumerate(lines) if line.strip()]
-    outputs = [""] * len(lines)
-    if todo:
-        done = translate(
-            model,
-            tokenizer,
-            [lines[i].strip() for i in todo],
-            beam_size=args.beam_size,
-            batch_size=args.batch_size,
-            device=device,
+#: where a line too long for the model is split, most preferred first: after the end of a
+#: sentence, after a clause, after a comma, then at any space
+_BREAKS = (re.compile(r"(?<=[.!?…])\s+"), re.compile(r"(?<=[;:])\s+"), re.compile(r"(?<=,)\s+"), re.compile(r"\s+"))
+
+
+def split_to_fit(tokenizer: Any, text: str, max_pieces: int, level: int = 0) -> list[str]:
+    """``text`` as consecutive segments of at most ``max_pieces`` tokenizer pieces each, split
+    at the most natural boundary that makes them fit (sentence, clause, comma, word); a single
+    word longer than that is cut into pieces of characters."""
+    if len(tokenizer.encode([text])[0]) <= max_pieces:
+        return [text]
+    if level >= len(_BREAKS):
+        half = max(1, len(text) // 2)
+        return split_to_fit(tokenizer, text[:half], max_pieces, level) + split_to_fit(
+            tokenizer, text[half:], max_pieces, level
         )
-        for i, text in zip(todo, done):
-            outputs[i] = text.replace("\n", " ")
-    return outputs
+    parts = [p for p in _BREAKS[level].split(text) if p]
+    if len(parts) == 1:
+        return split_to_fit(tokenizer, text, max_pieces, level + 1)
+    segments: list[str] = []
+    current = ""
+    for part in parts:
+        joined = f"{current} {part}" if current else part
+        if current and len(tokenizer.encode([joined])[0]) > max_pieces:
+            segments.extend(split_to_fit(tokenizer, current, max_pieces, level + 1))
+            current = part
+        else:
+            current = joined
+    if current:
+        segments.extend(split_to_fit(tokenizer, current, max_pieces, level + 1))
+    return segments
+
+
+def _translate_lines(
+    model: Any, tokenizer: Any, lines: list[str], args: argparse.Namespace, device: torch.device, first_line: int = 1
+) -> list[str]:
+    """Translations of ``lines``; an empty line stays empty (nothing to translate). A line longer
+    than the model reads at once is split into segments that fit (at sentence boundaries where
+    it can), each is translated, and the translations are joined: nothing is cut off unseen."""
+    max_pieces = model.config.max_len - 1  # the end-of-sentence mark takes the last position
+    segments: list[str] = []
+    owners: list[int] = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if not text:
+            continue
+        parts = split_to_fit(tokenizer, text, max_pieces)
+        if len(parts) > 1:
+            log.warning(
+                "line %d: %d pieces, more than the model reads at once (%d): translated as %d segments",
+                first_line + i,
+                len(tokenizer.encode([text])[0]),
+                max_pieces,
+                len(parts),
+            )
+        segments.extend(parts)
+        owners.extend([i] * len(parts))
+    outputs: list[list[str]] = [[] for _ in lines]
+    if segments:
+        done = translate(
+            model, tokenizer, segments, beam_size=args.beam_size, batch_size=args.batch_size, device=device
+        )
+        for i, text in zip(owners, done):
+            outputs[i].append(text.replace("\n", " "))
+    return [" ".join(parts) for parts in outputs]
 
 
 def translate_command(args: argparse.Namespace) -> int:
@@ -158,49 +225,64 @@ def translate_command(args: argparse.Namespace) -> int:
     from cvmkd_nmt.hardware import resolve_device
     from cvmkd_nmt.model.package import load_package, resolve_package
 
-    for option, value in (("--batch-size", args.batch_size), ("--beam-size", args.beam_size)):
+    for option, value, most in (("--batch-size", args.batch_size, None), ("--beam-size", args.beam_size, MAX_BEAM)):
         if value < 1:
             raise CvmkdError(f"{option} must be at least 1 (got {value})")
-    if args.input != "-" and not Path(args.input).is_file():
-        raise CvmkdError(f"--input {args.input}: no such file")
+        if most is not None and value > most:
+            raise CvmkdError(f"{option} must be at most {most} (got {value})")
+    if args.input != "-":
+        if Path(args.input).is_dir():
+            raise CvmkdError(f"--input {args.input}: is a directory")
+        if not Path(args.input).exists():  # /dev/null, a named pipe or <(command) are fine
+            raise CvmkdError(f"--input {args.input}: no such file")
     if args.output != "-" and Path(args.output).is_dir():
         raise CvmkdError(f"--output {args.output}: is a directory")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     folder = resolve_package(args.model, build_plugins().registry)  # a folder, or a registered name
     model, tokenizer, metadata = load_package(folder, device)
     scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
     scheme = "fp32" if scheme == "none" else scheme
     started = time.perf_counter()
     count = 0
-    source: IO[str] = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    # bytes, decoded line by line: an undecodable line is named, whatever the locale (stdin's
+    # default handler would pass such bytes on as surrogates, which the tokenizer cannot take)
+    source: IO[bytes] = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
+    name = "stdin" if args.input == "-" else args.input
     try:
         interactive = args.input == "-" and sys.stdin.isatty() and args.output == "-"
-        chunks = _chunks(source, 1 if interactive else CHUNK_LINES)
+        chunks = _chunks(_decoded(source, name), 1 if interactive else CHUNK_LINES)
         if args.output == "-":
             for chunk in chunks:
-                for line in _translate_lines(model, tokenizer, chunk, args, device):
+                for line in _translate_lines(model, tokenizer, chunk, args, device, count + 1):
                     sys.stdout.write(line + "\n")
                 sys.stdout.flush()
                 count += len(chunk)
         else:
             target = Path(args.output)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            except OSError as exc:
+                raise CvmkdError(f"--output {args.output}: cannot write it ({exc.strerror or exc})") from None
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as out:
                     for chunk in chunks:
-                        out.writelines(line + "\n" for line in _translate_lines(model, tokenizer, chunk, args, device))
+                        translated = _translate_lines(model, tokenizer, chunk, args, device, count + 1)
+                        out.writelines(line + "\n" for line in translated)
                         count += len(chunk)
                     out.flush()
                     os.fsync(out.fileno())
+                # the permissions an ordinary new file gets, or those of the file it replaces
+                os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
                 os.replace(tmp, target)
+            except OSError as exc:
+                Path(tmp).unlink(missing_ok=True)
+                raise CvmkdError(f"--output {args.output}: cannot write it ({exc.strerror or exc})") from None
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-    except UnicodeDecodeError as exc:
-        raise CvmkdError(f"--input {args.input}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     finally:
-        if source is not sys.stdin:
+        if source is not sys.stdin.buffer:
             source.close()
     seconds = time.perf_counter() - started
     log.info(
