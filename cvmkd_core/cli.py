@@ -158,8 +158,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.quiet:  # the progress plugin (cvmkd-monitor) prints lines instead of a bar
         os.environ["CVMKD_PROGRESS"] = "lines"
+    from cvmkd_core.loop import Terminated
+    from cvmkd_core.rundir import RECIPE_FILE, run_dir_for
+
     session = open_session(args.recipe, args.overrides, args.hook_files)
-    summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
+    try:
+        summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
+    except KeyboardInterrupt as stop:  # a second signal, or one while finalizing: stopped at once
+        path = run_dir_for(session.recipe, args.run_dir)
+        hint = f"; continue with: {resume_command(args, path)}" if (path / RECIPE_FILE).is_file() else ""
+        print(f"error: interrupted{hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED
     log.info(
         "run %s: %s at step %d (%d iterations, %d rollbacks) in %.1fs; outputs in %s",
         session.recipe.run.name,

@@ -181,10 +181,16 @@ def _make_converter() -> cattrs.Converter:
         inner: Callable[[Any, Any], Any] = make_dict_structure_fn(
             cls, conv, _cattrs_forbid_extra_keys=True, **overrides
         )
+        defaults = _default_component_names(cls)
 
         def structure_attrs(value: Any, _t: Any) -> Any:
             if not isinstance(value, dict):
                 raise ConfigValueError(f"expected a table, got {describe(value)}")
+            # a component's settings without its name (``--set distill.loss.temperature=1`` on a
+            # recipe with no [distill.loss]) keep the component the field chooses by default
+            missing = {k: n for k, n in defaults.items() if isinstance(value.get(k), dict) and "name" not in value[k]}
+            if missing:
+                value = {**value, **{k: {"name": n, **value[k]} for k, n in missing.items()}}
             return inner(value, cls)
 
         return structure_attrs
@@ -193,6 +199,23 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(_is_dict, dict_hook_factory)
     conv.register_structure_hook_factory(attrs.has, attrs_hook_factory)
     return conv
+
+
+def _default_component_names(cls: type) -> dict[str, str]:
+    """``{field: name}`` for the fields of ``cls`` whose default is a component reference (an
+    object with a ``kind`` and a ``name``, as the recipe's ``ComponentRef`` classes are)."""
+    names: dict[str, str] = {}
+    for field in attrs.fields(cls):
+        default = field.default
+        if not isinstance(default, attrs.Factory) or default.takes_self:  # type: ignore[arg-type]
+            continue
+        try:
+            value = default.factory()
+        except Exception:  # a factory that needs more than nothing: not a component reference
+            continue
+        if isinstance(getattr(type(value), "kind", None), str) and isinstance(getattr(value, "name", None), str):
+            names[field.name] = value.name
+    return names
 
 
 def _validated_hook(conv: cattrs.Converter, field: attrs.Attribute) -> Callable[[Any, Any], Any]:

@@ -159,6 +159,10 @@ def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
         state.validation_seconds = float(core.get("validation_seconds", 0.0))
 
 
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM, or a SIGTERM while finalizing: stop at once (exit status 143)."""
+
+
 @contextlib.contextmanager
 def _interrupts(state: RunState) -> Iterator[None]:
     """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers, ``kill`` and ``timeout`` send) asks
@@ -169,12 +173,17 @@ def _interrupts(state: RunState) -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if state.interrupted:
-            raise KeyboardInterrupt
-        state.interrupted = True
         name = signal.Signals(signum).name
+        stop_now = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if state.interrupted:
+            raise stop_now
+        state.interrupted = True
         state.interrupted_by = name
         what = "Ctrl-C" if signum == signal.SIGINT else name
+        if state.finalizing:
+            # training is over: there is no step to finish, and finalize's steps may take minutes
+            log.warning("interrupted (%s) while finalizing: stopping now; --resume finishes the outputs", what)
+            raise stop_now
         state.request_stop(f"interrupted ({what}): stopping after this step; {what} again stops at once")
         log.warning("%s", state.stop_reason)
 
@@ -401,6 +410,7 @@ class Loop:
         }
         hook = self.pm.hook
         stage = "run_end"
+        state.finalizing = True
         try:
             state.emit(Event.RUN_END, status=summary.status, step=state.step, iterations=state.iterations)
             for phase in (hook.cvmkd_export, hook.cvmkd_evaluate, hook.cvmkd_quantize, hook.cvmkd_finalize):
@@ -413,8 +423,14 @@ class Loop:
         except BaseException as exc:
             if failed is None:
                 # the run's own work is done, but a finalize step (export, report...) failed
-                summary.status = "failed"
-                summary.error = f"finalize: {type(exc).__name__}: {exc}"
+                if isinstance(exc, KeyboardInterrupt):
+                    summary.status = "interrupted"
+                    summary.error = "interrupted while finalizing"
+                    if state.interrupted_by:
+                        summary.extra["signal"] = state.interrupted_by
+                else:
+                    summary.status = "failed"
+                    summary.error = f"finalize: {type(exc).__name__}: {exc}"
                 summary.extra["failed_in"] = stage.removeprefix("cvmkd_")
                 if stage != "cvmkd_record_outcome":
                     # the packages written so far say that the run failed, not that it completed
@@ -431,4 +447,4 @@ class Loop:
             hook.cvmkd_report(state=state, summary=summary)
 
 
-__all__ = ["Loop", "PluginError", "instantiate_components"]
+__all__ = ["Loop", "PluginError", "Terminated", "instantiate_components"]

@@ -189,6 +189,8 @@ class RunState:
     interrupted: bool = False
     #: the signal that interrupted the run (SIGINT, SIGTERM), if one did
     interrupted_by: str | None = None
+    #: training is over and the loop exports, evaluates, quantizes and finalizes
+    finalizing: bool = False
     #: a rollback asked for between validations; the loop performs it after the current step
     pending_rollback: Rollback | None = None
     history: list[ValidationRecord] = attrs.field(factory=list)

@@ -429,6 +429,14 @@ def _copies_corpus(root: Path) -> None:
     (root / "copies.tsv").write_text("\n".join(lines) + "\n")
 
 
+def _loss_temperature_is_one(root: Path) -> None:
+    from cvmkd_core.session import open_session
+
+    session = open_session(root / "kd.toml", ["distill.loss.temperature=1.0"])
+    loss = session.recipe.distill.config.loss  # type: ignore[attr-defined]
+    assert (loss.name, loss.config.temperature, loss.config.alpha) == ("kd", 1.0, 0.8)
+
+
 def _assert_text(path: Path, text: str) -> None:
     assert path.read_text() == text
 
@@ -556,6 +564,17 @@ CASES: list[Case] = [
         toy("--set", 'loggers=[{name="jsonl", file="../../victim.txt"}]'),
         "error: r.toml: loggers[0].file: must be a relative path inside the run directory, got '../../victim.txt'",
         2,
+    ),
+    Case(
+        # [distill.loss] is absent: the settings go to the loss the trainer uses by default (kd)
+        "set-a-default-components-setting",
+        ["check", "kd.toml", "--set", "distill.loss.temperature=1.0"],
+        "",
+        0,
+        kd=True,
+        stdout="ok: kd.toml: 6 components (corpus=files, distill=kd, distill.loss=kd, loggers[0]=jsonl, "
+        "student.model=cvm, teacher.model=cvm)",
+        check=_loss_temperature_is_one,
     ),
     Case("set-without-equals", toy("--set", "run.steps"), "error: --set 'run.steps': expected section.key=value", 2),
     Case(

@@ -212,7 +212,8 @@ def test_a_second_ctrl_c_stops_at_once(workdir: Path) -> None:
     started = time.perf_counter()
     stopped = _cvmkd(workdir, "--run-dir", "runs/y", "--plugin", "interrupt.py")
     assert stopped.returncode == 130
-    assert stopped.stderr.strip().splitlines()[-1] == "error: interrupted"
+    hint = "continue with: cvmkd run recipe.toml --plugin interrupt.py --resume --run-dir runs/y"
+    assert stopped.stderr.strip().splitlines()[-1] == f"error: interrupted; {hint}"
     summary = json.loads((workdir / "runs/y" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["final_step"] == 6
     manifest = json.loads((workdir / "runs/y" / "checkpoints" / "manifest.json").read_text())
@@ -307,3 +308,34 @@ def test_resume_refuses_a_changed_recipe_and_allows_more_steps(workdir: Path) ->
     events = [json.loads(x) for x in (run_dir / "train.jsonl").read_text().splitlines()]
     (resume,) = [e for e in events if e.get("event") == "resume"]
     assert resume["changes"] == {"run.steps": {"from": 16, "to": 20}}
+
+
+#: a Ctrl-C once training is over, while the run scores the student on the test split
+FINALIZE_INTERRUPTER = """
+import os, signal
+from cvmkd_core import hookimpl
+
+@hookimpl(tryfirst=True)
+def cvmkd_evaluate(state, summary):
+    if state.recipe.distill.name == "kd":
+        os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_while_finalizing_stops_at_once_and_resume_finishes_the_outputs(workdir: Path) -> None:
+    (workdir / "late.py").write_text(FINALIZE_INTERRUPTER)
+    stopped = _cvmkd(workdir, "--run-dir", "runs/f", "--plugin", "late.py")
+    assert stopped.returncode == 130
+    assert stopped.stderr.strip().splitlines()[-1].startswith("error: interrupted; continue with: cvmkd run")
+    run_dir = workdir / "runs/f"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["extra"]["failed_in"], summary["final_step"]) == ("interrupted", "evaluate", 16)
+    meta = json.loads((run_dir / "model/metadata.json").read_text())
+    assert meta["status"] == "interrupted" and "test_scores" not in meta
+
+    resumed = _cvmkd(workdir, "--run-dir", "runs/f", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["evaluation"]["scores"]["student"]
+    assert json.loads((run_dir / "model/metadata.json").read_text())["status"] == "completed"

@@ -130,7 +130,7 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
                     meta[shared] = student_meta[shared]
         meta.update(common)
         meta["status"] = summary.status
-        if summary.status == "failed":
+        if summary.status in ("failed", "interrupted"):
             # a package of a run whose finalize failed: it claims no results it does not have
             meta["error"] = summary.error
             meta["failed_in"] = summary.extra.get("failed_in")
