@@ -177,6 +177,16 @@ def _first_kd_run(root: Path) -> None:
     assert main(argv) == 0
 
 
+def _first_kd_run_with_pkg(root: Path) -> None:
+    argv = kd(*TWO_STEP_TEACHER, "--set", "teacher.checkpoint=pkg", "--run-dir", "runs/first", "--quiet")
+    assert main(argv) == 0
+
+
+def _shrink_corpus(root: Path) -> None:
+    lines = (root / "corpus.tsv").read_text().splitlines()
+    (root / "corpus.tsv").write_text("\n".join(lines[:52]) + "\n")
+
+
 def _flip_a_byte(pattern: str) -> Callable[[Path], None]:
     """Change one byte of the one cached file matching ``pattern``: same size, other content."""
 
@@ -365,6 +375,34 @@ def cvmkd_report(state, summary):
 """
 
 
+#: the cache's disk is full when the trained teacher is copied into it
+FULL_CACHE_DISK = """\
+import errno
+import shutil
+
+from cvmkd_core import hookimpl
+
+_original = shutil.copytree
+
+
+def _copytree(src, dst, *args, **kwargs):
+    if "teachers" in str(dst):
+        _original(src, dst, *args, **kwargs)  # half of it, say: then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _original(src, dst, *args, **kwargs)
+
+
+@hookimpl
+def cvmkd_configure(recipe, pm):
+    shutil.copytree = _copytree
+"""
+
+
+def _no_temporary_teacher(root: Path) -> None:
+    assert not list((root / "cache/teachers").glob(".*")), "a temporary teacher folder was left"
+    assert (root / "runs/kd/teacher/model/model.safetensors").is_file()  # the trained teacher is kept
+
+
 # --- checks after the command --------------------------------------------------------------------
 
 
@@ -435,6 +473,11 @@ def _loss_temperature_is_one(root: Path) -> None:
     session = open_session(root / "kd.toml", ["distill.loss.temperature=1.0"])
     loss = session.recipe.distill.config.loss  # type: ignore[attr-defined]
     assert (loss.name, loss.config.temperature, loss.config.alpha) == ("kd", 1.0, 0.8)
+
+
+def _report_says_summary_damaged(root: Path) -> None:
+    report = json.loads((root / "out/report.json").read_text())
+    assert "summary.json is damaged (unreadable): how the run ended is unknown" in json.dumps(report)
 
 
 def _assert_text(path: Path, text: str) -> None:
@@ -646,7 +689,9 @@ CASES: list[Case] = [
     ),
     Case(
         "corpus-length-filter-is-logged",
-        kd("--set", "teacher.checkpoint=pkg", "--set", "corpus.max_words=3", "--set", "distill.batch_size=8", "--quiet"),
+        kd(
+            "--set", "teacher.checkpoint=pkg", "--set", "corpus.max_words=3", "--set", "distill.batch_size=8", "--quiet"
+        ),
         "",
         0,
         kd=True,
@@ -711,6 +756,26 @@ CASES: list[Case] = [
         kd=True,
         setup=(_package("pkg"), _write("full_disk.py", FULL_DISK_AT_FINALIZE)),
         check=_finalize_failed_at_evaluation,
+    ),
+    Case(
+        "resume-after-the-corpus-changed",
+        kd(*TWO_STEP_TEACHER, "--set", "teacher.checkpoint=pkg", "--resume", "--run-dir", "runs/first"),
+        "error: cannot resume runs/first: the corpus changed since the run started (52 training pairs then, "
+        "44 now); restore it, or start a new run",
+        2,
+        kd=True,
+        setup=(_package("pkg"), _first_kd_run_with_pkg, _shrink_corpus),
+        may_change=("runs/first/summary.json", "runs/first/train.jsonl"),
+    ),
+    Case(
+        "cache-disk-full-while-caching-the-teacher",
+        kd(*TWO_STEP_TEACHER, "--plugin", "full_cache.py"),
+        "error: cannot cache the trained teacher in cache/teachers: No space left on device; it is kept in "
+        "runs/kd/teacher, and --resume continues from there once there is room",
+        2,
+        kd=True,
+        setup=(_write("full_cache.py", FULL_CACHE_DISK),),
+        check=_no_temporary_teacher,
     ),
     Case(
         "teacher-config-edited",
@@ -836,7 +901,12 @@ CASES: list[Case] = [
         "",
         0,
         kd=True,
-        setup=(_package("pkg"), _write("in.txt", "le chat\n"), _write("shared.txt", "old\n"), _chmod("shared.txt", 0o644)),
+        setup=(
+            _package("pkg"),
+            _write("in.txt", "le chat\n"),
+            _write("shared.txt", "old\n"),
+            _chmod("shared.txt", 0o644),
+        ),
         may_change=("shared.txt",),
         check=lambda root: _assert_mode(root / "shared.txt", 0o644),
     ),
@@ -884,6 +954,25 @@ CASES: list[Case] = [
         ["report", "notes"],
         "error: notes is not a run directory: it holds none of recipe.toml, summary.json, train.jsonl",
         2,
+    ),
+    Case(
+        "report-recipe-damaged",
+        ["report", "runs/earlier"],
+        "error: runs/earlier/recipe.toml is unreadable, so the run's reports are unknown: name them with --format",
+        2,
+        plugins="reports",
+        setup=(_write("runs/earlier/recipe.toml", "[run\nname = "),),
+        check=lambda root: _absent(root, "runs/earlier/reports"),
+    ),
+    Case(
+        "report-summary-damaged",
+        ["report", "runs/earlier", "--format", "json", "--out", "out"],
+        "",
+        0,
+        plugins="reports",
+        setup=(_write("runs/earlier/summary.json", '{"status": "comp'),),
+        check=_report_says_summary_damaged,
+        stdout="out/report.json\nout/plots/loss.png",
     ),
     Case(
         "report-unknown-format",

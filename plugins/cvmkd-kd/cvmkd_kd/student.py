@@ -144,15 +144,23 @@ class KDTrainer(Seq2SeqTrainer):
         if summary.status != "completed":
             raise ModelError(f"teacher training ended {summary.status}; see {stage_dir}")
         tmp = cached.with_name(f".{cached.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(stage_dir / "model", tmp)
-        metadata = read_metadata(tmp)
-        metadata.update(
-            trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1)
-        )
-        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(stage_dir / "model", tmp)
+            metadata = read_metadata(tmp)
+            metadata.update(
+                trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1)
+            )
+            (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+            shutil.rmtree(cached, ignore_errors=True)
+            tmp.rename(cached)
+        except OSError as exc:  # a full cache disk, say: the trained teacher stays in the run folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ModelError(
+                f"cannot cache the trained teacher in {cached.parent}: {reason}; it is kept in {stage_dir}, and "
+                "--resume continues from there once there is room"
+            ) from None
         model, _, _ = load_package(cached)
         self.teacher_info = {
             "source": "trained",

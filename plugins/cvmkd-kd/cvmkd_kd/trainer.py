@@ -219,12 +219,30 @@ class Seq2SeqTrainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batches": self.stream.state_dict() if self.stream is not None else {},
+            # what the data position means: resuming on other data would read it wrongly
+            "data": self._data_identity(),
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+        }
+
+    def _data_identity(self) -> dict[str, Any]:
+        assert self.data is not None
+        return {
+            "corpus": self.data.fingerprint,
+            "tokenizer": self.data.tokenizer.sha256,
+            "train_pairs": len(self.data.train_src),
         }
 
     @hookimpl
     def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
         saved = payload["trainer"]
+        before, now = saved.get("data"), self._data_identity()
+        if before is not None and before != now:
+            what = "corpus" if before.get("corpus") != now["corpus"] else "tokenizer"
+            raise CorpusError(
+                f"cannot resume {state.run_dir}: the {what} changed since the run started "
+                f"({before.get('train_pairs')} training pairs then, {now['train_pairs']} now); "
+                "restore it, or start a new run"
+            )
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.stream is not None and saved.get("batches"):

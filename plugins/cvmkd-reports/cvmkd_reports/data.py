@@ -506,11 +506,12 @@ def run_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     status = run.status
     if run.summary is None:
         ended = run.last_event("run_end")
-        note = (
-            "summary.json is missing: the run is still running, or was killed before it ended"
-            if ended is None
-            else "summary.json is missing; the training log says the run ended"
-        )
+        if (run.path / "summary.json").is_file():
+            note = "summary.json is damaged (unreadable): how the run ended is unknown"
+        elif ended is None:
+            note = "summary.json is missing: the run is still running, or was killed before it ended"
+        else:
+            note = "summary.json is missing; the training log says the run ended"
         notes.append(note)
     else:
         note = None

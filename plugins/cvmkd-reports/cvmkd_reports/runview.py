@@ -431,6 +431,11 @@ def select_reporters(registry: Any, run: RunView, formats: Sequence[str] = ()) -
             chosen.append((name, options, f"reports[{index}]" if index is not None else name))
     elif from_recipe:
         chosen = [(name, options, f"reports[{i}]") for i, (name, options) in enumerate(from_recipe)]
+    elif run.recipe is None and (run.path / RECIPE_FILE).is_file():
+        # the run's choice of reports is unknown: guessing "all of them" would write what it never asked for
+        raise RunDirError(
+            f"{run.path / RECIPE_FILE} is unreadable, so the run's reports are unknown: name them with --format"
+        )
     else:
         names = registry.names("reporter")
         if not names:

@@ -140,6 +140,8 @@ def load_package(
     else:
         try:
             load_model(model, str(directory / WEIGHTS), device=str(device))
+        except SafetensorError as exc:  # not a safetensors file (a damaged header, say)
+            raise ModelError(f"model package {directory}: {WEIGHTS} is damaged ({exc})") from None
         except Exception as exc:
             if _quantized_weights(directory / WEIGHTS):
                 raise ModelError(
