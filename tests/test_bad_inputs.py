@@ -375,6 +375,19 @@ def cvmkd_report(state, summary):
 """
 
 
+#: a test evaluation in which the student keeps half of the teacher's composite score
+HALF_AS_GOOD = """\
+from cvmkd_core import hookimpl
+from cvmkd_core.state import TestEvaluation
+
+
+@hookimpl
+def cvmkd_evaluate(summary):
+    summary.evaluation = TestEvaluation(
+        split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5}
+    )
+"""
+
 #: the cache's disk is full when the trained teacher is copied into it
 FULL_CACHE_DISK = """\
 import errno
@@ -988,6 +1001,20 @@ CASES: list[Case] = [
         "error: cannot write run directory blocker/toy: Not a directory",
         2,
         setup=(_write("blocker", "a file where a folder should be\n"),),
+    ),
+    Case(
+        "retention-gate-fails",
+        toy(
+            "--plugin",
+            "half.py",
+            "--set",
+            'guard={name = "guard", score = "composite", gate_scores = ["composite"]}',
+            "--quiet",
+        ),
+        "retention gate failed: student composite 50.0% of the teacher, below the threshold 90% (runs/toy)",
+        3,
+        plugins="guard",
+        setup=(_write("half.py", HALF_AS_GOOD),),
     ),
     Case(
         "run-dir-exists",
