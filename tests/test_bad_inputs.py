@@ -271,6 +271,18 @@ def _package(name: str, damage: Callable[[Path], None] | None = None) -> Callabl
     return step
 
 
+def _break_weights_header(package: Path) -> None:
+    """A header that is not JSON, with the sha256 in metadata.json updated to match: only the
+    safetensors parser sees the damage."""
+    weights = package / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:10] = b"[["
+    weights.write_bytes(bytes(data))
+    meta = json.loads((package / "metadata.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (package / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def _truncate_weights(package: Path) -> None:
     weights = package / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
@@ -374,6 +386,33 @@ def cvmkd_report(state, summary):
     files.atomic_write = _original
 """
 
+
+#: SIGTERM to the run itself after step 4, as `timeout`, Slurm or Kubernetes would send it
+TERM_AT_STEP_4 = """\
+import os
+import signal
+
+from cvmkd_core import hookimpl
+
+
+@hookimpl
+def cvmkd_step_end(state, result):
+    if state.step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+#: a Ctrl-C once training is over
+CTRL_C_AT_FINALIZE = """\
+import os
+import signal
+
+from cvmkd_core import hookimpl
+
+
+@hookimpl(tryfirst=True)
+def cvmkd_finalize(state, summary):
+    os.kill(os.getpid(), signal.SIGINT)
+"""
 
 #: a test evaluation in which the student keeps half of the teacher's composite score
 HALF_AS_GOOD = """\
@@ -491,6 +530,22 @@ def _loss_temperature_is_one(root: Path) -> None:
 def _report_says_summary_damaged(root: Path) -> None:
     report = json.loads((root / "out/report.json").read_text())
     assert "summary.json is damaged (unreadable): how the run ended is unknown" in json.dumps(report)
+
+
+def _stopped_by_sigterm_at_step_4(root: Path) -> None:
+    summary = _summary(root)
+    assert (summary["status"], summary["final_step"], summary["extra"]["signal"]) == ("interrupted", 4, "SIGTERM")
+    entry, _ = CheckpointStore(root / "runs/toy/checkpoints").load("last")
+    assert entry.step == 4
+    assert main(toy("--resume", "--run-dir", "runs/toy", "--quiet")) == 0
+    assert (_summary(root)["status"], _summary(root)["final_step"]) == ("completed", 6)
+
+
+def _interrupted_while_finalizing(root: Path) -> None:
+    summary = _summary(root)
+    assert (summary["status"], summary["final_step"], summary["extra"]["failed_in"]) == ("interrupted", 6, "finalize")
+    assert main(toy("--resume", "--run-dir", "runs/toy", "--quiet")) == 0
+    assert _summary(root)["status"] == "completed"
 
 
 def _assert_text(path: Path, text: str) -> None:
@@ -744,6 +799,15 @@ CASES: list[Case] = [
         2,
         kd=True,
         setup=(_package("pkg", _truncate_weights),),
+    ),
+    Case(
+        "teacher-weights-header-damaged",
+        kd("--set", "teacher.checkpoint=pkg"),
+        "error: model package pkg: model.safetensors is damaged (Error while deserializing header: invalid JSON "
+        "in header: invalid type: sequence, expected struct HashMetadata at line 1 column 0)",
+        2,
+        kd=True,
+        setup=(_package("pkg", _break_weights_header),),
     ),
     Case(
         "teacher-config-missing",
@@ -1001,6 +1065,24 @@ CASES: list[Case] = [
         "error: cannot write run directory blocker/toy: Not a directory",
         2,
         setup=(_write("blocker", "a file where a folder should be\n"),),
+    ),
+    Case(
+        "sigterm-stops-after-the-step",
+        toy("--plugin", "term.py", "--quiet"),
+        "interrupted at step 4; continue with: cvmkd run r.toml --plugin toy_hooks.py --plugin term.py "
+        "--resume --run-dir runs/toy",
+        143,
+        setup=(_write("term.py", TERM_AT_STEP_4),),
+        check=_stopped_by_sigterm_at_step_4,
+    ),
+    Case(
+        "ctrl-c-while-finalizing",
+        toy("--plugin", "late.py", "--quiet"),
+        "error: interrupted; continue with: cvmkd run r.toml --plugin toy_hooks.py --plugin late.py "
+        "--resume --run-dir runs/toy",
+        130,
+        setup=(_write("late.py", CTRL_C_AT_FINALIZE),),
+        check=_interrupted_while_finalizing,
     ),
     Case(
         "retention-gate-fails",
