@@ -94,6 +94,7 @@ CorpusRef = _ref_class("corpus")
 ModelRef = _ref_class("model")
 LoggerRef = _ref_class("logger")
 TrainerRef = _ref_class("trainer")
+ExporterRef = _ref_class("exporter")
 
 
 def _structure_ref(value: Any, cls: type[ComponentRef]) -> ComponentRef:
@@ -169,6 +170,8 @@ class Recipe:
     guard: DetectorRef | None = None  # type: ignore[valid-type]
     quantize: list[QuantizerRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     reports: list[ReporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
+    #: the formats the finished student is exported to (``[[exports]] name = "ctranslate2"``)
+    exports: list[ExporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     loggers: list[LoggerRef] = attrs.field(factory=lambda: [LoggerRef(name="jsonl")])  # type: ignore[valid-type]
     #: the tables plugins own (``register.section``), structured by their config classes
     sections: dict[str, Any] = attrs.field(factory=dict)
@@ -449,6 +452,7 @@ __all__ = [
     "ModelRef",
     "LoggerRef",
     "TrainerRef",
+    "ExporterRef",
     "RunConfig",
     "Recipe",
     "load_recipe",

@@ -28,6 +28,7 @@ KINDS: tuple[str, ...] = (
     "trainer",
     "section",
     "package",
+    "exporter",
 )
 
 
@@ -153,6 +154,12 @@ class Registrar:
     def trainer(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
         """A trainer: builds models and data at run start and performs the step."""
         self._add("trainer", name, factory, config)
+
+    def exporter(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
+        """An export format (``cvmkd export --format NAME``, ``[[exports]]``): ``factory(config)``
+        returns an object with ``export(package, out, quantization=None) -> dict``,
+        ``recognizes(folder) -> bool`` and ``translator(folder, device)`` for ``cvmkd translate``."""
+        self._add("exporter", name, factory, config)
 
     def package(self, name: str, path: str | Path) -> None:
         """A model shipped with the plugin (a pre-trained teacher): a folder accepted by name

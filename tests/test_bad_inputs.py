@@ -439,6 +439,7 @@ _original = shutil.copytree
 
 def _copytree(src, dst, *args, **kwargs):
     if "teachers" in str(dst):
+        shutil.copytree = _original  # once: later cases in this process copy normally
         _original(src, dst, *args, **kwargs)  # half of it, say: then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
     return _original(src, dst, *args, **kwargs)

@@ -167,7 +167,7 @@ CATALOGUE = [
         "unknown top-level section",
         "[trainning]\nsteps = 10\n",
         [
-            "recipe: unknown key 'trainning'; known keys: corpus, distill, guard, loggers, quantize, reports, run, validation"
+            "recipe: unknown key 'trainning'; known keys: corpus, distill, exports, guard, loggers, quantize, reports, run, validation"
         ],
     ),
     (
@@ -201,9 +201,15 @@ CATALOGUE = [
         ["validation.metrics[0]: metric 'exact' takes no settings, got 'lowercase'"],
     ),
     (
+        # a table without its name keeps the default component (kd), here not installed
         "component table without a name",
         "[distill]\nlearning_rate = 0.1\n",
-        ["distill: missing 'name': which trainer to use"],
+        ["distill: unknown trainer 'kd'; available: toy"],
+    ),
+    (
+        "list entry without a name",
+        "[[quantize]]\nbits = 4\n",
+        ["quantize[0]: missing 'name': which quantizer to use"],
     ),
     (
         "table where a list is expected",

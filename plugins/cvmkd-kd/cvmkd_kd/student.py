@@ -134,6 +134,7 @@ class KDTrainer(Seq2SeqTrainer):
             guard=None,
             quantize=[],
             reports=[],
+            exports=[],
         )
         stage_dir = state.run_dir / "teacher"
         log.info("training the teacher: %d steps in %s (cached afterwards as %s)", teacher.steps, stage_dir, cached)

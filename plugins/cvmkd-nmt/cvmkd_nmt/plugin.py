@@ -203,13 +203,47 @@ def _translate(args: Any) -> int:
     return translate_command(args)
 
 
+def _export_arguments(parser: Any) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a model package (runs/NAME/model) or an installed one's name")
+    parser.add_argument("--format", required=True, metavar="NAME", help="an installed export format (ctranslate2)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not exist, see --force)")
+    parser.add_argument(
+        "--quantization", metavar="TYPE", help="the format's weight type (ctranslate2: int8, float32...)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _export(args: Any) -> int:
+    """``cvmkd export MODEL --format NAME --out DIR``: a model package in another format."""
+    from cvmkd_core.errors import CvmkdError
+    from cvmkd_core.plugins import build_plugins
+    from cvmkd_nmt.model.package import resolve_package
+
+    registry = build_plugins().registry
+    component = registry.get("exporter", args.format)  # an unknown format names the installed ones
+    exporter = component.factory(component.make_config()) if component.config else component.factory()
+    package = resolve_package(args.model, registry)
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.force:
+        raise CvmkdError(f"--out {out} exists already; pass --force to replace it")
+    info = exporter.export(package, out, quantization=args.quantization)
+    print(f"{out}: {args.format} ({info.get('quantization', '')}), {info.get('size_bytes', 0) / 1e6:.1f} MB")
+    return 0
+
+
 @hookimpl
 def cvmkd_register_commands(cli: Any) -> None:
     cli.command(
         "translate",
-        help="translate text with a model package (fp32 or quantized)",
+        help="translate text with a model package (fp32 or quantized) or an export (CTranslate2)",
         configure=_translate_arguments,
         run=_translate,
+    )
+    cli.command(
+        "export",
+        help="write a model package in another format (an installed exporter: ctranslate2)",
+        configure=_export_arguments,
+        run=_export,
     )
 
 

@@ -128,6 +128,10 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return str(self._sp.id_to_piece(i))
 
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece (the unknown id for a piece not in the vocabulary)."""
+        return int(self._sp.piece_to_id(piece))
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}..., path={self.path})"
 

@@ -183,13 +183,26 @@ def split_to_fit(tokenizer: Any, text: str, max_pieces: int, level: int = 0) -> 
     return segments
 
 
-def _translate_lines(
-    model: Any, tokenizer: Any, lines: list[str], args: argparse.Namespace, device: torch.device, first_line: int = 1
-) -> list[str]:
-    """Translations of ``lines``; an empty line stays empty (nothing to translate). A line longer
-    than the model reads at once is split into segments that fit (at sentence boundaries where
-    it can), each is translated, and the translations are joined: nothing is cut off unseen."""
-    max_pieces = model.config.max_len - 1  # the end-of-sentence mark takes the last position
+class PackageTranslator:
+    """A cvm model package's model and tokenizer, as ``cvmkd translate`` uses them."""
+
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_len = int(model.config.max_len)
+
+    def translate(self, sources: list[str], beam_size: int = 1, batch_size: int = 32) -> list[str]:
+        return translate(
+            self.model, self.tokenizer, sources, beam_size=beam_size, batch_size=batch_size, device=self.device
+        )
+
+
+def _translate_lines(runtime: Any, lines: list[str], args: argparse.Namespace, first_line: int = 1) -> list[str]:
+    """Translations of ``lines`` by ``runtime`` (a :class:`PackageTranslator`, or an export's
+    translator); an empty line stays empty (nothing to translate). A line longer than the model
+    reads at once is split into segments that fit (at sentence boundaries where it can), each is
+    translated, and the translations are joined: nothing is cut off unseen."""
+    tokenizer = runtime.tokenizer
+    max_pieces = runtime.max_len - 1  # the end-of-sentence mark takes the last position
     segments: list[str] = []
     owners: list[int] = []
     for i, line in enumerate(lines):
@@ -209,9 +222,7 @@ def _translate_lines(
         owners.extend([i] * len(parts))
     outputs: list[list[str]] = [[] for _ in lines]
     if segments:
-        done = translate(
-            model, tokenizer, segments, beam_size=args.beam_size, batch_size=args.batch_size, device=device
-        )
+        done = runtime.translate(segments, beam_size=args.beam_size, batch_size=args.batch_size)
         for i, text in zip(owners, done):
             outputs[i].append(text.replace("\n", " "))
     return [" ".join(parts) for parts in outputs]
@@ -238,10 +249,21 @@ def translate_command(args: argparse.Namespace) -> int:
     if args.output != "-" and Path(args.output).is_dir():
         raise CvmkdError(f"--output {args.output}: is a directory")
     device = resolve_device(args.device, "--device")
-    folder = resolve_package(args.model, build_plugins().registry)  # a folder, or a registered name
-    model, tokenizer, metadata = load_package(folder, device)
-    scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
-    scheme = "fp32" if scheme == "none" else scheme
+    registry = build_plugins().registry
+    folder = resolve_package(args.model, registry)  # a folder, or a registered name
+    runtime: Any = None
+    for name in registry.names("exporter"):  # an export (CTranslate2...) runs on its own engine
+        component = registry.get("exporter", name)
+        exporter = component.factory(component.make_config()) if component.config else component.factory()
+        if exporter.recognizes(Path(folder)):
+            runtime = exporter.translator(Path(folder), str(device))
+            scheme = f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
+            break
+    if runtime is None:
+        model, tokenizer, metadata = load_package(folder, device)
+        runtime = PackageTranslator(model, tokenizer, device)
+        scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
+        scheme = "fp32" if scheme == "none" else scheme
     started = time.perf_counter()
     count = 0
     # bytes, decoded line by line: an undecodable line is named, whatever the locale (stdin's
@@ -253,7 +275,7 @@ def translate_command(args: argparse.Namespace) -> int:
         chunks = _chunks(_decoded(source, name), 1 if interactive else CHUNK_LINES)
         if args.output == "-":
             for chunk in chunks:
-                for line in _translate_lines(model, tokenizer, chunk, args, device, count + 1):
+                for line in _translate_lines(runtime, chunk, args, count + 1):
                     sys.stdout.write(line + "\n")
                 sys.stdout.flush()
                 count += len(chunk)
@@ -267,7 +289,7 @@ def translate_command(args: argparse.Namespace) -> int:
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as out:
                     for chunk in chunks:
-                        translated = _translate_lines(model, tokenizer, chunk, args, device, count + 1)
+                        translated = _translate_lines(runtime, chunk, args, count + 1)
                         out.writelines(line + "\n" for line in translated)
                         count += len(chunk)
                     out.flush()

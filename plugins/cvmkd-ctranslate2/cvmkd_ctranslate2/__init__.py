@@ -1,0 +1,149 @@
+"""cvmkd plugin: students exported to CTranslate2, the inference engine translation teams run on
+CPUs and GPUs, and translation with such exports.
+
+- the exporter ``ctranslate2``: ``cvmkd export MODEL --format ctranslate2 --out DIR
+  [--quantization int8]``, or ``[[exports]] name = "ctranslate2"`` in a recipe, so that a run
+  ends with its student in CTranslate2's format (``RUN_DIR/model-ctranslate2``);
+- ``cvmkd translate --model DIR`` recognises such a folder and translates with CTranslate2.
+
+An export folder holds CTranslate2's files (``model.bin``, ``config.json``, the vocabulary), the
+package's ``tokenizer.model`` and ``cvmkd.json``: the source package's metadata and the export's
+own (format, quantization, CTranslate2 version, the sha256 of the weights it was made from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from cvmkd_core.config import one_of
+from cvmkd_core.errors import ModelError
+from cvmkd_core.hookspecs import hookimpl
+from cvmkd_ctranslate2.convert import QUANTIZATIONS
+
+log = logging.getLogger("cvmkd")
+
+FORMAT = "ctranslate2"
+METADATA = "cvmkd.json"
+
+
+@attrs.frozen
+class CTranslate2Config:
+    """``[[exports]] name = "ctranslate2"``."""
+
+    quantization: str = attrs.field(default="int8", validator=one_of(*QUANTIZATIONS))
+    """CTranslate2's weight type: int8 (the CPU default), int8_float32, int16, float16, float32..."""
+    folder: str = ""
+    """where in the run directory; empty: ``model-ctranslate2``"""
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is a CTranslate2 export written by cvmkd."""
+    meta = folder / METADATA
+    if not (folder / "model.bin").is_file() or not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text("utf-8")).get("export", {}).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+class CTranslate2Exporter:
+    """Export a cvm model package to CTranslate2 (fp32, int8, int16, float16...)."""
+
+    format = FORMAT
+
+    def __init__(self, config: CTranslate2Config) -> None:
+        self.config = config
+
+    def export(self, package: Path, out: Path, quantization: str | None = None) -> dict[str, Any]:
+        """Write the export of the model package ``package`` to ``out`` (replaced if it exists,
+        only once the new export is complete); returns what ``cvmkd.json`` records of it."""
+        import ctranslate2
+
+        from cvmkd_ctranslate2.convert import convert
+        from cvmkd_nmt.model.package import TOKENIZER, load_package
+        from cvmkd_nmt.quantized import is_quantized
+
+        quantization = quantization or self.config.quantization
+        if quantization not in QUANTIZATIONS:
+            raise ModelError(
+                f"unknown CTranslate2 quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}"
+            )
+        model, tokenizer, metadata = load_package(package)
+        if is_quantized(model):
+            raise ModelError(
+                f"{package} holds a quantized model: export the float package it was made from "
+                f"(CTranslate2 quantizes by itself: --quantization {quantization})"
+            )
+        started = time.perf_counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            target = work / "model"
+            pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+            convert(model, pieces, target, quantization=quantization)
+            shutil.copyfile(package / TOKENIZER, target / TOKENIZER)
+            info = {
+                "format": FORMAT,
+                "quantization": quantization,
+                "ctranslate2_version": ctranslate2.__version__,
+                "source_package": str(package),
+                "source_weights_sha256": metadata.get("weights_sha256"),
+                "max_len": model.config.max_len,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            (target / METADATA).write_text(
+                json.dumps({**metadata, "export": info}, indent=2, default=str) + "\n", encoding="utf-8"
+            )
+            if out.exists():
+                old = work / "old"
+                out.rename(old)
+            target.rename(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        info["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        return info
+
+    @staticmethod
+    def recognizes(folder: Path) -> bool:
+        return is_export(folder)
+
+    @staticmethod
+    def translator(folder: Path, device: str = "cpu") -> Any:
+        from cvmkd_ctranslate2.translate import CTranslate2Translator
+
+        return CTranslate2Translator(folder, device)
+
+    # --- as a recipe's [[exports]] entry: at the end of the run -------------------------------
+
+    @hookimpl(trylast=True)
+    def cvmkd_finalize(self, state: Any, summary: Any) -> None:
+        package = summary.outputs.get("model")
+        if not package or summary.status not in ("completed", "stopped"):
+            return
+        out = state.run_dir / (self.config.folder or f"model-{FORMAT}")
+        info = self.export(Path(package), out)
+        summary.outputs[f"model-{FORMAT}"] = str(out)
+        summary.extra.setdefault("exports", {})[FORMAT] = info
+        log.info(
+            "exported the student to CTranslate2 (%s): %s, %.1f MB",
+            info["quantization"],
+            out,
+            info["size_bytes"] / 1e6,
+        )
+
+
+@hookimpl
+def cvmkd_register(register: Any) -> None:
+    register.exporter(FORMAT, CTranslate2Exporter, config=CTranslate2Config)
+
+
+__all__ = ["CTranslate2Config", "CTranslate2Exporter", "is_export"]

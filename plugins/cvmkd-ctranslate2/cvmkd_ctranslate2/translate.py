@@ -1,0 +1,67 @@
+"""Translate with a CTranslate2 export: the package's SentencePiece tokenizer around
+``ctranslate2.Translator``, with the same length limit as cvmkd's own decoding
+(``1.5 × source length + 10`` tokens, within the model's maximum length)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cvmkd_core.errors import ModelError
+
+
+class CTranslate2Translator:
+    """``translate(sources, beam_size, batch_size)`` over a CTranslate2 export folder."""
+
+    def __init__(self, folder: Path, device: str = "cpu", intra_threads: int = 0) -> None:
+        """``intra_threads``: CPU threads for one translation (0: as many as torch uses)."""
+        import ctranslate2
+
+        from cvmkd_ctranslate2 import METADATA
+        from cvmkd_nmt.data.tokenizer import Tokenizer
+        from cvmkd_nmt.model.package import TOKENIZER
+
+        self.folder = Path(folder)
+        self.metadata = json.loads((self.folder / METADATA).read_text("utf-8"))
+        self.tokenizer = Tokenizer.load(self.folder / TOKENIZER)
+        self.max_len = int(self.metadata["export"].get("max_len", 512))
+        try:
+            import torch
+
+            self.translator = ctranslate2.Translator(
+                str(self.folder), device=device, inter_threads=1, intra_threads=intra_threads or torch.get_num_threads()
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"CTranslate2 export {self.folder}: cannot load it ({exc})") from None
+
+    def _limit(self, source_pieces: int) -> int:
+        """The most tokens a translation may have: 1.5 × the source length (with its
+        end-of-sentence mark) + 10, within the model's positions."""
+        return min(int(1.5 * (source_pieces + 1) + 10), self.max_len)
+
+    def translate(self, sources: list[str], beam_size: int = 1, batch_size: int = 32) -> list[str]:
+        """Translations of ``sources`` in order; batches of similar lengths, as cvmkd decodes."""
+        tokenizer = self.tokenizer
+        # the export adds the end-of-sentence mark itself (add_source_eos)
+        pieces = [[tokenizer.id_to_piece(i) for i in ids[: self.max_len - 1]] for ids in tokenizer.encode(sources)]
+        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+        out: list[str] = [""] * len(sources)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            longest = max(len(pieces[i]) for i in chunk)
+            results = self.translator.translate_batch(
+                [pieces[i] for i in chunk],
+                beam_size=beam_size,
+                max_batch_size=batch_size,
+                max_decoding_length=self._limit(longest),
+                return_scores=False,
+            )
+            # each sentence within its own limit, as cvmkd's decoding stops it (the batch ran to
+            # the longest one's): for greedy decoding this is exactly the shorter run's output
+            ids = [
+                [tokenizer.piece_to_id(p) for p in r.hypotheses[0]][: self._limit(len(pieces[i]))]
+                for i, r in zip(chunk, results)
+            ]
+            for i, text in zip(chunk, tokenizer.decode(ids)):
+                out[i] = text
+        return out
