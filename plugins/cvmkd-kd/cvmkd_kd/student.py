@@ -53,6 +53,43 @@ def teacher_key(state: RunState, data: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def teacher_held_out(state: RunState, metadata: dict[str, Any], splits: Any) -> dict[str, Any]:
+    """Whether the student's validation and test sentences lie outside the teacher's training
+    data, when the teacher package says how it was trained (its recipe's ``[corpus]``) and the
+    student uses the same corpus: the teacher's split is rebuilt and the sources compared. A
+    teacher that trained on the test sentences makes retention look better than it is, so any
+    overlap is logged as a warning and recorded (``teacher.held_out`` in summary and metadata)."""
+    recorded = (metadata.get("recipe") or {}).get("corpus")
+    if not isinstance(recorded, dict) or not recorded.get("name"):
+        return {"checked": False, "reason": "the teacher package does not record its corpus"}
+    corpus = state.recipe.corpus
+    if corpus is None or recorded["name"] != corpus.name:
+        return {"checked": False, "reason": f"the teacher was trained on the corpus {recorded['name']!r}"}
+    try:
+        component = state.registry.get("corpus", corpus.name)
+        options = {k: v for k, v in recorded.items() if k != "name"}
+        teacher_train = component.factory(component.make_config(options)).load().train
+    except Exception as exc:  # the teacher's corpus files are not here, say
+        return {"checked": False, "reason": f"the teacher's training split cannot be rebuilt here ({exc})"}
+    seen = {pair[0] for pair in teacher_train}
+    found = {
+        "checked": True,
+        "teacher_train_pairs": len(teacher_train),
+        "valid_in_teacher_train": sum(1 for pair in splits.valid if pair[0] in seen),
+        "test_in_teacher_train": sum(1 for pair in splits.test if pair[0] in seen),
+    }
+    if found["valid_in_teacher_train"] or found["test_in_teacher_train"]:
+        log.warning(
+            "the teacher trained on %d of the %d test sentences and %d of the %d validation sentences: "
+            "its scores there, and the student's retention, are not a fair measure",
+            found["test_in_teacher_train"],
+            len(splits.test),
+            found["valid_in_teacher_train"],
+            len(splits.valid),
+        )
+    return found
+
+
 class KDTrainer(Seq2SeqTrainer):
     """Distil the student from the teacher: load it, reuse the cached one, or train it first."""
 
@@ -79,6 +116,7 @@ class KDTrainer(Seq2SeqTrainer):
                 "source": "loaded",
                 "path": str(checkpoint),
                 "weights_sha256": metadata.get("weights_sha256"),
+                "held_out": teacher_held_out(state, metadata, self.data.splits),
             }
             log.info("teacher loaded from %s", checkpoint)
         else:
