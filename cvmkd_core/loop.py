@@ -138,6 +138,7 @@ def _core_payload(state: RunState) -> dict[str, Any]:
         "lr_scale": state.lr_scale,
         "history": [r.to_dict() for r in state.history],
         "validation_seconds": state.validation_seconds,
+        "wall_seconds": state.elapsed(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": list(random.getstate()[1]),
         "python_rng_version": random.getstate()[0],
@@ -157,6 +158,7 @@ def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
         state.rollbacks = int(core["rollbacks"])
         state.history = [ValidationRecord(**r) for r in core["history"]]
         state.validation_seconds = float(core.get("validation_seconds", 0.0))
+        state.earlier_seconds = float(core.get("wall_seconds", 0.0))
 
 
 class Terminated(KeyboardInterrupt):
@@ -279,7 +281,7 @@ class Loop:
         scores, details = _merge_validation(hook.cvmkd_validate(state=state))
         seconds = time.perf_counter() - started
         state.validation_seconds += seconds
-        elapsed = max(time.time() - state.started_at, 1e-9)
+        elapsed = max(state.elapsed(), 1e-9)
         log.info(
             "validation at step %d took %.1fs; validation so far: %.0fs, %.1f%% of the run's %.0fs",
             state.step,
@@ -394,7 +396,7 @@ class Loop:
         summary.final_step = state.step
         summary.iterations_executed = state.iterations
         summary.rollbacks = state.rollbacks
-        summary.wall_seconds = round(time.time() - state.started_at, 3)
+        summary.wall_seconds = round(state.elapsed(), 3)
         if state.stop_reason:
             summary.extra["stop_reason"] = state.stop_reason
         if state.interrupted_by:
@@ -402,7 +404,7 @@ class Loop:
         if state.history:
             last = state.history[-1].to_dict()
             summary.last_validation = {k: v for k, v in last.items() if k != "details"}
-        wall = max(time.time() - state.started_at, 1e-9)
+        wall = max(state.elapsed(), 1e-9)
         summary.extra["validation"] = {
             "count": len(state.history),
             "seconds": round(state.validation_seconds, 2),
@@ -417,7 +419,8 @@ class Loop:
                 stage = phase.name
                 phase(state=state, summary=summary)
             # the wall time covers finalize too (test evaluation, quantization, export)
-            summary.wall_seconds = round(time.time() - state.started_at, 3)
+            summary.wall_seconds = round(state.elapsed(), 3)
+            summary.extra["invocation_seconds"] = round(time.time() - state.started_at, 3)
             stage = "cvmkd_record_outcome"
             hook.cvmkd_record_outcome(state=state, summary=summary)
         except BaseException as exc:

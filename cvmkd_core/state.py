@@ -205,6 +205,13 @@ class RunState:
     #: free space for plugins, keyed by plugin name
     scratch: dict[str, Any] = attrs.field(factory=dict)
     started_at: float = attrs.field(factory=time.time)
+    #: wall-clock seconds earlier invocations of this run spent up to the checkpoint it resumed from
+    earlier_seconds: float = 0.0
+
+    def elapsed(self) -> float:
+        """The run's wall-clock seconds so far: earlier invocations (up to the checkpoint this
+        one resumed from) plus this one."""
+        return self.earlier_seconds + (time.time() - self.started_at)
 
     @property
     def total_steps(self) -> int:

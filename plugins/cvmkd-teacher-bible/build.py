@@ -65,7 +65,7 @@ def training_facts(run: Path) -> dict[str, Any]:
         "target_tokens": sum(r.get("tokens", 0) for r in steps),
         "invocations": runs,
         "training_seconds": round(sum(r["seconds"] for r in runs), 1),
-        "last_invocation_seconds": summary["wall_seconds"],
+        "last_invocation_seconds": summary["extra"].get("invocation_seconds", summary["wall_seconds"]),
         "hardware": summary["extra"]["trainer"]["hardware"],
         "precision": summary["extra"]["trainer"]["precision"],
         "validation": [

@@ -297,7 +297,7 @@ class Seq2SeqTrainer:
             # "finalizing" until the run's outcome is stamped, once every finalize step succeeded
             "status": "finalizing",
             "hardware": describe_hardware(self.device),
-            "wall_seconds": round(time.time() - state.started_at, 1),
+            "wall_seconds": round(state.elapsed(), 1),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
         }
 

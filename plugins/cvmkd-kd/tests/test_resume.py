@@ -253,6 +253,9 @@ def test_sigterm_stops_like_a_first_ctrl_c_and_the_run_resumes_to_the_same_weigh
     resumed = _cvmkd(workdir, "--run-dir", "runs/t", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _weights_equal(workdir / "runs/whole", run_dir)
+    # the run's wall time counts both invocations (the first up to its checkpoint)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["wall_seconds"] > summary["extra"]["invocation_seconds"] + 0.3 * 5
 
 
 @pytest.mark.slow
