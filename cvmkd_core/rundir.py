@@ -116,13 +116,25 @@ def _flatten(tables: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tables}
 
 
-def recipe_changes(path: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+def recipe_changes(path: Path, recipe: Recipe, registry: Any = None) -> dict[str, tuple[Any, Any]]:
     """The keys whose values differ between the run's ``recipe.toml`` and ``recipe``:
-    ``{key: (the run's value, the new value)}``; a key only one side has maps to None there."""
+    ``{key: (the run's value, the new value)}``; a key only one side has maps to None there.
+
+    With ``registry``, the run's recipe is first read again by the installed cvmkd, so that a
+    setting added since the run started, at its default, is no difference (the run behaved as
+    that default does); one it cannot read any more is compared as it is."""
+    from cvmkd_core.errors import RecipeError
+    from cvmkd_core.recipe import structure_recipe
+
     try:
         stored = tomllib.loads((path / RECIPE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RunDirError(f"cannot resume: {path / RECIPE_FILE} is unreadable ({exc})") from None
+    if registry is not None:
+        try:
+            stored = tomllib.loads(structure_recipe(stored, registry).to_toml())
+        except RecipeError:
+            pass
     before, after = _flatten(stored), _flatten(tomllib.loads(recipe.to_toml()))
     return {
         key: (before.get(key), after.get(key))
@@ -136,10 +148,10 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_resume_recipe(path: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+def check_resume_recipe(path: Path, recipe: Recipe, registry: Any = None) -> dict[str, tuple[Any, Any]]:
     """A resumed run continues the recipe it was started with. Differences in the keys of
     :data:`CHANGEABLE_ON_RESUME` are allowed and returned; any other is refused, in one line."""
-    changes = recipe_changes(path, recipe)
+    changes = recipe_changes(path, recipe, registry)
     refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
     if refused:
         shown = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in list(refused.items())[:4]]
@@ -153,7 +165,7 @@ def check_resume_recipe(path: Path, recipe: Recipe) -> dict[str, tuple[Any, Any]
     return changes
 
 
-def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False) -> Path:
+def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None) -> Path:
     """Create the run directory and write the resolved recipe (defaults made explicit).
 
     Refuses an existing, non-empty directory unless ``resume`` is set; with ``resume`` the
@@ -164,7 +176,7 @@ def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False) -> Path
             raise RunDirError(f"cannot resume: no run directory {path}")
         if not (path / RECIPE_FILE).is_file():
             raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing)")
-        changes = check_resume_recipe(path, recipe)
+        changes = check_resume_recipe(path, recipe, registry)
         # a damaged manifest, or no usable checkpoint, is refused before the run writes anything
         CheckpointStore(path / "checkpoints").verify("last")
         if changes:  # the run's recipe.toml stays the recipe the run follows

@@ -83,8 +83,8 @@ def run_session(
     # one writer per run directory, from before anything is written until the run has ended
     with run_dir_lock(path, create=not resume):
         if resume and (path / RECIPE_FILE).is_file():
-            state.scratch["resume_changes"] = check_resume_recipe(path, session.recipe)
-        prepare_run_dir(path, session.recipe, resume=resume)
+            state.scratch["resume_changes"] = check_resume_recipe(path, session.recipe, session.plugins.registry)
+        prepare_run_dir(path, session.recipe, resume=resume, registry=session.plugins.registry)
         summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
     return summary, path
 
@@ -101,7 +101,7 @@ def run_stage(parent: RunState, recipe: Recipe, run_dir: Path) -> RunSummary:
         import shutil
 
         shutil.rmtree(run_dir)
-    prepare_run_dir(run_dir, recipe, resume=resume)
+    prepare_run_dir(run_dir, recipe, resume=resume, registry=plugins.registry)
     state = RunState(recipe=recipe, pm=plugins.pm, registry=plugins.registry, run_dir=run_dir, plugins=plugins)
     instantiate_components(plugins, state)
     return Loop(recipe, plugins, state).run(resume=resume)

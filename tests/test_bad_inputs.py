@@ -205,6 +205,18 @@ def _edit_config(package: Path) -> None:
     (package / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _drop_recipe_lines(*lines: str) -> Callable[[Path], None]:
+    def step(root: Path) -> None:
+        path = root / "runs/toy/recipe.toml"
+        text = path.read_text()
+        for line in lines:
+            assert f"{line}\n" in text, line
+            text = text.replace(f"{line}\n", "")
+        path.write_text(text)
+
+    return step
+
+
 #: open lock files of the run directories a case pretends another process is writing
 _HELD: list = []
 
@@ -1127,6 +1139,16 @@ CASES: list[Case] = [
         "--run-dir runs/toy), start a new run, or change only run.steps or run.device on resume",
         2,
         setup=(_toy_run,),
+    ),
+    Case(
+        # a run started by an older cvmkd: its recipe.toml lacks settings added since, at their defaults
+        "resume-after-new-settings-appeared",
+        toy("--resume", "--run-dir", "runs/toy", "--quiet"),
+        "",
+        0,
+        setup=(_toy_run, _drop_recipe_lines("exports = []", "keep_checkpoints = 2")),
+        may_change=("runs/toy/",),
+        stdout="completed: runs/toy",
     ),
     Case(
         "run-dir-in-use",
