@@ -29,6 +29,7 @@ KINDS: tuple[str, ...] = (
     "section",
     "package",
     "exporter",
+    "loader",
 )
 
 
@@ -160,6 +161,13 @@ class Registrar:
         returns an object with ``export(package, out, quantization=None) -> dict``,
         ``recognizes(folder) -> bool`` and ``translator(folder, device)`` for ``cvmkd translate``."""
         self._add("exporter", name, factory, config)
+
+    def loader(self, name: str, factory: Callable[..., Any]) -> None:
+        """A model format read from a folder (a Hugging Face ``save_pretrained`` folder, say):
+        ``factory()`` returns an object with ``recognizes(folder) -> bool`` and
+        ``load(folder, device) -> (model, tokenizer, metadata)``; wherever a model package is
+        accepted (``[teacher] checkpoint``, ``cvmkd translate --model``) such a folder is too."""
+        self._add("loader", name, factory, None)
 
     def package(self, name: str, path: str | Path) -> None:
         """A model shipped with the plugin (a pre-trained teacher): a folder accepted by name

@@ -46,18 +46,22 @@ def corpus_of(state: RunState) -> Corpus:
     return corpus
 
 
-def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> RunData:
+def prepare_data(state: RunState, tokenizer_path: str | Path | None = None, tokenizer: Any = None) -> RunData:
     """Load the corpus, train (or reuse) the tokenizer, encode the training pairs.
 
     ``tokenizer_path``: use this SentencePiece model (a loaded teacher's) instead of training one,
-    so teacher and student share a vocabulary.
+    so teacher and student share a vocabulary; ``tokenizer``: use this tokenizer object (a
+    Hugging Face teacher's). Targets are encoded with ``encode_targets`` where the tokenizer has
+    one (a tokenizer with a source and a target side).
     """
     from cvmkd_nmt.data.tokenizer import Tokenizer, train_tokenizer
 
     started = time.perf_counter()
     recipe = state.recipe
     splits = corpus_of(state).load()
-    if tokenizer_path is not None:
+    if tokenizer is not None:
+        pass
+    elif tokenizer_path is not None:
         tokenizer = Tokenizer.load(tokenizer_path)
     else:
         tokenizer = train_tokenizer(
@@ -70,7 +74,7 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None) -> R
     if key in _prepared:
         return _prepared[key]
     train_src = tokenizer.encode([p[0] for p in splits.train])
-    train_tgt = tokenizer.encode([p[1] for p in splits.train])
+    train_tgt = getattr(tokenizer, "encode_targets", tokenizer.encode)([p[1] for p in splits.train])
     data = RunData(splits, tokenizer, train_src, train_tgt, seconds=time.perf_counter() - started)
     log.info(
         "corpus %s: %d train, %d valid, %d test pairs; tokenizer %d pieces%s (%.1fs)",

@@ -133,7 +133,7 @@ def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig) -> 
     """``data`` training on the teacher's translations (``teacher``; the reference where the
     teacher gave nothing) or on both (``both``)."""
     tokenizer = data.tokenizer
-    teacher_ids = tokenizer.encode(hypotheses)
+    teacher_ids = getattr(tokenizer, "encode_targets", tokenizer.encode)(hypotheses)
     teacher_ids = [ids if ids else ref for ids, ref in zip(teacher_ids, data.train_tgt)]
     digest = hashlib.sha256("\n".join(hypotheses).encode()).hexdigest()[:16]
     if config.targets == "teacher":

@@ -107,11 +107,12 @@ class KDTrainer(Seq2SeqTrainer):
             from cvmkd_nmt.model.package import resolve_package
 
             checkpoint = str(resolve_package(checkpoint, state.registry))
-            # the student must speak the teacher's vocabulary: use the teacher's tokenizer
-            from cvmkd_nmt.model.package import TOKENIZER
+            # a cvmkd package, or a folder an installed loader reads (a Hugging Face teacher)
+            from cvmkd_nmt.model.package import load_model_folder
 
-            self.data = prepare_data(state, tokenizer_path=Path(checkpoint) / TOKENIZER)
-            self.teacher, _, metadata = load_package(checkpoint)
+            self.teacher, teacher_tokenizer, metadata = load_model_folder(checkpoint, state.registry)
+            # the student must speak the teacher's vocabulary: the teacher's tokenizer governs
+            self.data = prepare_data(state, tokenizer=teacher_tokenizer)
             self.teacher_info = {
                 "source": "loaded",
                 "path": str(checkpoint),

@@ -4,6 +4,7 @@ student, distilled with the recipe's loss from a teacher that is loaded, reused 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -98,7 +99,15 @@ class Seq2SeqTrainer:
         torch.manual_seed(recipe.run.seed)
         random.seed(recipe.run.seed)
         tokenizer = self.data.tokenizer
-        self.model = self._model_component(state).build(tokenizer.vocab_size)
+        component = self._model_component(state)
+        special = {"pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+        if (
+            special != {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+            and "special_ids" in inspect.signature(component.build).parameters
+        ):
+            self.model = component.build(tokenizer.vocab_size, special_ids=special)
+        else:
+            self.model = component.build(tokenizer.vocab_size)
         self._initial_weights(state)
         self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(

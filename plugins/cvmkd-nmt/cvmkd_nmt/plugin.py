@@ -47,7 +47,7 @@ class CvmModel:
     def __init__(self, spec: CvmSpec) -> None:
         self.spec = spec
 
-    def model_config(self, vocab_size: int) -> Any:
+    def model_config(self, vocab_size: int, special_ids: dict[str, int] | None = None) -> Any:
         from cvmkd_nmt.model.presets import preset
 
         overrides = {
@@ -55,12 +55,14 @@ class CvmModel:
             for f in attrs.fields(CvmSpec)
             if f.name != "preset" and getattr(self.spec, f.name) is not None
         }
-        return preset(self.spec.preset, vocab_size=vocab_size, **overrides)
+        return preset(self.spec.preset, vocab_size=vocab_size, **overrides, **(special_ids or {}))
 
-    def build(self, vocab_size: int) -> Any:
+    def build(self, vocab_size: int, special_ids: dict[str, int] | None = None) -> Any:
+        """The model for a vocabulary of ``vocab_size``; ``special_ids`` (``pad_id``, ``bos_id``,
+        ``eos_id``) are the tokenizer's, when they are not SentencePiece's 0, 1, 2."""
         from cvmkd_nmt.model.transformer import CvmTransformer
 
-        return CvmTransformer(self.model_config(vocab_size))
+        return CvmTransformer(self.model_config(vocab_size, special_ids))
 
 
 @attrs.frozen

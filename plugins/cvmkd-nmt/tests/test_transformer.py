@@ -56,7 +56,8 @@ def test_config_round_trips_through_json() -> None:
         ({"n_heads": True}, "ModelConfig.n_heads must be an integer"),
         ({"activation": "swish"}, "ModelConfig.activation must be one of gelu, relu"),
         ({"eos_id": 64}, "ModelConfig.eos_id must be < vocab_size (64), got 64"),
-        ({"bos_id": 0}, "pad_id, bos_id and eos_id must be distinct"),
+        ({"bos_id": 0}, "pad_id must differ from bos_id and eos_id"),
+        ({"eos_id": 0}, "pad_id must differ from bos_id and eos_id"),
     ],
 )
 def test_bad_config_raises_model_error(overrides: dict, message: str) -> None:

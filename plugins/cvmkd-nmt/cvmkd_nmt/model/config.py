@@ -79,9 +79,11 @@ class ModelConfig:
         for name, value in specials.items():
             if value >= self.vocab_size:
                 raise ModelError(f"ModelConfig.{name} must be < vocab_size ({self.vocab_size}), got {value}")
-        if len(set(specials.values())) != len(specials):
+        # bos may be eos (fairseq's convention, for vocabularies without a start token: Marian,
+        # T5); padding must be neither, or the decoder's first position would be masked
+        if self.pad_id in (self.bos_id, self.eos_id):
             raise ModelError(
-                "ModelConfig.pad_id, bos_id and eos_id must be distinct, got "
+                "ModelConfig.pad_id must differ from bos_id and eos_id, got "
                 + ", ".join(f"{k}={v}" for k, v in specials.items())
             )
 

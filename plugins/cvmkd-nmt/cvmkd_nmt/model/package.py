@@ -33,6 +33,8 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 METADATA = "metadata.json"
 QUANTIZATION = "quantization.json"
+#: a Hugging Face tokenizer's own files, in place of tokenizer.model (students of such teachers)
+HF_TOKENIZER = "tokenizer-hf"
 
 
 def save_package(
@@ -73,10 +75,14 @@ def save_package(
         meta["files_sha256"] = {
             name: sha256_file(tmp / name) for name in (CONFIG, TOKENIZER, QUANTIZATION) if (tmp / name).is_file()
         }
+        if (tmp / HF_TOKENIZER).is_dir():
+            for file in sorted((tmp / HF_TOKENIZER).iterdir()):
+                meta["files_sha256"][f"{HF_TOKENIZER}/{file.name}"] = sha256_file(file)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        for path in tmp.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -114,6 +120,25 @@ def resolve_package(reference: str | Path, registry: Any = None) -> Path:
     raise ModelError(f"no model package at {reference}, and no registered model named {str(reference)!r} ({known})")
 
 
+def load_model_folder(
+    directory: str | Path, registry: Any = None, device: str | torch.device = "cpu"
+) -> tuple[Any, Any, dict[str, Any]]:
+    """A cvmkd model package, or a folder an installed loader recognises (a Hugging Face
+    ``save_pretrained`` folder with cvmkd-hf): ``(model, tokenizer, metadata)``."""
+    directory = Path(directory)
+    if registry is not None and not (directory / METADATA).is_file():
+        for name in registry.names("loader"):
+            loader = registry.get("loader", name).factory()
+            if loader.recognizes(directory):
+                return loader.load(directory, device)  # type: ignore[no-any-return]
+        if (directory / "config.json").is_file() and '"model_type"' in (directory / "config.json").read_text("utf-8"):
+            raise ModelError(
+                f"{directory} is a Hugging Face model folder: install the plugin cvmkd-hf to use it "
+                "(pip install -e plugins/cvmkd-hf)"
+            )
+    return load_package(directory, device)
+
+
 def load_package(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CvmTransformer, Any, dict[str, Any]]:
@@ -123,7 +148,8 @@ def load_package(
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"no model package at {directory}")
-    for name in (WEIGHTS, CONFIG, TOKENIZER, METADATA):
+    hf_tokenizer = (directory / HF_TOKENIZER).is_dir()
+    for name in (WEIGHTS, CONFIG, METADATA) if hf_tokenizer else (WEIGHTS, CONFIG, TOKENIZER, METADATA):
         if not (directory / name).is_file():
             raise ModelError(f"model package {directory}: {name} is missing")
     metadata = read_metadata(directory)
@@ -148,7 +174,16 @@ def load_package(
                     f"model package {directory}: {QUANTIZATION} is missing (the weights are quantized)"
                 ) from None
             raise ModelError(f"model package {directory}: {WEIGHTS} does not fit {CONFIG} ({exc})") from None
-    tokenizer = Tokenizer.load(directory / TOKENIZER)
+    if hf_tokenizer:  # a student of a Hugging Face teacher speaks its tokenizer
+        try:
+            from cvmkd_hf.tokenizer import HfTokenizer
+        except ImportError:
+            raise ModelError(
+                f"model package {directory}: its tokenizer is a Hugging Face tokenizer: install the plugin cvmkd-hf"
+            ) from None
+        tokenizer: Any = HfTokenizer(directory / HF_TOKENIZER, vocab_size=config.vocab_size)
+    else:
+        tokenizer = Tokenizer.load(directory / TOKENIZER)
     if tokenizer.vocab_size != config.vocab_size:
         raise ModelError(
             f"model package {directory}: tokenizer has {tokenizer.vocab_size} pieces but the model "
@@ -163,7 +198,7 @@ def verify_files(directory: Path, metadata: dict[str, Any]) -> None:
     """Check config, tokenizer and quantization spec against the sha256 the package recorded
     when it was written (packages written before cvmkd recorded them are not checked)."""
     recorded = metadata.get("files_sha256") or {}
-    for name in (CONFIG, TOKENIZER, QUANTIZATION):
+    for name in (CONFIG, TOKENIZER, QUANTIZATION, *(k for k in recorded if k.startswith(f"{HF_TOKENIZER}/"))):
         expected = recorded.get(name)
         if expected is None:
             if name == QUANTIZATION and recorded and (directory / name).is_file():

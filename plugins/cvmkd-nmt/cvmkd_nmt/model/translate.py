@@ -63,6 +63,18 @@ def translate(
     from cvmkd_nmt.data.batching import pad_rows
     from cvmkd_nmt.model.decoding import beam_search, greedy_decode
 
+    if hasattr(model, "translate_texts"):  # a model of another library (a Hugging Face teacher)
+        return [
+            hyps[0] if hyps else ""
+            for hyps in model.translate_texts(
+                sources,
+                beam_size=beam_size,
+                batch_size=batch_size,
+                max_len_a=max_len_a,
+                max_len_b=max_len_b,
+                device=device,
+            )
+        ]
     device = torch.device(device)
     encoded = encode_sources(tokenizer, sources, model.config.max_len)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -102,6 +114,19 @@ def translate_nbest(
     from cvmkd_nmt.data.batching import pad_rows
     from cvmkd_nmt.model.decoding import beam_search_nbest
 
+    if hasattr(model, "translate_texts"):  # a model of another library (a Hugging Face teacher)
+        return [
+            hyps or [""]
+            for hyps in model.translate_texts(
+                sources,
+                beam_size=beam_size,
+                nbest=nbest,
+                batch_size=batch_size,
+                max_len_a=max_len_a,
+                max_len_b=max_len_b,
+                device=device,
+            )
+        ]
     device = torch.device(device)
     encoded = encode_sources(tokenizer, sources, model.config.max_len)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -234,7 +259,7 @@ def translate_command(args: argparse.Namespace) -> int:
     renamed when complete, so an error never leaves a partial or clobbered file."""
     from cvmkd_core.plugins import build_plugins
     from cvmkd_nmt.hardware import resolve_device
-    from cvmkd_nmt.model.package import load_package, resolve_package
+    from cvmkd_nmt.model.package import load_model_folder, resolve_package
 
     for option, value, most in (("--batch-size", args.batch_size, None), ("--beam-size", args.beam_size, MAX_BEAM)):
         if value < 1:
@@ -260,7 +285,7 @@ def translate_command(args: argparse.Namespace) -> int:
             scheme = f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
             break
     if runtime is None:
-        model, tokenizer, metadata = load_package(folder, device)
+        model, tokenizer, metadata = load_model_folder(folder, registry, device)
         runtime = PackageTranslator(model, tokenizer, device)
         scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
         scheme = "fp32" if scheme == "none" else scheme

@@ -1,0 +1,170 @@
+"""A Hugging Face ``AutoModelForSeq2SeqLM`` behind the interface cvmkd's runs use for a teacher:
+``forward(src, tgt_in) -> logits`` for word-level KD, ``translate_texts`` for validation and
+sequence-level KD, ``timed_decode`` for the speed measurements, and a ``config`` with the shape
+cvmkd reads (vocabulary, maximum length, special ids)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from cvmkd_core.errors import ModelError
+from cvmkd_hf.tokenizer import HfTokenizer
+
+
+@attrs.frozen
+class HfShape:
+    """What cvmkd reads of a model's configuration."""
+
+    vocab_size: int
+    max_len: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    architecture: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A folder saved by ``save_pretrained``: a ``config.json`` naming a ``model_type``, and not a
+    cvmkd package (which has ``metadata.json``)."""
+    config = folder / "config.json"
+    if not config.is_file() or (folder / "metadata.json").is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+class HfSeq2Seq(torch.nn.Module):
+    """A seq2seq model of the ``transformers`` library, with the tokenizer of its folder."""
+
+    def __init__(self, model: Any, tokenizer: HfTokenizer, max_len: int = 512) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config
+        start = config.decoder_start_token_id
+        self.decoder_start = int(start if start is not None else tokenizer.pad_id)
+        positions = getattr(config, "max_position_embeddings", None) or max_len
+        self.config = HfShape(
+            vocab_size=int(config.vocab_size),
+            max_len=int(min(positions, max_len)),
+            pad_id=tokenizer.pad_id,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            architecture=str(getattr(config, "model_type", "")),
+        )
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V); ``tgt_in`` starts with any start id (cvmkd's), which
+        is replaced by the model's own decoder start token."""
+        decoder_ids = tgt_in.clone()
+        decoder_ids[:, 0] = self.decoder_start
+        out = self.model(input_ids=src, attention_mask=src.ne(self.config.pad_id), decoder_input_ids=decoder_ids)
+        return out.logits[..., : self.config.vocab_size]
+
+    def _generate(self, src: torch.Tensor, beam_size: int, nbest: int, max_new: int, min_new: int = 0) -> Any:
+        return self.model.generate(
+            input_ids=src,
+            attention_mask=src.ne(self.config.pad_id),
+            num_beams=beam_size,
+            num_return_sequences=nbest,
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=min_new,
+            early_stopping=True if beam_size > 1 else False,
+            pad_token_id=self.config.pad_id,
+            eos_token_id=self.config.eos_id,
+            decoder_start_token_id=self.decoder_start,
+        )
+
+    def _strip(self, row: list[int]) -> list[int]:
+        out = []
+        for token in row[1:]:  # the decoder start token
+            if token == self.config.eos_id:
+                break
+            if token != self.config.pad_id:
+                out.append(token)
+        return out
+
+    def translate_texts(
+        self,
+        sources: list[str],
+        *,
+        beam_size: int = 1,
+        batch_size: int = 32,
+        nbest: int = 1,
+        max_len_a: float = 1.5,
+        max_len_b: int = 10,
+        device: torch.device | str = "cpu",
+    ) -> list[list[str]]:
+        """The ``nbest`` best translations of each source (best first), in order."""
+        from cvmkd_nmt.data.batching import pad_rows
+
+        tok = self.tokenizer
+        encoded = [ids[: self.config.max_len - 1] + [tok.eos_id] for ids in tok.encode(sources)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[list[str]] = [[] for _ in sources]
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                src = pad_rows([encoded[i] for i in chunk], tok.pad_id).to(device)
+                longest = max(len(encoded[i]) for i in chunk)
+                max_new = max(1, min(int(max_len_a * longest + max_len_b), self.config.max_len - 1))
+                with torch.inference_mode():
+                    out = self._generate(src, max(beam_size, nbest), nbest, max_new).tolist()
+                texts = tok.decode(self._strip(row) for row in out)
+                for j, i in enumerate(chunk):
+                    results[i] = texts[j * nbest : (j + 1) * nbest]
+        finally:
+            self.train(was_training)
+        return results
+
+    def timed_decode(self, src: torch.Tensor, steps: int) -> float:
+        """Seconds to decode exactly ``steps`` tokens for every row of ``src`` (greedy)."""
+        with torch.inference_mode():
+            started = time.perf_counter()
+            self._generate(src, 1, 1, steps, steps)
+            return time.perf_counter() - started
+
+
+class HfLoader:
+    """Loads a local Hugging Face seq2seq folder (``save_pretrained``), offline."""
+
+    @staticmethod
+    def recognizes(folder: Path) -> bool:
+        return is_hf_folder(folder)
+
+    @staticmethod
+    def load(folder: Path, device: str | torch.device = "cpu") -> tuple[HfSeq2Seq, HfTokenizer, dict[str, Any]]:
+        from transformers import AutoModelForSeq2SeqLM
+
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{folder}: cannot load it as a Hugging Face seq2seq model ({exc})") from None
+        start = model.config.decoder_start_token_id
+        tokenizer = HfTokenizer(folder, vocab_size=int(model.config.vocab_size), decoder_start_id=start)
+        wrapped = HfSeq2Seq(model.float().eval(), tokenizer).to(device)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        from cvmkd_core.files import sha256_file
+
+        metadata = {
+            "role": "teacher",
+            "format": "huggingface",
+            "architecture": wrapped.config.architecture,
+            "weights_sha256": sha256_file(weights[0]) if len(weights) == 1 else None,
+            "tokenizer_sha256": tokenizer.sha256,
+        }
+        return wrapped, tokenizer, metadata
