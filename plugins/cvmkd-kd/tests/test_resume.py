@@ -258,14 +258,30 @@ def test_sigterm_stops_like_a_first_ctrl_c_and_the_run_resumes_to_the_same_weigh
     assert summary["wall_seconds"] > summary["extra"]["invocation_seconds"] + 0.3 * 5
 
 
+#: holds the student after step 2 until the file ``release`` exists (at most two minutes)
+HOLD = """
+import os, time
+from cvmkd_core import hookimpl
+
+@hookimpl
+def cvmkd_step_end(state, result):
+    if state.recipe.distill.name == "kd" and state.step == 2:
+        deadline = time.monotonic() + 120
+        while not os.path.exists("release") and time.monotonic() < deadline:
+            time.sleep(0.05)
+"""
+
+
 @pytest.mark.slow
 def test_one_writer_per_run_directory(workdir: Path) -> None:
-    (workdir / "slow.py").write_text(SLOW.format(seconds=0.3))
+    (workdir / "hold.py").write_text(HOLD)
     run_dir = workdir / "runs/race"
-    first = _start(workdir, "--run-dir", "runs/race", "--plugin", "slow.py")
-    _wait_for_student_step(run_dir, 2, first)
+    first = _start(workdir, "--run-dir", "runs/race", "--plugin", "hold.py")
+    _wait_for_student_step(run_dir, 1, first)
+    # the first run is training (held after its step 2) while two others try the same folder
     second = _cvmkd(workdir, "--run-dir", "runs/race", "--resume")
     fresh = _cvmkd(workdir, "--run-dir", "runs/race")
+    (workdir / "release").touch()
     out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err
     for refused in (second, fresh):
