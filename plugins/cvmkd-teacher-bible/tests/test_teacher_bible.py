@@ -50,13 +50,25 @@ def test_the_package_is_a_float16_teacher_within_budget() -> None:
 def test_metadata_says_how_it_was_trained_and_what_it_scores() -> None:
     meta = read_metadata(PACKAGE)
     training = meta["training"]
-    recipe = load_recipe(ROOT / "recipes" / "teacher.toml").to_dict()
-    # trained by recipes/teacher.toml: the recorded recipe has the file's settings
-    for key in ("max_tokens", "learning_rate", "warmup_steps", "label_smoothing", "average_checkpoints"):
-        assert meta["recipe"]["distill"][key] == recipe["distill"][key], key
-    assert meta["recipe"]["distill"]["model"] == recipe["distill"]["model"]
+    # two stages: recipes/teacher.toml (on a GPU), then recipes/teacher-continue.toml from its weights
+    (first,) = training["stages"]
+    stages = [(first["recipe"], "teacher.toml"), (meta["recipe"], "teacher-continue.toml")]
+    for recorded, name in stages:
+        recipe = load_recipe(ROOT / "recipes" / name).to_dict()
+        for key in (
+            "max_tokens",
+            "learning_rate",
+            "warmup_steps",
+            "label_smoothing",
+            "average_checkpoints",
+        ):
+            assert recorded["distill"][key] == recipe["distill"][key], (name, key)
+        assert recorded["distill"]["model"] == recipe["distill"]["model"], name
+    assert meta["recipe"]["distill"]["schedule"] == "linear"  # annealed to zero over the second stage
+    assert meta["initialised_from"]["weights_sha256"] == first["weights_sha256"]
     assert training["steps"] == meta["final_step"] == training["invocations"][-1]["to_step"]
-    assert training["training_seconds"] > 0
+    assert training["total_steps"] == first["steps"] + training["steps"]
+    assert training["training_seconds"] > 0 and first["training_seconds"] > 0
     assert [v["step"] for v in training["validation"]] == sorted(v["step"] for v in training["validation"])
     test = training["test"]
     assert test["sentences"] == 1000 and set(test["by_beam_size"]) == {"1", "5"}
