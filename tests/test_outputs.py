@@ -81,11 +81,11 @@ def test_every_package_records_the_run_its_scores_and_the_gate(finished_run: tup
         assert meta["gate"]["verdict"] == gate["verdict"] and meta["gate"]["run_passed"] is gate["passed"]
         assert meta["gate"]["checks"] and meta["gate"]["passed"] is all(c["passed"] for c in meta["gate"]["checks"])
         revision = meta["source_revision"]
-        if revision is not None:  # the tests run from a git checkout of cvmkd
+        if (Path(__file__).parents[1] / ".git").exists():  # the tests run from a git checkout of cvmkd
             head = subprocess.run(
                 ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
             ).stdout.strip()
-            assert revision["commit"] == head
+            assert revision is not None and revision["commit"] == head
         if package.name == "model":
             assert meta["quantization"] == {"scheme": "none", "bits": 32}
             assert meta["test_scores"] == evaluation["student"]["scores"]

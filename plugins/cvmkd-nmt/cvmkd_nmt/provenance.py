@@ -29,8 +29,11 @@ log = logging.getLogger("cvmkd")
 def source_revision() -> dict[str, Any] | None:
     """The git revision of the cvmkd source in use, when it runs from a git checkout (an
     editable install); ``None`` for an installed wheel, where the version says it all."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
+    # the checkout holding this plugin (an editable install of plugins/cvmkd-nmt lives two
+    # folders below it): the nearest folder above with .git that is cvmkd's own (cvmkd_core/)
+    here = Path(__file__).resolve()
+    root = next((p for p in here.parents if (p / ".git").exists()), None)
+    if root is None or not (root / "cvmkd_core").is_dir():
         return None
     try:
         commit = subprocess.run(
