@@ -73,11 +73,6 @@ class CheckpointError(CvmkdError):
     """A checkpoint is missing, corrupted or incompatible."""
 
 
-class CacheError(CvmkdError):
-    """A cached artifact (tokenizer, teacher, teacher outputs or translations) no longer matches
-    the sha256 recorded when it was written; deleting it rebuilds it."""
-
-
 class ModelError(CvmkdError):
     """A model or its package is incompatible or damaged (for example a vocabulary mismatch)."""
 

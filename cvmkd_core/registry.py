@@ -50,6 +50,10 @@ class Component:
             return None
         return self.config(**(options or {}))
 
+    def create(self, options: dict[str, Any] | None = None) -> Any:
+        """An instance: ``factory(config)`` with ``options`` over the defaults, or ``factory()``."""
+        return self.factory(self.make_config(options)) if self.config is not None else self.factory()
+
 
 class Registry:
     """All components, by kind and name."""

@@ -165,7 +165,9 @@ def check_resume_recipe(path: Path, recipe: Recipe, registry: Any = None) -> dic
     return changes
 
 
-def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None) -> Path:
+def prepare_run_dir(
+    path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None
+) -> dict[str, tuple[Any, Any]]:
     """Create the run directory and write the resolved recipe (defaults made explicit).
 
     Refuses an existing, non-empty directory unless ``resume`` is set; with ``resume`` the
@@ -181,7 +183,7 @@ def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False, registr
         CheckpointStore(path / "checkpoints").verify("last")
         if changes:  # the run's recipe.toml stays the recipe the run follows
             atomic_write_text(path / RECIPE_FILE, recipe.to_toml())
-        return path
+        return changes
     if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
         raise RunDirError(
             f"run directory {path} exists already; choose another run.name or --run-dir, "
@@ -194,4 +196,4 @@ def prepare_run_dir(path: Path, recipe: Recipe, *, resume: bool = False, registr
         atomic_write_text(path / RECIPE_FILE, recipe.to_toml())
     except OSError as exc:
         raise RunDirError(f"cannot write run directory {path}: {exc.strerror or exc}") from None
-    return path
+    return {}

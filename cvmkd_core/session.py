@@ -17,7 +17,7 @@ from cvmkd_core.recipe import (
     read_recipe_tables,
     structure_recipe,
 )
-from cvmkd_core.rundir import RECIPE_FILE, check_resume_recipe, prepare_run_dir, run_dir_for, run_dir_lock
+from cvmkd_core.rundir import RECIPE_FILE, prepare_run_dir, run_dir_for, run_dir_lock
 from cvmkd_core.state import RunState, RunSummary
 
 
@@ -82,9 +82,9 @@ def run_session(
     state = prepare_state(session, path)
     # one writer per run directory, from before anything is written until the run has ended
     with run_dir_lock(path, create=not resume):
-        if resume and (path / RECIPE_FILE).is_file():
-            state.scratch["resume_changes"] = check_resume_recipe(path, session.recipe, session.plugins.registry)
-        prepare_run_dir(path, session.recipe, resume=resume, registry=session.plugins.registry)
+        state.scratch["resume_changes"] = prepare_run_dir(
+            path, session.recipe, resume=resume, registry=session.plugins.registry
+        )
         summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
     return summary, path
 

@@ -20,7 +20,8 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import gt, one_of
-from cvmkd_core.files import atomic_write_json, atomic_write_text, record_digest, verified_cache_file
+from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_nmt.cache import record_digest, verified_cache_file
 
 log = logging.getLogger("cvmkd")
 

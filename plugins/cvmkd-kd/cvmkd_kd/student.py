@@ -14,11 +14,11 @@ import attrs
 import torch
 
 from cvmkd_core.errors import ModelError
-from cvmkd_core.files import record_digest, verified_cache_file
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
 from cvmkd_kd.trainer import KDTrainerConfig, Seq2SeqTrainer
+from cvmkd_nmt.cache import record_digest, verified_cache_file
 from cvmkd_nmt.data.batching import Batch, batches_once
 from cvmkd_nmt.hardware import autocast
 from cvmkd_nmt.model.package import load_package, read_metadata
@@ -68,7 +68,7 @@ def teacher_held_out(state: RunState, metadata: dict[str, Any], splits: Any) -> 
     try:
         component = state.registry.get("corpus", corpus.name)
         options = {k: v for k, v in recorded.items() if k != "name"}
-        teacher_train = component.factory(component.make_config(options)).load().train
+        teacher_train = component.create(options).load().train
     except Exception as exc:  # the teacher's corpus files are not here, say
         return {"checked": False, "reason": f"the teacher's training split cannot be rebuilt here ({exc})"}
     seen = {pair[0] for pair in teacher_train}
@@ -268,7 +268,7 @@ class KDTrainer(Seq2SeqTrainer):
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-outputs" / f"{fingerprint[:20]}.safetensors"
         if verified_cache_file(path, "cached teacher outputs"):
-            cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size)
+            cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size, verified=True)
             log.info("reusing cached teacher outputs %s", path)
             self.teacher_info["outputs"] = {"path": str(path), "reused": True, **cache.stats()}
             return cache

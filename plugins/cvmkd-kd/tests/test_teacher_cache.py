@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from cvmkd_core.errors import CacheError, ModelError
-from cvmkd_core.files import record_digest
+from cvmkd_core.errors import ModelError
 from cvmkd_kd.loss import KDConfig, kd_loss
 from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
+from cvmkd_nmt.cache import CacheError, record_digest
 
 PAD, BOS = 0, 1
 FP = "sha256:teacher+corpus+tokenizer"

@@ -222,8 +222,7 @@ def _export(args: Any) -> int:
     from cvmkd_nmt.model.package import resolve_package
 
     registry = build_plugins().registry
-    component = registry.get("exporter", args.format)  # an unknown format names the installed ones
-    exporter = component.factory(component.make_config()) if component.config else component.factory()
+    exporter = registry.get("exporter", args.format).create()  # an unknown format names the installed ones
     package = resolve_package(args.model, registry)
     out = Path(args.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.force:

@@ -19,7 +19,7 @@ from typing import Any
 import sentencepiece as spm
 
 from cvmkd_core.errors import CorpusError, ModelError
-from cvmkd_core.files import record_digest, verified_cache_file
+from cvmkd_nmt.cache import record_digest, verified_cache_file
 
 from .readers import Pair
 

@@ -278,8 +278,7 @@ def translate_command(args: argparse.Namespace) -> int:
     folder = resolve_package(args.model, registry)  # a folder, or a registered name
     runtime: Any = None
     for name in registry.names("exporter"):  # an export (CTranslate2...) runs on its own engine
-        component = registry.get("exporter", name)
-        exporter = component.factory(component.make_config()) if component.config else component.factory()
+        exporter = registry.get("exporter", name).create()
         if exporter.recognizes(Path(folder)):
             runtime = exporter.translator(Path(folder), str(device))
             scheme = f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
