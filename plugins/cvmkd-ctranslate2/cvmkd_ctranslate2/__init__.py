@@ -69,7 +69,7 @@ class CTranslate2Exporter:
         import ctranslate2
 
         from cvmkd_ctranslate2.convert import convert
-        from cvmkd_nmt.model.package import TOKENIZER, load_package
+        from cvmkd_nmt.model.package import TOKENIZER, load_package, read_metadata
         from cvmkd_nmt.quantized import is_quantized
 
         quantization = quantization or self.config.quantization
@@ -77,6 +77,8 @@ class CTranslate2Exporter:
             raise ModelError(
                 f"unknown CTranslate2 quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}"
             )
+        if (package / "metadata.json").is_file() and read_metadata(package).get("format") == "huggingface":
+            return self._export_hf(package, out, quantization)
         model, tokenizer, metadata = load_package(package)
         if is_quantized(model):
             raise ModelError(
@@ -106,6 +108,47 @@ class CTranslate2Exporter:
             if out.exists():
                 old = work / "old"
                 out.rename(old)
+            target.rename(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        info["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        return info
+
+    def _export_hf(self, package: Path, out: Path, quantization: str) -> dict[str, Any]:
+        """A student saved as a Hugging Face folder, through CTranslate2's own converter, with
+        the tokenizer's files in ``tokenizer-hf/``."""
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+
+        from cvmkd_hf.model import HfLoader, quiet_transformers
+
+        quiet_transformers()
+        model, tokenizer, metadata = HfLoader.load(package)  # checks every file's sha256
+        started = time.perf_counter()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            target = work / "model"
+            try:
+                TransformersConverter(str(package)).convert(str(target), quantization=quantization)
+            except (ValueError, NotImplementedError, KeyError) as exc:
+                raise ModelError(f"{package}: CTranslate2 cannot convert this model ({exc})") from None
+            tokenizer.save(target)
+            info = {
+                "format": FORMAT,
+                "quantization": quantization,
+                "ctranslate2_version": ctranslate2.__version__,
+                "converter": "ctranslate2.converters.TransformersConverter",
+                "source_package": str(package),
+                "source_weights_sha256": metadata.get("weights_sha256"),
+                "max_len": model.config.max_len,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            (target / METADATA).write_text(
+                json.dumps({**metadata, "export": info}, indent=2, default=str) + "\n", encoding="utf-8"
+            )
+            if out.exists():
+                out.rename(work / "old")
             target.rename(out)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from cvmkd_core.errors import ModelError
 
@@ -23,7 +24,16 @@ class CTranslate2Translator:
 
         self.folder = Path(folder)
         self.metadata = json.loads((self.folder / METADATA).read_text("utf-8"))
-        self.tokenizer = Tokenizer.load(self.folder / TOKENIZER)
+        # a student saved as a Hugging Face folder brings that tokenizer, and its CTranslate2
+        # model reads the source's end-of-sentence mark as the tokenizer writes it
+        self.hf = (self.folder / "tokenizer-hf").is_dir()
+        self.tokenizer: Any
+        if self.hf:
+            from cvmkd_hf.tokenizer import HfTokenizer
+
+            self.tokenizer = HfTokenizer(self.folder / "tokenizer-hf")
+        else:
+            self.tokenizer = Tokenizer.load(self.folder / TOKENIZER)
         self.max_len = int(self.metadata["export"].get("max_len", 512))
         try:
             import torch
@@ -42,13 +52,16 @@ class CTranslate2Translator:
     def translate(self, sources: list[str], beam_size: int = 1, batch_size: int = 32) -> list[str]:
         """Translations of ``sources`` in order; batches of similar lengths, as cvmkd decodes."""
         tokenizer = self.tokenizer
-        # the export adds the end-of-sentence mark itself (add_source_eos)
-        pieces = [[tokenizer.id_to_piece(i) for i in ids[: self.max_len - 1]] for ids in tokenizer.encode(sources)]
+        # a cvm export adds the end-of-sentence mark itself (add_source_eos)
+        end = [tokenizer.id_to_piece(tokenizer.eos_id)] if self.hf else []
+        pieces = [
+            [tokenizer.id_to_piece(i) for i in ids[: self.max_len - 1]] + end for ids in tokenizer.encode(sources)
+        ]
         order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
         out: list[str] = [""] * len(sources)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            longest = max(len(pieces[i]) for i in chunk)
+            longest = max(len(pieces[i]) - len(end) for i in chunk)
             results = self.translator.translate_batch(
                 [pieces[i] for i in chunk],
                 beam_size=beam_size,
@@ -59,7 +72,7 @@ class CTranslate2Translator:
             # each sentence within its own limit, as cvmkd's decoding stops it (the batch ran to
             # the longest one's): for greedy decoding this is exactly the shorter run's output
             ids = [
-                [tokenizer.piece_to_id(p) for p in r.hypotheses[0]][: self._limit(len(pieces[i]))]
+                [tokenizer.piece_to_id(p) for p in r.hypotheses[0]][: self._limit(len(pieces[i]) - len(end))]
                 for i, r in zip(chunk, results)
             ]
             for i, text in zip(chunk, tokenizer.decode(ids)):

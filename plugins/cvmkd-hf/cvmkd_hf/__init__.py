@@ -4,7 +4,9 @@ BART...), loaded offline with ``local_files_only``, with their own tokenizers.
 ``[teacher] checkpoint = "path/to/folder"`` recognises such a folder (``config.json`` with a
 ``model_type``, no cvmkd ``metadata.json``); the teacher's tokenizer then governs the run: the
 corpus is tokenised with it, validation detokenises with it, and the student is built for its
-vocabulary. ``cvmkd translate --model path/to/folder`` translates with it. See docs/teachers.md.
+vocabulary. ``cvmkd translate --model path/to/folder`` translates with it. ``[student.model]
+name = "hf"`` builds a smaller student of the teacher's own family, saved as a Hugging Face
+folder. See docs/teachers.md.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import Any
 
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_hf.model import HfLoader, HfSeq2Seq, is_hf_folder
+from cvmkd_hf.student import HfStudent, HfStudentSpec
 from cvmkd_hf.tokenizer import HfTokenizer
 
 
 @hookimpl
 def cvmkd_register(register: Any) -> None:
     register.loader("hf", HfLoader)
+    register.model("hf", HfStudent, config=HfStudentSpec)
 
 
-__all__ = ["HfLoader", "HfSeq2Seq", "HfTokenizer", "is_hf_folder"]
+__all__ = ["HfLoader", "HfSeq2Seq", "HfStudent", "HfStudentSpec", "HfTokenizer", "is_hf_folder"]

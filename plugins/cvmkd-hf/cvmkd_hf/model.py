@@ -32,20 +32,45 @@ class HfShape:
         return attrs.asdict(self)
 
 
+#: the logit pad gets in training: far below any other, finite (a KD loss takes its logarithm)
+PAD_LOGIT = -1e4
+
+#: ``metadata.json``'s format of a student cvmkd saved as a Hugging Face folder
+PACKAGE_FORMAT = "huggingface"
+
+
 def is_hf_folder(folder: Path) -> bool:
     """A folder saved by ``save_pretrained``: a ``config.json`` naming a ``model_type``, and not a
-    cvmkd package (which has ``metadata.json``)."""
+    cvmkd package of its own format (a ``metadata.json`` of another format)."""
     config = folder / "config.json"
-    if not config.is_file() or (folder / "metadata.json").is_file():
+    if not config.is_file():
         return False
+    if (folder / "metadata.json").is_file():
+        try:
+            if json.loads((folder / "metadata.json").read_text("utf-8")).get("format") != PACKAGE_FORMAT:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
     try:
         return "model_type" in json.loads(config.read_text("utf-8"))
     except (OSError, ValueError):
         return False
 
 
+def quiet_transformers() -> None:
+    """No progress bars from ``transformers`` (loading and saving weights) in cvmkd's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class HfSeq2Seq(torch.nn.Module):
     """A seq2seq model of the ``transformers`` library, with the tokenizer of its folder."""
+
+    #: how a model package holds it (see :func:`cvmkd_nmt.model.package.save_package`)
+    package_format = PACKAGE_FORMAT
+    #: what a student built from its teacher copied of it (``[student.model] init = "teacher"``)
+    initialised: dict[str, Any] | None = None
 
     def __init__(self, model: Any, tokenizer: HfTokenizer, max_len: int = 512) -> None:
         super().__init__()
@@ -70,7 +95,10 @@ class HfSeq2Seq(torch.nn.Module):
         decoder_ids = tgt_in.clone()
         decoder_ids[:, 0] = self.decoder_start
         out = self.model(input_ids=src, attention_mask=src.ne(self.config.pad_id), decoder_input_ids=decoder_ids)
-        return out.logits[..., : self.config.vocab_size]
+        logits = out.logits[..., : self.config.vocab_size]
+        # pad is never a target: a student never learns to produce it, and its embedding row,
+        # which Marian's decoder starts from, stays zero as Marian (and CTranslate2) expect
+        return logits.index_fill(-1, torch.tensor([self.config.pad_id], device=logits.device), PAD_LOGIT)
 
     def _generate(self, src: torch.Tensor, beam_size: int, nbest: int, max_new: int, min_new: int = 0) -> Any:
         return self.model.generate(
@@ -131,12 +159,47 @@ class HfSeq2Seq(torch.nn.Module):
             self.train(was_training)
         return results
 
+    def save_folder(self, directory: Path, half: bool = False) -> None:
+        """The model as ``save_pretrained`` writes it, with its tokenizer's own files beside it,
+        so that ``transformers`` (and CTranslate2's converter) load the folder as it is."""
+        quiet_transformers()
+        model = self.model
+        if half:
+            import copy
+
+            model = copy.deepcopy(model).half()
+        model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save(directory, into=".")
+
     def timed_decode(self, src: torch.Tensor, steps: int) -> float:
         """Seconds to decode exactly ``steps`` tokens for every row of ``src`` (greedy)."""
         with torch.inference_mode():
             started = time.perf_counter()
             self._generate(src, 1, 1, steps, steps)
             return time.perf_counter() - started
+
+
+def read_package_metadata(folder: Path) -> dict[str, Any]:
+    """The ``metadata.json`` of a student cvmkd saved as a Hugging Face folder ({} for a folder
+    of another origin), after checking every file against the sha256 it records."""
+    from cvmkd_core.files import sha256_file
+
+    path = folder / "metadata.json"
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text("utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"model package {folder}: metadata.json is damaged ({exc})") from None
+    for name, expected in (metadata.get("files_sha256") or {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise ModelError(f"model package {folder}: {name} is missing")
+        if sha256_file(file) != expected:
+            raise ModelError(
+                f"model package {folder}: {name} does not match the sha256 recorded in metadata.json (edited or damaged)"
+            )
+    return metadata
 
 
 class HfLoader:
@@ -150,6 +213,10 @@ class HfLoader:
     def load(folder: Path, device: str | torch.device = "cpu") -> tuple[HfSeq2Seq, HfTokenizer, dict[str, Any]]:
         from transformers import AutoModelForSeq2SeqLM
 
+        from cvmkd_core.files import sha256_file
+
+        quiet_transformers()
+        package = read_package_metadata(folder)
         try:
             model = AutoModelForSeq2SeqLM.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
@@ -158,8 +225,8 @@ class HfLoader:
         tokenizer = HfTokenizer(folder, vocab_size=int(model.config.vocab_size), decoder_start_id=start)
         wrapped = HfSeq2Seq(model.float().eval(), tokenizer).to(device)
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        from cvmkd_core.files import sha256_file
-
+        if package:  # a student cvmkd saved: its metadata, and the files as they were written
+            return wrapped, tokenizer, {**package, "architecture": wrapped.config.architecture}
         metadata = {
             "role": "teacher",
             "format": "huggingface",

@@ -85,9 +85,10 @@ class HfTokenizer:
     def piece_to_id(self, piece: str) -> int:
         return int(self._tok.convert_tokens_to_ids(piece))  # type: ignore[arg-type]
 
-    def save(self, directory: str | Path) -> Path:
-        """The tokenizer's own files, byte for byte, into ``directory/tokenizer-hf``."""
-        target = Path(directory) / FOLDER
+    def save(self, directory: str | Path, into: str = FOLDER) -> Path:
+        """The tokenizer's own files, byte for byte, into ``directory/tokenizer-hf`` (or
+        ``directory/into``)."""
+        target = Path(directory) / into
         target.mkdir(parents=True, exist_ok=True)
         for file in self.folder.iterdir():
             if file.is_file() and _is_tokenizer_file(file):

@@ -101,13 +101,18 @@ class Seq2SeqTrainer:
         tokenizer = self.data.tokenizer
         component = self._model_component(state)
         special = {"pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
-        if (
-            special != {"pad_id": 0, "bos_id": 1, "eos_id": 2}
-            and "special_ids" in inspect.signature(component.build).parameters
-        ):
-            self.model = component.build(tokenizer.vocab_size, special_ids=special)
-        else:
-            self.model = component.build(tokenizer.vocab_size)
+        accepts = inspect.signature(component.build).parameters
+        options: dict[str, Any] = {}
+        if special != {"pad_id": 0, "bos_id": 1, "eos_id": 2} and "special_ids" in accepts:
+            options["special_ids"] = special
+        if "teacher" in accepts:  # a student built from its teacher (its family, its weights)
+            options["teacher"] = self.teacher
+        self.model = component.build(tokenizer.vocab_size, **options)
+        if recipe.quantize and getattr(self.model, "package_format", None):
+            raise ModelError(
+                f"[[quantize]] works on cvm students; this {self.model.package_format} student is quantized "
+                'when exported: [[exports]] name = "ctranslate2", quantization = "int8" (docs/export.md)'
+            )
         self._initial_weights(state)
         self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -149,6 +154,7 @@ class Seq2SeqTrainer:
             "model_config": self.model.config.to_dict(),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
             **({"initialised_from": start} if (start := getattr(self, "initialised_from", None)) else {}),
+            **({"initialised": init} if (init := getattr(self.model, "initialised", None)) else {}),
         }
         log.info(
             "%s: %s parameters, %s on %s, %d steps of %s",

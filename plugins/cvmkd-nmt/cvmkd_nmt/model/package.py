@@ -53,7 +53,10 @@ def save_package(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        if is_quantized(model):
+        own_format = getattr(model, "package_format", None)
+        if own_format:  # a model of another library (a Hugging Face student), in its own format
+            model.save_folder(tmp, half=half)  # type: ignore[attr-defined,operator]
+        elif is_quantized(model):
             tensors, spec = quantized_state(model)
             # the header names the spec format, so the weights alone say they are quantized
             header = {"format": "pt", "quantization": spec["format"]}
@@ -63,10 +66,11 @@ def save_package(
             # save_model understands the tied embeddings that save_file would refuse
             stored = copy.deepcopy(model).half() if half else model
             save_model(stored, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        tokenizer.save(tmp)
+        if not own_format:
+            (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+            tokenizer.save(tmp)
         meta = dict(metadata or {})
-        meta.setdefault("format", "cvmkd-model/1")
+        meta.setdefault("format", own_format or "cvmkd-model/1")
         if half and not is_quantized(model):
             meta["stored_dtype"] = "float16"
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
@@ -75,6 +79,10 @@ def save_package(
         meta["files_sha256"] = {
             name: sha256_file(tmp / name) for name in (CONFIG, TOKENIZER, QUANTIZATION) if (tmp / name).is_file()
         }
+        if own_format:  # every file of the folder: weights, configurations, tokenizer
+            meta["files_sha256"] = {
+                p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != METADATA
+            }
         if (tmp / HF_TOKENIZER).is_dir():
             for file in sorted((tmp / HF_TOKENIZER).iterdir()):
                 meta["files_sha256"][f"{HF_TOKENIZER}/{file.name}"] = sha256_file(file)
@@ -126,11 +134,17 @@ def load_model_folder(
     """A cvmkd model package, or a folder an installed loader recognises (a Hugging Face
     ``save_pretrained`` folder with cvmkd-hf): ``(model, tokenizer, metadata)``."""
     directory = Path(directory)
-    if registry is not None and not (directory / METADATA).is_file():
+    if registry is not None:
         for name in registry.names("loader"):
             loader = registry.get("loader", name).factory()
             if loader.recognizes(directory):
                 return loader.load(directory, device)  # type: ignore[no-any-return]
+    if (directory / METADATA).is_file() and read_metadata(directory).get("format") == "huggingface":
+        raise ModelError(
+            f"{directory} is a student saved as a Hugging Face folder: install the plugin cvmkd-hf to load it "
+            "(pip install -e plugins/cvmkd-hf)"
+        )
+    if registry is not None and not (directory / METADATA).is_file():
         if (directory / "config.json").is_file() and '"model_type"' in (directory / "config.json").read_text("utf-8"):
             raise ModelError(
                 f"{directory} is a Hugging Face model folder: install the plugin cvmkd-hf to use it "
@@ -148,6 +162,8 @@ def load_package(
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"no model package at {directory}")
+    if (directory / METADATA).is_file() and read_metadata(directory).get("format") == "huggingface":
+        raise ModelError(f"{directory} is a student saved as a Hugging Face folder, not a cvm model package")
     hf_tokenizer = (directory / HF_TOKENIZER).is_dir()
     for name in (WEIGHTS, CONFIG, METADATA) if hf_tokenizer else (WEIGHTS, CONFIG, TOKENIZER, METADATA):
         if not (directory / name).is_file():
