@@ -69,7 +69,7 @@ class CTranslate2Exporter:
         import ctranslate2
 
         from cvmkd_ctranslate2.convert import convert
-        from cvmkd_nmt.model.package import TOKENIZER, load_package, read_metadata
+        from cvmkd_nmt.model.package import HF_TOKENIZER, TOKENIZER, load_package, read_metadata
         from cvmkd_nmt.quantized import is_quantized
 
         quantization = quantization or self.config.quantization
@@ -92,7 +92,10 @@ class CTranslate2Exporter:
             target = work / "model"
             pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
             convert(model, pieces, target, quantization=quantization)
-            shutil.copyfile(package / TOKENIZER, target / TOKENIZER)
+            if (package / HF_TOKENIZER).is_dir():  # a student of a Hugging Face teacher
+                shutil.copytree(package / HF_TOKENIZER, target / HF_TOKENIZER)
+            else:
+                shutil.copyfile(package / TOKENIZER, target / TOKENIZER)
             info = {
                 "format": FORMAT,
                 "quantization": quantization,

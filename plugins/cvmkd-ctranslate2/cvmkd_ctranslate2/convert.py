@@ -67,6 +67,10 @@ def cvm_spec(model: Any, pieces: list[str]) -> transformer_spec.TransformerSpec:
     # the cvm encoder reads every source with its end-of-sentence mark; users of the export
     # then pass plain SentencePiece pieces, as with any CTranslate2 model
     spec.config.add_source_eos = True
+    # the model's own special pieces (a student of a Hugging Face teacher may start from eos)
+    spec.config.bos_token = pieces[config.bos_id]
+    spec.config.decoder_start_token = pieces[config.bos_id]
+    spec.config.eos_token = pieces[config.eos_id]
     positions = _array(model.positions)
 
     encoder = spec.encoder

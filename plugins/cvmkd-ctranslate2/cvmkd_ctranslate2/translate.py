@@ -35,6 +35,18 @@ class CTranslate2Translator:
         else:
             self.tokenizer = Tokenizer.load(self.folder / TOKENIZER)
         self.max_len = int(self.metadata["export"].get("max_len", 512))
+        # pad is never a target of a student of a Hugging Face teacher: suppressed as its own
+        # decoding suppresses it, where the converted vocabulary still holds it (Marian's does not)
+        self.pad = ""
+        if self.hf and self.metadata["export"].get("converter"):
+            vocabulary = next(iter(sorted(self.folder.glob("*vocabulary.json"))), None)
+            pad = self.tokenizer.id_to_piece(self.tokenizer.pad_id)
+            if vocabulary is not None and pad in json.loads(vocabulary.read_text("utf-8")):
+                self.pad = pad
+        try:
+            self.adds_eos = bool(json.loads((self.folder / "config.json").read_text("utf-8")).get("add_source_eos"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"CTranslate2 export {self.folder}: config.json is missing or damaged ({exc})") from None
         try:
             import torch
 
@@ -52,8 +64,12 @@ class CTranslate2Translator:
     def translate(self, sources: list[str], beam_size: int = 1, batch_size: int = 32) -> list[str]:
         """Translations of ``sources`` in order; batches of similar lengths, as cvmkd decodes."""
         tokenizer = self.tokenizer
-        # a cvm export adds the end-of-sentence mark itself (add_source_eos)
-        end = [tokenizer.id_to_piece(tokenizer.eos_id)] if self.hf else []
+        # the end-of-sentence mark, unless the model adds it itself (a cvm export: add_source_eos)
+        end = [] if self.adds_eos else [tokenizer.id_to_piece(tokenizer.eos_id)]
+        # a multilingual Hugging Face model's translation starts with the target language's code,
+        # which its own decoding forces (forced_bos_token_id); a cvm student learnt to write it
+        forced = getattr(tokenizer, "target_prefix", []) if self.metadata["export"].get("converter") else []
+        prefix = [tokenizer.id_to_piece(i) for i in forced]
         pieces = [
             [tokenizer.id_to_piece(i) for i in ids[: self.max_len - 1]] + end for ids in tokenizer.encode(sources)
         ]
@@ -68,6 +84,8 @@ class CTranslate2Translator:
                 max_batch_size=batch_size,
                 max_decoding_length=self._limit(longest),
                 return_scores=False,
+                **({"target_prefix": [prefix] * len(chunk)} if prefix else {}),
+                **({"suppress_sequences": [[self.pad]]} if self.pad else {}),
             )
             # each sentence within its own limit, as cvmkd's decoding stops it (the batch ran to
             # the longest one's): for greedy decoding this is exactly the shorter run's output

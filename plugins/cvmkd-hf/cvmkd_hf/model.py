@@ -113,6 +113,9 @@ class HfSeq2Seq(torch.nn.Module):
             pad_token_id=self.config.pad_id,
             eos_token_id=self.config.eos_id,
             decoder_start_token_id=self.decoder_start,
+            suppress_tokens=[self.config.pad_id],  # never a target (see forward)
+            # a multilingual model's first token is the target language's code
+            **({"forced_bos_token_id": prefix[0]} if len(prefix := self.tokenizer.target_prefix) == 1 else {}),
         )
 
     def _strip(self, row: list[int]) -> list[int]:
@@ -210,7 +213,9 @@ class HfLoader:
         return is_hf_folder(folder)
 
     @staticmethod
-    def load(folder: Path, device: str | torch.device = "cpu") -> tuple[HfSeq2Seq, HfTokenizer, dict[str, Any]]:
+    def load(
+        folder: Path, device: str | torch.device = "cpu", source_lang: str = "", target_lang: str = ""
+    ) -> tuple[HfSeq2Seq, HfTokenizer, dict[str, Any]]:
         from transformers import AutoModelForSeq2SeqLM
 
         from cvmkd_core.files import sha256_file
@@ -222,7 +227,15 @@ class HfLoader:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{folder}: cannot load it as a Hugging Face seq2seq model ({exc})") from None
         start = model.config.decoder_start_token_id
-        tokenizer = HfTokenizer(folder, vocab_size=int(model.config.vocab_size), decoder_start_id=start)
+        if package and (source_lang or target_lang):
+            raise ModelError(f"{folder}: a student's package records its languages; give none")
+        tokenizer = HfTokenizer(
+            folder,
+            vocab_size=int(model.config.vocab_size),
+            decoder_start_id=start,
+            source_lang=source_lang,
+            target_lang=target_lang,
+        )
         wrapped = HfSeq2Seq(model.float().eval(), tokenizer).to(device)
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         if package:  # a student cvmkd saved: its metadata, and the files as they were written
@@ -233,5 +246,6 @@ class HfLoader:
             "architecture": wrapped.config.architecture,
             "weights_sha256": sha256_file(weights[0]) if len(weights) == 1 else None,
             "tokenizer_sha256": tokenizer.sha256,
+            **({"languages": tokenizer.languages} if tokenizer.languages else {}),
         }
         return wrapped, tokenizer, metadata

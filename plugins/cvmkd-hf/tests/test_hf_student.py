@@ -14,7 +14,21 @@ from cvmkd_core.cli import main
 from cvmkd_hf.student import HfStudentSpec, spread, student_config
 from cvmkd_testing import write_tiny_corpus
 
-from .test_hf_teacher import RECIPE, tiny_marian, tiny_t5
+from .test_hf_teacher import RECIPE, tiny_m2m100, tiny_marian, tiny_t5
+
+#: how a run names each test teacher (a multilingual one with its language pair)
+TEACHER = {
+    "marian": ["--set", "teacher.checkpoint=marian"],
+    "t5": ["--set", "teacher.checkpoint=t5"],
+    "m2m100": [
+        "--set",
+        "teacher.checkpoint=m2m100",
+        "--set",
+        "teacher.source_lang=fr",
+        "--set",
+        "teacher.target_lang=en",
+    ],
+}
 
 STUDENT = """
 [student.model]
@@ -33,6 +47,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_tiny_corpus(tmp_path)
     tiny_marian(tmp_path)
     tiny_t5(tmp_path)
+    tiny_m2m100(tmp_path)
     recipe = RECIPE.replace('[student.model]\nname = "cvm"\npreset = "tiny"\n', STUDENT)
     assert 'name = "hf"' in recipe
     (tmp_path / "hf.toml").write_text(recipe)
@@ -60,14 +75,13 @@ def test_the_sizes_are_named_as_each_family_names_them() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher", ["marian", "t5"])
+@pytest.mark.parametrize("teacher", ["marian", "t5", "m2m100"])
 def test_a_student_of_the_teachers_family_is_distilled_saved_and_translates(
     workdir: Path, teacher: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    args = ["run", "hf.toml", "--run-dir", "run", "--quiet", "--set", f"teacher.checkpoint={teacher}"]
-    assert main(args) == 0, capsys.readouterr().err
+    assert main(["run", "hf.toml", "--run-dir", "run", "--quiet", *TEACHER[teacher]]) == 0, capsys.readouterr().err
     summary = json.loads((workdir / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert set(summary["evaluation"]["scores"]) >= {"student", "teacher"}
@@ -87,6 +101,8 @@ def test_a_student_of_the_teachers_family_is_distilled_saved_and_translates(
     assert sum(p.numel() for p in model.parameters()) < meta["teacher"]["parameters"]
     if teacher == "marian":  # what Marian's decoder starts from stays zero, as Marian expects
         assert model.get_input_embeddings().weight[original["pad_token_id"]].abs().max() == 0
+    if teacher == "m2m100":  # the student speaks the teacher's language pair without being told
+        assert json.loads((package / "cvmkd-languages.json").read_text()) == {"source_lang": "fr", "target_lang": "en"}
 
     (workdir / "in.txt").write_text("le chat\nun grand chien\n")
     capsys.readouterr()
@@ -95,21 +111,22 @@ def test_a_student_of_the_teachers_family_is_distilled_saved_and_translates(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["marian", "m2m100"])
 def test_the_student_exports_to_ctranslate2_with_the_same_probabilities(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, teacher: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ctranslate2 = pytest.importorskip("ctranslate2")
     pytest.importorskip("cvmkd_ctranslate2")
     from cvmkd_hf.model import HfLoader
 
-    assert main(["run", "hf.toml", "--run-dir", "run", "--quiet"]) == 0, capsys.readouterr().err
+    assert main(["run", "hf.toml", "--run-dir", "run", "--quiet", *TEACHER[teacher]]) == 0, capsys.readouterr().err
     package = workdir / "run" / "model"
     assert main(["export", str(package), "--format", "ctranslate2", "--quantization", "float32", "--out", "ct2"]) == 0
     exported = json.loads((workdir / "ct2" / "cvmkd.json").read_text())
     assert exported["export"]["converter"].endswith("TransformersConverter")
     assert exported["weights_sha256"] == json.loads((package / "metadata.json").read_text())["weights_sha256"]
 
-    # teacher-forced log-probabilities of the same pairs agree with the PyTorch student's
+    # teacher-forced log-probabilities of the same pairs agree with those of transformers
     model, tokenizer, _ = HfLoader.load(package)
     pairs = [("le chat", "the cat"), ("un grand chien noir", "a big black dog")]
     src_ids = [tokenizer.encode([s])[0] + [tokenizer.eos_id] for s, _ in pairs]
@@ -120,7 +137,12 @@ def test_the_student_exports_to_ctranslate2_with_the_same_probabilities(
         [tokenizer._tok.convert_ids_to_tokens(t) for t in tgt_ids],
     )
     for s, t, result in zip(src_ids, tgt_ids, scored):
-        logits = model(torch.tensor([s]), torch.tensor([[tokenizer.bos_id, *t]]))
+        # transformers' own logits over the folder (CTranslate2 drops Marian's pad from the vocabulary)
+        decoder_ids = torch.tensor([[model.decoder_start, *t]])
+        with torch.no_grad():
+            logits = model.model(input_ids=torch.tensor([s]), decoder_input_ids=decoder_ids).logits
+        if teacher == "marian":
+            logits[..., tokenizer.pad_id] = float("-inf")
         expected = logits.log_softmax(-1)[0, torch.arange(len(t) + 1), torch.tensor([*t, tokenizer.eos_id])]
         assert result.log_probs == pytest.approx(expected.tolist(), abs=1e-3)
 

@@ -188,3 +188,108 @@ def test_a_cvm_student_distils_the_hugging_face_teacher(
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["translate", "--model", teacher, "-i", "in.txt"]) == 0  # the teacher folder itself
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def tiny_m2m100(root: Path, folder: str = "m2m100") -> Path:
+    """A randomly initialised M2M100 (the architecture of M2M100 and NLLB, d_model 32) with a
+    multilingual tokenizer: a SentencePiece model trained on the corpus, a ``__fr__``/``__en__``
+    language code before each side's text."""
+    import sentencepiece as spm
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, M2M100Tokenizer
+
+    pairs = [line.split("\t") for line in (root / "corpus.tsv").read_text().splitlines()]
+    (root / "text.txt").write_text("\n".join(side for pair in pairs for side in pair) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(root / "text.txt"),
+        model_prefix=str(root / "m2mspm"),
+        vocab_size=40,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for line in (root / "m2mspm.vocab").read_text().splitlines():
+        vocab.setdefault(line.split("\t")[0], len(vocab))
+    out = root / folder
+    out.mkdir()
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    shutil.copyfile(root / "m2mspm.model", out / "sentencepiece.bpe.model")
+    tokenizer = M2M100Tokenizer(
+        vocab_file=str(out / "vocab.json"), spm_file=str(out / "sentencepiece.bpe.model"), src_lang="en", tgt_lang="de"
+    )
+    # as the published M2M100 tokenizers: the language codes are special tokens
+    tokenizer = M2M100Tokenizer(
+        vocab_file=str(out / "vocab.json"),
+        spm_file=str(out / "sentencepiece.bpe.model"),
+        src_lang="en",
+        tgt_lang="de",
+        additional_special_tokens=list(tokenizer.lang_token_to_id),
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = M2M100Config(
+        # the tokenizer's pieces, its 100 language codes and the "made-up words" M2M100 pads with
+        vocab_size=max(tokenizer.lang_token_to_id.values()) + 1 + tokenizer.num_madeup_words,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    M2M100ForConditionalGeneration(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_multilingual_teacher_is_given_its_language_pair(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cvmkd_hf import HfTokenizer
+
+    tiny_m2m100(workdir)
+    tokenizer = HfTokenizer(workdir / "m2m100", source_lang="fr", target_lang="en")
+    # the codes M2M100 writes before each side's text, then the text; batching adds the end mark
+    (source,) = tokenizer.encode(["le chat"])
+    (target,) = tokenizer.encode_targets(["the cat"])
+    assert tokenizer.id_to_piece(source[0]) == "__fr__" and tokenizer.id_to_piece(target[0]) == "__en__"
+    assert tokenizer.decode([target]) == ["the cat"] and tokenizer.eos_id not in source + target
+    assert HfTokenizer(workdir / "m2m100", source_lang="fr", target_lang="de").sha256 != tokenizer.sha256
+
+    languages = [
+        "--set",
+        "teacher.checkpoint=m2m100",
+        "--set",
+        "teacher.source_lang=fr",
+        "--set",
+        "teacher.target_lang=en",
+    ]
+    sequence = ["--set", 'distill.sequence={targets = "teacher", beam_size = 2}']
+    assert main(["run", "hf.toml", "--run-dir", "run", "--quiet", *languages, *sequence]) == 0, capsys.readouterr().err
+    package = workdir / "run" / "model"
+    assert json.loads((package / "tokenizer-hf" / "cvmkd-languages.json").read_text()) == {
+        "source_lang": "fr",
+        "target_lang": "en",
+    }
+    (workdir / "in.txt").write_text("le chat\nun grand chien\n")
+    capsys.readouterr()
+    assert main(["translate", "--model", str(package), "-i", "in.txt"]) == 0  # the package knows its pair
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    pair = ["--source-lang", "fr", "--target-lang", "en"]
+    assert main(["translate", "--model", "m2m100", "-i", "in.txt", *pair]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+    # a multilingual teacher without its pair, an unknown code, codes for a one-pair tokenizer
+    for args, message in (
+        (["translate", "--model", "m2m100", "-i", "in.txt"], "is multilingual: give the language codes"),
+        (["translate", "--model", "m2m100", "-i", "in.txt", "--source-lang", "xx", "--target-lang", "en"],
+         "source_lang = 'xx' is not a language code"),
+        (["translate", "--model", "marian", "-i", "in.txt", *pair], "translates one language pair"),
+        (["translate", "--model", str(package), "-i", "in.txt", *pair], "not cvmkd packages"),
+    ):  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

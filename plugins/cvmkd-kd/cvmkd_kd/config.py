@@ -33,6 +33,10 @@ class TeacherConfig:
     """export the mean weights of the last N validated checkpoints when they validate better"""
     test_beam_sizes: list[int] = attrs.field(factory=lambda: [1], validator=attrs.validators.deep_iterable(gt(0)))
     """beam sizes the final teacher is scored with on the test split (evaluation.json)"""
+    source_lang: str = ""
+    """the language codes of a multilingual Hugging Face teacher (NLLB: ``fra_Latn``, M2M100: ``fr``,
+    mBART-50: ``fr_XX``): its tokenizer writes them before each side's text"""
+    target_lang: str = ""
     init_from: str = ""
     """continue training from this model package (a path or a registered name): its weights start
     the run and its tokenizer is used; the model settings must build the same architecture"""

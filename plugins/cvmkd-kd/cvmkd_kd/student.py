@@ -110,7 +110,9 @@ class KDTrainer(Seq2SeqTrainer):
             # a cvmkd package, or a folder an installed loader reads (a Hugging Face teacher)
             from cvmkd_nmt.model.package import load_model_folder
 
-            self.teacher, teacher_tokenizer, metadata = load_model_folder(checkpoint, state.registry)
+            teacher = recipe.section("teacher")
+            languages = {k: v for k in ("source_lang", "target_lang") if (v := getattr(teacher, k))}
+            self.teacher, teacher_tokenizer, metadata = load_model_folder(checkpoint, state.registry, **languages)
             # the student must speak the teacher's vocabulary: the teacher's tokenizer governs
             self.data = prepare_data(state, tokenizer=teacher_tokenizer)
             self.teacher_info = {

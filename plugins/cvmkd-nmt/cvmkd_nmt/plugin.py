@@ -197,6 +197,13 @@ def _translate_arguments(parser: Any) -> None:
         "--beam-size", type=int, default=1, metavar="N", help="1: greedy decoding (default); >1: beam search"
     )
     parser.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, or auto")
+    for side, example in (("source", "fra_Latn"), ("target", "eng_Latn")):
+        parser.add_argument(
+            f"--{side}-lang",
+            default="",
+            metavar="CODE",
+            help=f"a multilingual Hugging Face model's {side} language code (NLLB: {example})",
+        )
 
 
 def _translate(args: Any) -> int:

@@ -129,16 +129,20 @@ def resolve_package(reference: str | Path, registry: Any = None) -> Path:
 
 
 def load_model_folder(
-    directory: str | Path, registry: Any = None, device: str | torch.device = "cpu"
+    directory: str | Path, registry: Any = None, device: str | torch.device = "cpu", **options: str
 ) -> tuple[Any, Any, dict[str, Any]]:
     """A cvmkd model package, or a folder an installed loader recognises (a Hugging Face
-    ``save_pretrained`` folder with cvmkd-hf): ``(model, tokenizer, metadata)``."""
+    ``save_pretrained`` folder with cvmkd-hf): ``(model, tokenizer, metadata)``. ``options``
+    (``source_lang``, ``target_lang``) go to the loader: a cvmkd package records its own."""
     directory = Path(directory)
     if registry is not None:
         for name in registry.names("loader"):
             loader = registry.get("loader", name).factory()
             if loader.recognizes(directory):
-                return loader.load(directory, device)  # type: ignore[no-any-return]
+                return loader.load(directory, device, **options)  # type: ignore[no-any-return]
+    if options:
+        given = " and ".join(f"{k} = {v!r}" for k, v in options.items())
+        raise ModelError(f"{directory}: {given} are for multilingual Hugging Face teachers, not cvmkd packages")
     if (directory / METADATA).is_file() and read_metadata(directory).get("format") == "huggingface":
         raise ModelError(
             f"{directory} is a student saved as a Hugging Face folder: install the plugin cvmkd-hf to load it "

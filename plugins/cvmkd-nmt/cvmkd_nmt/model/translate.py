@@ -284,7 +284,8 @@ def translate_command(args: argparse.Namespace) -> int:
             scheme = f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
             break
     if runtime is None:
-        model, tokenizer, metadata = load_model_folder(folder, registry, device)
+        languages = {k: v for k in ("source_lang", "target_lang") if (v := getattr(args, k, ""))}
+        model, tokenizer, metadata = load_model_folder(folder, registry, device, **languages)
         runtime = PackageTranslator(model, tokenizer, device)
         scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
         scheme = "fp32" if scheme == "none" else scheme
