@@ -121,7 +121,6 @@ class CTranslate2Exporter:
         """A student saved as a Hugging Face folder, through CTranslate2's own converter, with
         the tokenizer's files in ``tokenizer-hf/``."""
         import ctranslate2
-        from ctranslate2.converters import TransformersConverter
 
         from cvmkd_hf.model import HfLoader, quiet_transformers
 
@@ -133,9 +132,18 @@ class CTranslate2Exporter:
         try:
             target = work / "model"
             try:
-                TransformersConverter(str(package)).convert(str(target), quantization=quantization)
-            except (ValueError, NotImplementedError, KeyError) as exc:
-                raise ModelError(f"{package}: CTranslate2 cannot convert this model ({exc})") from None
+                _Converter(str(package)).convert(str(target), quantization=quantization)
+            except Exception as exc:  # an architecture or a version the converter does not know
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ModelError(f"{package}: CTranslate2 cannot convert this model ({reason})") from None
+            if model.config.architecture == "pegasus":
+                # CTranslate2 assumes Pegasus starts decoding from pad; a model that says otherwise
+                # (a cvmkd export, or a student built from one) starts where it says
+                config_path = target / "config.json"
+                converted = json.loads(config_path.read_text("utf-8"))
+                converted["decoder_start_token"] = tokenizer.id_to_piece(model.decoder_start)
+                converted["bos_token"] = tokenizer.id_to_piece(model.decoder_start)
+                config_path.write_text(json.dumps(converted, indent=2) + "\n", encoding="utf-8")
             tokenizer.save(target)
             info = {
                 "format": FORMAT,
@@ -185,6 +193,27 @@ class CTranslate2Exporter:
             out,
             info["size_bytes"] / 1e6,
         )
+
+
+def _converter_class() -> Any:
+    from ctranslate2.converters import TransformersConverter
+
+    class Converter(TransformersConverter):  # type: ignore[misc]
+        """CTranslate2's converter, told what newer transformers configurations leave unsaid."""
+
+        def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
+            model = super().load_model(model_class, model_name_or_path, **kwargs)
+            if model.config.model_type == "pegasus":  # pre-norm, no embedding layer norm
+                for key, value in (("normalize_before", True), ("normalize_embedding", False)):
+                    if not hasattr(model.config, key):
+                        setattr(model.config, key, value)
+            return model
+
+    return Converter
+
+
+def _Converter(path: str) -> Any:  # noqa: N802 - reads as the class it makes
+    return _converter_class()(path)
 
 
 @hookimpl

@@ -6,7 +6,8 @@ BART...), loaded offline with ``local_files_only``, with their own tokenizers.
 corpus is tokenised with it, validation detokenises with it, and the student is built for its
 vocabulary. ``cvmkd translate --model path/to/folder`` translates with it. ``[student.model]
 name = "hf"`` builds a smaller student of the teacher's own family, saved as a Hugging Face
-folder. See docs/teachers.md.
+folder. ``cvmkd export MODEL --format huggingface`` writes a cvm package as such a folder. See
+docs/teachers.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_hf.export import HuggingFaceExporter
 from cvmkd_hf.model import HfLoader, HfSeq2Seq, is_hf_folder
 from cvmkd_hf.student import HfStudent, HfStudentSpec
 from cvmkd_hf.tokenizer import HfTokenizer
@@ -23,6 +25,7 @@ from cvmkd_hf.tokenizer import HfTokenizer
 def cvmkd_register(register: Any) -> None:
     register.loader("hf", HfLoader)
     register.model("hf", HfStudent, config=HfStudentSpec)
+    register.exporter("huggingface", HuggingFaceExporter)
 
 
 __all__ = ["HfLoader", "HfSeq2Seq", "HfStudent", "HfStudentSpec", "HfTokenizer", "is_hf_folder"]
