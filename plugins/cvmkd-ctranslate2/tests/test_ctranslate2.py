@@ -152,3 +152,6 @@ def test_a_recipe_ends_with_its_ctranslate2_student(trained: Path, monkeypatch: 
     assert folder == Path("e") / "model-ctranslate2" and is_export(trained / folder)
     assert summary["extra"]["exports"]["ctranslate2"]["quantization"] == "int8"
     assert CTranslate2Translator(trained / folder).translate(_sources(trained)[:3])[0]
+    # the export's metadata is stamped with the run's outcome, as every package of the run
+    meta = json.loads((trained / folder / "cvmkd.json").read_text())
+    assert meta["status"] == "completed" and meta["run"]["name"] == "e" and meta["export"]["format"] == "ctranslate2"

@@ -110,6 +110,8 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
     # the fp32 student first: its teacher and corpus identity are shared with every variant
     for key, directory in sorted(packages, key=lambda kp: kp[0] != "model"):
         path = directory / METADATA
+        if not path.is_file() and (directory / EXPORT_METADATA).is_file():
+            path = directory / EXPORT_METADATA  # an export (CTranslate2): its copy of the metadata
         try:
             meta = json.loads(path.read_text("utf-8"))
         except (OSError, ValueError) as exc:
@@ -146,5 +148,8 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
         stamped.append(directory)
     return stamped
 
+
+#: where an export folder (``cvmkd export``, ``[[exports]]``) keeps the package's metadata
+EXPORT_METADATA = "cvmkd.json"
 
 __all__ = ["plugin_versions", "source_revision", "stamp_packages"]
