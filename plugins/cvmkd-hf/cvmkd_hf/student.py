@@ -159,6 +159,11 @@ class HfStudent:
                 '[student.model] name = "hf" builds a student of the teacher\'s own family: the teacher '
                 'must be a Hugging Face folder ([teacher] checkpoint = <folder>); use name = "cvm" otherwise'
             )
+        if vocab_size != tokenizer.vocab_size:
+            raise ModelError(
+                '[student.model] name = "hf" speaks its teacher\'s tokenizer; a student with a tokenizer '
+                'of its own ([student] tokenizer = "own") is name = "cvm"'
+            )
         if self.spec.base:
             path = Path(self.spec.base) / "config.json"
             try:

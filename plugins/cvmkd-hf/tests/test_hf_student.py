@@ -164,6 +164,17 @@ def test_the_student_exports_to_ctranslate2_with_the_same_probabilities(
         ),
         (["--set", 'quantize=[{name = "dynamic-int8"}]'], "[[quantize]] works on cvm students"),
         (["--set", "student.model.config={no_such_key = 1}"], "has no key 'no_such_key'"),
+        (
+            [
+                "--set",
+                "student.tokenizer=own",
+                "--set",
+                "tokenizer.vocab_size=30",
+                "--set",
+                'distill.loss={name = "ce"}',
+            ],
+            "speaks its teacher's tokenizer",
+        ),
     ],
 )
 def test_a_student_that_cannot_be_built_is_one_line(

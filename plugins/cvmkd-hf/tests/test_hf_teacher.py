@@ -293,3 +293,28 @@ def test_a_multilingual_teacher_is_given_its_language_pair(workdir: Path, capsys
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_student_with_a_tokenizer_of_its_own_learns_from_the_teachers_translations(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = ["--set", "student.tokenizer=own", "--set", "tokenizer.vocab_size=30"]
+    sequence = ["--set", 'distill.sequence={targets = "teacher", beam_size = 1}', "--set", 'distill.loss={name = "ce"}']
+    assert main(["run", "hf.toml", "--run-dir", "run", "--quiet", *own, *sequence]) == 0, capsys.readouterr().err
+    summary = json.loads((workdir / "run" / "summary.json").read_text())
+    assert summary["extra"]["trainer"]["teacher"]["student_tokenizer"] == {"own": True, "vocab_size": 30}
+    assert set(summary["evaluation"]["scores"]) >= {"student", "teacher"}
+    package = workdir / "run" / "model"
+    # its own SentencePiece model, not the teacher's tokenizer
+    assert (package / "tokenizer.model").is_file() and not (package / "tokenizer-hf").exists()
+    assert json.loads((package / "config.json").read_text())["vocab_size"] == 30
+    (workdir / "in.txt").write_text("le chat\n")
+    capsys.readouterr()
+    assert main(["translate", "--model", str(package), "-i", "in.txt"]) == 0
+
+    # word-level KD compares distributions over one vocabulary: refused in one line
+    assert main(["run", "hf.toml", "--run-dir", "run2", "--quiet", *own]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "word-level KD compares the teacher's and the student's distributions" in err
+    assert len(err.splitlines()) == 1

@@ -47,3 +47,7 @@ class StudentConfig:
     """``[student]``: the model being distilled."""
 
     model: ModelRef = attrs.field(factory=lambda: ModelRef(name="cvm", options={"preset": "student-cpu"}))  # type: ignore[valid-type]
+    tokenizer: str = attrs.field(default="teacher", validator=one_of("teacher", "own"))
+    """teacher: the student speaks the loaded teacher's tokenizer (word-level KD needs it); own: a
+    SentencePiece vocabulary of its own, trained on the corpus with [tokenizer]'s settings, so the
+    teacher teaches through its translations (sequence-level KD) only"""

@@ -113,8 +113,11 @@ class KDTrainer(Seq2SeqTrainer):
             teacher = recipe.section("teacher")
             languages = {k: v for k in ("source_lang", "target_lang") if (v := getattr(teacher, k))}
             self.teacher, teacher_tokenizer, metadata = load_model_folder(checkpoint, state.registry, **languages)
-            # the student must speak the teacher's vocabulary: the teacher's tokenizer governs
-            self.data = prepare_data(state, tokenizer=teacher_tokenizer)
+            # the student speaks the teacher's vocabulary (the teacher's tokenizer governs), or
+            # one of its own, learning from the teacher's translations alone
+            self.teacher_tokenizer = teacher_tokenizer
+            own = recipe.section("student").tokenizer == "own"
+            self.data = prepare_data(state) if own else prepare_data(state, tokenizer=teacher_tokenizer)
             self.teacher_info = {
                 "source": "loaded",
                 "path": str(checkpoint),
@@ -123,21 +126,37 @@ class KDTrainer(Seq2SeqTrainer):
             }
             log.info("teacher loaded from %s", checkpoint)
         else:
+            if recipe.section("student").tokenizer == "own":
+                raise ModelError(
+                    '[student] tokenizer = "own" needs a loaded teacher ([teacher] checkpoint): a teacher '
+                    "trained by the run shares the run's tokenizer"
+                )
             self.data = prepare_data(state)
             self.teacher = self._cached_or_trained_teacher(state)
+            self.teacher_tokenizer = self.data.tokenizer
         self.teacher.to(self.device).eval()
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)
-        if self.teacher.config.vocab_size != self.data.tokenizer.vocab_size:
+        self.loss_fn = state.components["distill.loss"]
+        self.uses_teacher = getattr(self.loss_fn, "needs_teacher", True)
+        shared = self.teacher_tokenizer.sha256 == self.data.tokenizer.sha256
+        if self.uses_teacher and not shared:
+            raise ModelError(
+                "[student] tokenizer = \"own\": word-level KD compares the teacher's and the student's "
+                "distributions token by token and needs one vocabulary; distil through the teacher's "
+                'translations ([distill.sequence] targets = "teacher", [distill.loss] name = "ce"), '
+                'or use tokenizer = "teacher"'
+            )
+        if shared and self.teacher.config.vocab_size != self.data.tokenizer.vocab_size:
             raise ModelError(
                 f"teacher vocabulary ({self.teacher.config.vocab_size}) differs from the tokenizer's "
                 f"({self.data.tokenizer.vocab_size}): distil with the teacher's tokenizer"
             )
         self.teacher_info["parameters"] = sum(p.numel() for p in {id(p): p for p in self.teacher.parameters()}.values())
+        if not shared:
+            self.teacher_info["student_tokenizer"] = {"own": True, "vocab_size": self.data.tokenizer.vocab_size}
         if self.config.sequence.targets != "reference":
             self.data = self._sequence_targets(state)
-        self.loss_fn = state.components["distill.loss"]
-        self.uses_teacher = getattr(self.loss_fn, "needs_teacher", True)
         if self.uses_teacher and self.config.teacher_outputs == "cached":
             self.cache = self._teacher_outputs(state)
 
@@ -221,7 +240,7 @@ class KDTrainer(Seq2SeqTrainer):
 
         assert self.data is not None
         config = self.config.sequence
-        tokenizer = self.data.tokenizer
+        tokenizer = self.teacher_tokenizer  # the teacher reads and writes text with its own
         train = self.data.splits.train
         sources, references = [p[0] for p in train], [p[1] for p in train]
         weights = self.teacher_info.get("weights_sha256") or "unknown"
@@ -339,7 +358,7 @@ class KDTrainer(Seq2SeqTrainer):
         sources = [p[0] for p in test]
         teacher_dir = Path(self.teacher_info["path"]) if self.teacher_info.get("path") else None
         models = {
-            "teacher": size_and_speed(float_copy(self.teacher), self.data.tokenizer, sources, teacher_dir),
+            "teacher": size_and_speed(float_copy(self.teacher), self.teacher_tokenizer, sources, teacher_dir),
             "student": size_and_speed(float_copy(self.model), self.data.tokenizer, sources, state.run_dir / "model"),
         }
         t, s = models["teacher"], models["student"]
@@ -368,7 +387,7 @@ class KDTrainer(Seq2SeqTrainer):
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         key = hashlib.sha256(
             "\n".join(
-                [weights, self.data.tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]
+                [weights, self.teacher_tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]
             ).encode()
         ).hexdigest()
         path = state.recipe.run.cache_path() / "teacher-translations" / f"{key[:24]}.txt"

@@ -72,6 +72,7 @@ class Seq2SeqTrainer:
         self.config = config
         self.model: Any = None
         self.teacher: Any = None
+        self.teacher_tokenizer: Any = None
         self.data: RunData | None = None
         self.stream: BatchStream | None = None
         self.cache: Any = None
@@ -280,9 +281,10 @@ class Seq2SeqTrainer:
 
     def translate(self, state: RunState, sources: list[str], beam_size: int = 1, model: Any = None) -> list[str]:
         assert self.data is not None
+        teacher = model is not None and model is self.teacher
         return translate(
             model if model is not None else self.model,
-            self.data.tokenizer,
+            self.teacher_tokenizer if teacher and self.teacher_tokenizer is not None else self.data.tokenizer,
             sources,
             beam_size=beam_size,
             device=self.device,
