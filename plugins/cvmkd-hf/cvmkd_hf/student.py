@@ -144,6 +144,10 @@ def copy_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> dic
 class HfStudent:
     """The ``hf`` model component: builds the student from a configuration and the teacher."""
 
+    #: [[quantize]] works on cvm models; this student is quantized by its CTranslate2 export
+    quantizable = False
+    family = "Hugging Face"
+
     def __init__(self, spec: HfStudentSpec) -> None:
         self.spec = spec
 

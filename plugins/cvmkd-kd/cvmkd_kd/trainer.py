@@ -109,11 +109,6 @@ class Seq2SeqTrainer:
         if "teacher" in accepts:  # a student built from its teacher (its family, its weights)
             options["teacher"] = self.teacher
         self.model = component.build(tokenizer.vocab_size, **options)
-        if recipe.quantize and getattr(self.model, "package_format", None):
-            raise ModelError(
-                f"[[quantize]] works on cvm students; this {self.model.package_format} student is quantized "
-                'when exported: [[exports]] name = "ctranslate2", quantization = "int8" (docs/export.md)'
-            )
         self._initial_weights(state)
         self.model = self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
@@ -171,6 +166,15 @@ class Seq2SeqTrainer:
 
     def _initial_weights(self, state: RunState) -> None:
         """Load the weights training starts from (the model's own initialisation by default)."""
+
+    @hookimpl
+    def cvmkd_check(self, state: RunState) -> None:
+        component = state.components.get(f"{self.role}.model")
+        if state.recipe.quantize and component is not None and not getattr(component, "quantizable", True):
+            raise ModelError(
+                f"[[quantize]] works on cvm students; a {getattr(component, 'family', 'non-cvm')} student is "
+                'quantized when exported: [[exports]] name = "ctranslate2", quantization = "int8" (docs/export.md)'
+            )
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -385,6 +389,7 @@ class TeacherTrainer(Seq2SeqTrainer):
 
     @hookimpl
     def cvmkd_check(self, state: RunState) -> None:
+        Seq2SeqTrainer.cvmkd_check(self, state)
         keep = state.recipe.run.keep_checkpoints
         if self.config.average_checkpoints > keep:
             raise ModelError(
