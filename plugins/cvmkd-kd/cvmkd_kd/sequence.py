@@ -10,7 +10,9 @@ pass resumes at the first missing chunk and a later run with the same teacher re
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,13 +22,18 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import gt, one_of
-from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_core.errors import ModelError
+from cvmkd_core.files import atomic_write_json, atomic_write_text, sha256_file
 from cvmkd_nmt.cache import record_digest, verified_cache_file
 
 log = logging.getLogger("cvmkd")
 
 #: bump when cached translations can no longer be trusted to match (decoding changed meaning)
 CACHE_VERSION = "1"
+#: the folder of a teacher package holding its translations of a training set, shipped with it
+SHIPPED = "sequence-kd"
+#: the decoding settings a shipped set is keyed by: made once, on whatever machine, and used as is
+SHIPPED_SETTINGS = "shipped"
 
 
 @attrs.frozen
@@ -145,3 +152,47 @@ def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig) -> 
         train_tgt=data.train_tgt + teacher_ids,
         targets=f"both:{digest}",
     )
+
+
+def ship_targets(package: Path, key: str, hypotheses: list[str], made_with: dict[str, Any]) -> Path:
+    """Store the teacher's translations of a training set in its package (``sequence-kd/``), so
+    that runs with that teacher, those sources and those settings use them instead of translating
+    (``key``: :func:`cache_key` with :data:`SHIPPED_SETTINGS`). Returns the text file."""
+    folder = package / SHIPPED
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key[:24]}.txt.gz"
+    text = "".join(h.replace("\n", " ") + "\n" for h in hypotheses).encode("utf-8")
+    path.write_bytes(gzip.compress(text, mtime=0))
+    atomic_write_json(
+        folder / f"{key[:24]}.json",
+        {"key": key, "sentences": len(hypotheses), "sha256": sha256_file(path), "made_with": made_with},
+    )
+    return path
+
+
+def shipped_targets(package: Path, key: str, count: int) -> tuple[list[str], dict[str, Any]] | None:
+    """The teacher's translations shipped in its package for exactly this key, or None; a shipped
+    set that does not match its record is an error naming the file, not a silent fallback."""
+    path = package / SHIPPED / f"{key[:24]}.txt.gz"
+    record_path = path.with_name(f"{key[:24]}.json")
+    if not path.is_file() or not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text("utf-8"))
+        if record.get("key") != key:
+            return None
+        if sha256_file(path) != record.get("sha256"):
+            raise ValueError("sha256 mismatch")
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[:-1]
+    except (OSError, ValueError, EOFError) as exc:
+        raise ModelError(
+            f"teacher package {package}: {path.name} is damaged ({exc}); delete it to translate instead"
+        ) from None
+    if len(lines) != count or record.get("sentences") != count:
+        raise ModelError(f"teacher package {package}: {path.name} holds {len(lines)} translations, not {count}")
+    return lines, {
+        "source": "package",
+        "path": str(path),
+        "sentences": count,
+        "made_with": record.get("made_with", {}),
+    }

@@ -235,7 +235,7 @@ class KDTrainer(Seq2SeqTrainer):
 
     def _sequence_targets(self, state: RunState) -> Any:
         """Sequence-level KD: the training data with the teacher's translations as targets."""
-        from cvmkd_kd.sequence import cache_key, teacher_targets, with_targets
+        from cvmkd_kd.sequence import SHIPPED_SETTINGS, cache_key, shipped_targets, teacher_targets, with_targets
         from cvmkd_nmt.model.translate import translate_nbest
 
         assert self.data is not None
@@ -259,14 +259,24 @@ class KDTrainer(Seq2SeqTrainer):
                 precision=self.precision,
             )
 
-        log.info(
-            "sequence-level KD: the teacher translates %d training sources (beam %d, %d-best), cached in %s",
-            len(sources),
-            config.beam_size,
-            config.nbest,
-            directory,
-        )
-        hypotheses, info = teacher_targets(translate, sources, references, config, directory)
+        shipped = None
+        if self.teacher_info.get("path"):  # the teacher package may ship these very translations
+            shipped_key = cache_key(weights, tokenizer.sha256, sources, references, config, SHIPPED_SETTINGS)
+            shipped = shipped_targets(Path(self.teacher_info["path"]), shipped_key, len(sources))
+        if shipped is not None:
+            hypotheses, info = shipped
+            info.update(translated=0, reused=len(hypotheses), seconds=0.0, beam_size=config.beam_size)
+            info.update(nbest=config.nbest, targets=config.targets, empty=sum(1 for h in hypotheses if not h.strip()))
+            log.info("sequence-level KD: the teacher's translations shipped with its package (%s)", info["path"])
+        else:
+            log.info(
+                "sequence-level KD: the teacher translates %d training sources (beam %d, %d-best), cached in %s",
+                len(sources),
+                config.beam_size,
+                config.nbest,
+                directory,
+            )
+            hypotheses, info = teacher_targets(translate, sources, references, config, directory)
         self.teacher_info["sequence_kd"] = info
         log.info(
             "sequence-level KD targets ready: %d translated, %d reused from the cache, %.0fs",

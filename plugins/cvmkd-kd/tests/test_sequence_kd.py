@@ -101,3 +101,43 @@ def test_a_tiny_distillation_trains_on_the_teachers_translations(
     summary2, run_dir2 = run_session(open_session(tmp_path / "recipe.toml", ["run.name=again"]))
     info2 = json.loads((run_dir2 / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
     assert (info2["translated"], info2["reused"]) == (0, info["sentences"])
+
+
+def test_translations_shipped_with_the_teacher_package_are_used_instead_of_translating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from cvmkd_core.errors import ModelError
+    from cvmkd_core.session import prepare_state
+    from cvmkd_kd.data import prepare_data
+    from cvmkd_kd.sequence import SHIPPED_SETTINGS, ship_targets
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_corpus(tmp_path)
+    (tmp_path / "recipe.toml").write_text(TINY_KD_RECIPE + '\n[distill.sequence]\ntargets = "teacher"\n')
+    torch.set_num_threads(1)
+    _, run_dir = run_session(open_session(tmp_path / "recipe.toml"))
+    teacher = json.loads((run_dir / "summary.json").read_text())["extra"]["trainer"]["teacher"]
+    made = teacher["sequence_kd"]
+    lines = [line for f in sorted(Path(made["path"]).glob("chunk_*.txt")) for line in f.read_text().splitlines()]
+    # the package ships those translations; the run's own cache of them is gone
+    session = open_session(tmp_path / "recipe.toml", ["run.name=shipped"])
+    data = prepare_data(prepare_state(session, tmp_path / "not-written"))
+    sources, references = [p[0] for p in data.splits.train], [p[1] for p in data.splits.train]
+    config = SequenceKDConfig(targets="teacher")
+    key = cache_key(teacher["weights_sha256"], data.tokenizer.sha256, sources, references, config, SHIPPED_SETTINGS)
+    package = Path(teacher["path"])
+    shipped = ship_targets(package, key, [h.upper() for h in lines], {"device": "cpu", "seconds": 1.0})
+    shutil.rmtree(made["path"])
+
+    _, run_dir2 = run_session(session)
+    info = json.loads((run_dir2 / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
+    assert info["source"] == "package" and info["translated"] == 0 and info["sentences"] == len(lines)
+    assert not Path(made["path"]).exists()  # the teacher translated nothing
+    assert info["made_with"] == {"device": "cpu", "seconds": 1.0}
+
+    # a shipped file that no longer matches its record is named, not silently replaced
+    shipped.write_bytes(shipped.read_bytes()[:-4])
+    with pytest.raises(ModelError, match=f"{shipped.name} is damaged"):
+        run_session(open_session(tmp_path / "recipe.toml", ["run.name=damaged"]))
