@@ -170,3 +170,46 @@ def test_build_refuses_a_folder_that_is_not_a_teacher_run(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path) in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_ship_targets_puts_a_runs_teacher_translations_in_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    import torch
+
+    from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
+
+    spec = importlib.util.spec_from_file_location("ship_targets", BUILD.with_name("ship_targets.py"))
+    assert spec and spec.loader
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    write_tiny_corpus(tmp_path)
+    sequence = '\n[distill.sequence]\ntargets = "teacher"\n'
+    (tmp_path / "train.toml").write_text(TINY_KD_RECIPE)
+    assert main(["run", "train.toml", "--run-dir", "first", "--quiet"]) in (0, 3)
+    teacher = json.loads((tmp_path / "first" / "summary.json").read_text())["extra"]["trainer"]["teacher"]
+    shutil.copytree(teacher["path"], tmp_path / "teacher")
+    loaded = TINY_KD_RECIPE.replace("[teacher]\n", '[teacher]\ncheckpoint = "teacher"\n') + sequence
+    (tmp_path / "loaded.toml").write_text(loaded)
+    assert main(["run", "loaded.toml", "--run-dir", "second", "--quiet"]) in (0, 3)
+    made = json.loads((tmp_path / "second" / "summary.json").read_text())["extra"]["trainer"]["teacher"]
+    assert made["sequence_kd"]["translated"] > 0
+
+    capsys.readouterr()
+    assert ship.main(["second", "--dest", "teacher"]) == 0
+    assert "translations" in capsys.readouterr().out
+    shipped = list((tmp_path / "teacher" / "sequence-kd").glob("*.txt.gz"))
+    assert len(shipped) == 1
+    shutil.rmtree(made["sequence_kd"]["path"])  # the run's own cache of them is gone
+    assert main(["run", "loaded.toml", "--run-dir", "third", "--quiet"]) in (0, 3)
+    used = json.loads((tmp_path / "third" / "summary.json").read_text())["extra"]["trainer"]["teacher"]
+    assert used["sequence_kd"]["source"] == "package" and used["sequence_kd"]["translated"] == 0
+    assert used["sequence_kd"]["made_with"]["run"] == "second"
+    capsys.readouterr()
+    assert ship.main(["first", "--dest", "teacher"]) == 2  # a run that trained its own teacher
+    assert "trains its own teacher" in capsys.readouterr().err
