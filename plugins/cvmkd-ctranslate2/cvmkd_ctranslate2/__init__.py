@@ -66,8 +66,6 @@ class CTranslate2Exporter:
     def export(self, package: Path, out: Path, quantization: str | None = None) -> dict[str, Any]:
         """Write the export of the model package ``package`` to ``out`` (replaced if it exists,
         only once the new export is complete); returns what ``cvmkd.json`` records of it."""
-        import ctranslate2
-
         from cvmkd_ctranslate2.convert import convert
         from cvmkd_nmt.model.package import HF_TOKENIZER, TOKENIZER, load_package, read_metadata
         from cvmkd_nmt.quantized import is_quantized
@@ -85,52 +83,27 @@ class CTranslate2Exporter:
                 f"{package} holds a quantized model: export the float package it was made from "
                 f"(CTranslate2 quantizes by itself: --quantization {quantization})"
             )
-        started = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            target = work / "model"
+
+        def make(target: Path) -> dict[str, Any]:
             pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
             convert(model, pieces, target, quantization=quantization)
             if (package / HF_TOKENIZER).is_dir():  # a student of a Hugging Face teacher
                 shutil.copytree(package / HF_TOKENIZER, target / HF_TOKENIZER)
             else:
                 shutil.copyfile(package / TOKENIZER, target / TOKENIZER)
-            info = {
-                "format": FORMAT,
-                "quantization": quantization,
-                "ctranslate2_version": ctranslate2.__version__,
-                "source_package": str(package),
-                "source_weights_sha256": metadata.get("weights_sha256"),
-                "max_len": model.config.max_len,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            (target / METADATA).write_text(
-                json.dumps({**metadata, "export": info}, indent=2, default=str) + "\n", encoding="utf-8"
-            )
-            if out.exists():
-                old = work / "old"
-                out.rename(old)
-            target.rename(out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        info["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        return info
+            return {}
+
+        return _install(package, out, quantization, metadata, model.config.max_len, make)
 
     def _export_hf(self, package: Path, out: Path, quantization: str) -> dict[str, Any]:
         """A student saved as a Hugging Face folder, through CTranslate2's own converter, with
         the tokenizer's files in ``tokenizer-hf/``."""
-        import ctranslate2
-
         from cvmkd_hf.model import HfLoader, quiet_transformers
 
         quiet_transformers()
         model, tokenizer, metadata = HfLoader.load(package)  # checks every file's sha256
-        started = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            target = work / "model"
+
+        def make(target: Path) -> dict[str, Any]:
             try:
                 _Converter(str(package)).convert(str(target), quantization=quantization)
             except Exception as exc:  # an architecture or a version the converter does not know
@@ -145,26 +118,9 @@ class CTranslate2Exporter:
                 converted["bos_token"] = tokenizer.id_to_piece(model.decoder_start)
                 config_path.write_text(json.dumps(converted, indent=2) + "\n", encoding="utf-8")
             tokenizer.save(target)
-            info = {
-                "format": FORMAT,
-                "quantization": quantization,
-                "ctranslate2_version": ctranslate2.__version__,
-                "converter": "ctranslate2.converters.TransformersConverter",
-                "source_package": str(package),
-                "source_weights_sha256": metadata.get("weights_sha256"),
-                "max_len": model.config.max_len,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            (target / METADATA).write_text(
-                json.dumps({**metadata, "export": info}, indent=2, default=str) + "\n", encoding="utf-8"
-            )
-            if out.exists():
-                out.rename(work / "old")
-            target.rename(out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        info["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        return info
+            return {"converter": "ctranslate2.converters.TransformersConverter"}
+
+        return _install(package, out, quantization, metadata, model.config.max_len, make)
 
     @staticmethod
     def recognizes(folder: Path) -> bool:
@@ -193,6 +149,42 @@ class CTranslate2Exporter:
             out,
             info["size_bytes"] / 1e6,
         )
+
+
+def _install(
+    package: Path, out: Path, quantization: str, metadata: dict[str, Any], max_len: int, make: Any
+) -> dict[str, Any]:
+    """Build an export in a temporary sibling of ``out`` (``make(folder)`` writes the model and
+    returns what ``cvmkd.json`` adds about it), record it, and move it into place only once
+    complete; returns the export's record."""
+    import ctranslate2
+
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        target = work / "model"
+        extra = make(target)
+        info = {
+            "format": FORMAT,
+            "quantization": quantization,
+            "ctranslate2_version": ctranslate2.__version__,
+            **extra,
+            "source_package": str(package),
+            "source_weights_sha256": metadata.get("weights_sha256"),
+            "max_len": max_len,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (target / METADATA).write_text(
+            json.dumps({**metadata, "export": info}, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        if out.exists():
+            out.rename(work / "old")
+        target.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info["size_bytes"] = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return info
 
 
 def _converter_class() -> Any:
