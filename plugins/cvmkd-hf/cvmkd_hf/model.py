@@ -89,15 +89,18 @@ class HfSeq2Seq(torch.nn.Module):
             architecture=str(getattr(config, "model_type", "")),
         )
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, T, V); ``tgt_in`` starts with any start id (cvmkd's), which
-        is replaced by the model's own decoder start token."""
+        is replaced by the model's own decoder start token. With ``rows``, a (B, T) bool mask,
+        the (N, V) logits of the positions it marks."""
         decoder_ids = tgt_in.clone()
         decoder_ids[:, 0] = self.decoder_start
         out = self.model(input_ids=src, attention_mask=src.ne(self.config.pad_id), decoder_input_ids=decoder_ids)
         logits = out.logits[..., : self.config.vocab_size]
         # pad is never a target: a student never learns to produce it, and its embedding row,
         # which Marian's decoder starts from, stays zero as Marian (and CTranslate2) expect
+        if rows is not None:
+            logits = logits[rows]
         return logits.index_fill(-1, torch.tensor([self.config.pad_id], device=logits.device), PAD_LOGIT)
 
     def _generate(self, src: torch.Tensor, beam_size: int, nbest: int, max_new: int, min_new: int = 0) -> Any:

@@ -6,6 +6,7 @@ The teacher is given either as full logits or as cached top-k log-probabilities 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
 import torch
@@ -125,6 +126,85 @@ def _bucket_kl(
     return (logq.exp() * (logq - logp_s_k)).sum(-1) + log_rest_t.exp() * (log_rest_t - logp_s_rest)
 
 
+class _FusedLoss(torch.autograd.Function):
+    """``alpha * T**2 * KD + beta * CE`` over rows of student logits, with the gradient written out.
+
+    The same loss as the autograd path of :func:`kd_loss` for the cases training uses most (the
+    cross-entropy alone, or with the bucketed top-k KD term), but each (N, V) pass of autograd's
+    log-softmax and gather backward is folded into one expression: the gradient of the
+    cross-entropy is ``softmax(z) - (1 - eps) * onehot(y) - eps / V``, and that of the KD term,
+    through the k gathered log-probabilities ``l_i`` of the student at temperature T, is
+    ``(scatter(c) - sum(c) * softmax(z / T)) / T`` with ``c_i = dKD/dl_i``. Returns the loss, the
+    two terms, and per row the log-probabilities of the reference and the teacher's top token and
+    the largest log-probability (for accuracy and agreement without an argmax over V).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        lp_k: torch.Tensor | None,
+        ids_k: torch.Tensor | None,
+        config: KDConfig,
+        denom: int,
+    ) -> tuple[torch.Tensor, ...]:
+        zf = z.float()
+        vocab = zf.shape[-1]
+        eps, temperature = config.label_smoothing, config.temperature
+        logp = F.log_softmax(zf, dim=-1)
+        ly = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        ce_tok = -ly if eps == 0 else -(1 - eps) * ly - eps * logp.mean(-1)
+        ce = ce_tok.sum() / denom
+        kd = ce.new_zeros(())
+        top1 = ly
+        saved: tuple[torch.Tensor, ...] = (logp, y)
+        if lp_k is not None and ids_k is not None:
+            logp_t = F.log_softmax(zf / temperature, dim=-1)
+            logp_s_k = logp_t.gather(-1, ids_k)
+            tail = vocab - ids_k.shape[-1]
+            log_r = torch.log1p(-lp_k.exp().sum(-1).clamp(max=1.0 - 1e-6))
+            logits_k = lp_k / temperature
+            log_tail_mass = math.log(tail) + (log_r - math.log(tail)) / temperature
+            log_z = torch.logaddexp(torch.logsumexp(logits_k, dim=-1), log_tail_mass)
+            logq = logits_k - log_z.unsqueeze(-1)
+            q, q_rest = logq.exp(), (log_tail_mass - log_z).exp()
+            p_k = logp_s_k.exp()
+            mass = p_k.sum(-1)
+            unclamped = mass < 1.0 - 1e-6
+            logp_s_rest = torch.log1p(-mass.clamp(max=1.0 - 1e-6))
+            kd_tok = (q * (logq - logp_s_k)).sum(-1) + q_rest * (log_tail_mass - log_z - logp_s_rest)
+            kd = kd_tok.sum() / denom
+            # dKD_tok / dl_i: -q_i from the top-k sum, q_rest * p_i / (1 - mass) through the rest
+            # (zero where the rest's mass was clamped, as autograd's clamp gives)
+            rest = torch.where(unclamped, q_rest / (1 - mass).clamp(min=1e-6), torch.zeros_like(mass))
+            c = rest.unsqueeze(-1) * p_k - q
+            saved = (logp, y, logp_t, ids_k, c)
+            top1 = logp.gather(-1, ids_k.gather(-1, lp_k.argmax(-1, keepdim=True))).squeeze(-1)
+        ctx.save_for_backward(*saved)
+        ctx.config, ctx.denom, ctx.dtype = config, denom, z.dtype  # type: ignore[attr-defined]
+        loss = config.alpha * temperature**2 * kd + config.beta * ce
+        return loss, kd, ce, ly, top1, logp.amax(-1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
+        saved = ctx.saved_tensors  # type: ignore[attr-defined]
+        config, denom = ctx.config, ctx.denom  # type: ignore[attr-defined]
+        logp, y = saved[0], saved[1]
+        eps = config.label_smoothing
+        w_ce = grad * (config.beta / denom)
+        out = logp.exp().mul_(w_ce)
+        if eps:
+            out.sub_(w_ce * (eps / logp.shape[-1]))
+        out.scatter_add_(-1, y.unsqueeze(-1), (-(1 - eps) * w_ce).expand(y.shape[0], 1).contiguous())
+        if len(saved) > 2:
+            logp_t, ids_k, c = saved[2:]
+            w_kd = grad * (config.alpha * config.temperature / denom)  # alpha * T**2 * (1 / T)
+            out.addcmul_(logp_t.exp(), c.sum(-1, keepdim=True), value=-1.0 * float(w_kd))
+            out.scatter_add_(-1, ids_k, c * w_kd)
+        return out.to(ctx.dtype), None, None, None, None, None  # type: ignore[attr-defined]
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -133,6 +213,7 @@ def kd_loss(
     *,
     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
     config: KDConfig,
+    fused: bool = True,
 ) -> KDLossOutput:
     r"""Word-level distillation loss over the non-pad target tokens.
 
@@ -164,6 +245,15 @@ def kd_loss(
       the student's softened mass into k tokens; the bucket keeps the share a high temperature
       gives to the tail.
 
+    ``student_logits`` may also be rows ``(N, V)`` with ``targets`` ``(N,)`` and the teacher's
+    tensors ``(N, k)`` or ``(N, V)``: the positions a model projected alone (``rows=`` of
+    :meth:`CvmTransformer.forward`), so no pad position costs a product with the vocabulary.
+
+    With the cross-entropy alone or with cached top-k bucketed KD (what training uses), the
+    gradient is computed by :class:`_FusedLoss` in a few passes over (N, V) instead of autograd's
+    many; ``fused=False`` takes autograd through every operation (the reference it is tested
+    against). Token accuracy then counts ties for the largest logit as hits.
+
     Teacher inputs are detached: no gradient reaches the teacher. The teacher may be omitted only
     when ``config.alpha == 0``. A term whose weight is 0 is computed without gradient, for logging.
     With no non-pad token the loss is 0 (differentiable), not NaN.
@@ -171,10 +261,10 @@ def kd_loss(
     Raises :class:`ModelError` if teacher and student vocabularies differ, ``ValueError`` on other
     shape mismatches.
     """
-    if student_logits.dim() != 3 or student_logits.shape[:2] != targets.shape:
+    if student_logits.dim() < 2 or student_logits.shape[:-1] != targets.shape:
         raise ValueError(
-            f"student logits must be (B, T, V) matching targets (B, T), got "
-            f"{tuple(student_logits.shape)} and {tuple(targets.shape)}"
+            f"student logits must be (B, T, V) matching targets (B, T), or rows (N, V) matching (N,), "
+            f"got {tuple(student_logits.shape)} and {tuple(targets.shape)}"
         )
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("give the teacher as teacher_logits or teacher_topk, not both")
@@ -183,18 +273,17 @@ def kd_loss(
         raise ValueError(f"alpha={config.alpha} needs a teacher: pass teacher_logits or teacher_topk")
     vocab = student_logits.shape[-1]
     if teacher_logits is not None:
-        if teacher_logits.shape[:2] != targets.shape:
+        if teacher_logits.shape[:-1] != targets.shape:
             raise ValueError(
                 f"teacher logits {tuple(teacher_logits.shape)} do not match targets {tuple(targets.shape)}"
             )
         check_vocab(teacher_logits.shape[-1], vocab)
     if teacher_topk is not None:
         topk_logprobs, topk_ids = teacher_topk
-        if topk_logprobs.shape != topk_ids.shape or topk_ids.shape[:2] != targets.shape:
+        if topk_logprobs.shape != topk_ids.shape or topk_ids.shape[:-1] != targets.shape:
             raise ValueError(
                 f"teacher top-k log-probs {tuple(topk_logprobs.shape)} and ids "
-                f"{tuple(topk_ids.shape)} must both be (B, T, k) with (B, T) = "
-                f"{tuple(targets.shape)}"
+                f"{tuple(topk_ids.shape)} must both be the targets' shape {tuple(targets.shape)} + (k,)"
             )
         if topk_ids.numel():
             if int(topk_ids.min()) < 0:
@@ -207,9 +296,35 @@ def kd_loss(
     denom = max(n_tokens, 1)
     temperature = config.temperature
     # (N, V) rows of the non-pad tokens only: pad rows never enter the graph.
-    z_s = student_logits[mask]
+    if n_tokens == targets.numel():  # rows already selected: no copy
+        z_s, y = student_logits.reshape(-1, vocab), targets.reshape(-1)
+    else:
+        z_s, y = student_logits[mask], targets[mask]
+    fused = fused and teacher_logits is None and torch.is_grad_enabled() and z_s.requires_grad
+    if teacher_topk is not None:
+        fused = fused and config.topk_tail == "bucket" and vocab > topk_ids.shape[-1]
+    if fused:
+        lp_k: torch.Tensor | None = None
+        ids_k: torch.Tensor | None = None
+        if teacher_topk is not None:
+            flat = mask.reshape(-1)
+            lp_k = topk_logprobs.detach().reshape(-1, topk_ids.shape[-1])[flat].float()
+            ids_k = topk_ids.detach().reshape(-1, topk_ids.shape[-1])[flat].long()
+        loss, kd, ce, ly, top1, best = _FusedLoss.apply(z_s, y, lp_k, ids_k, config, denom)
+        with torch.no_grad():
+            # the largest log-probability is the reference's (the teacher's top token's): the
+            # argmax's answer, without its slower pass over V (ties count as hits)
+            token_accuracy = (ly >= best).float().sum() / denom
+            agreement = (top1 >= best).float().sum() / denom if lp_k is not None else None
+        return KDLossOutput(
+            loss=loss,
+            kd=kd.detach(),
+            ce=ce.detach(),
+            n_tokens=n_tokens,
+            token_accuracy=token_accuracy,
+            teacher_agreement=agreement,
+        )
     zf_s = z_s.float()  # bf16 under autocast: log-softmax over V needs fp32's range/precision
-    y = targets[mask]
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.beta > 0):
         logp = F.log_softmax(zf_s, dim=-1)

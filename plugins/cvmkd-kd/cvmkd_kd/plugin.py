@@ -18,6 +18,9 @@ from cvmkd_kd.trainer import KDTrainerConfig, TeacherTrainer
 class KDLoss:
     """Word-level KD: alpha·T²·KL(teacher_T ‖ student_T) + beta·CE, averaged over target tokens."""
 
+    #: takes the logits of the target positions alone, (N, V) with targets (N,) (see kd_loss)
+    accepts_rows = True
+
     def __init__(self, config: KDConfig) -> None:
         self.config = config
         self.needs_teacher = config.alpha > 0

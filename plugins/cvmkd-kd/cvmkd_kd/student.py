@@ -346,17 +346,28 @@ class KDTrainer(Seq2SeqTrainer):
 
     # --- the loss -------------------------------------------------------------------------------
 
-    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor) -> Any:
+    def _loss_accepts_rows(self) -> bool:
+        return bool(getattr(self.loss_fn, "accepts_rows", False))
+
+    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor, rows: torch.Tensor | None = None) -> Any:
+        """The recipe's loss; with ``rows`` (the target positions), logits, targets and the
+        teacher's outputs are given for those positions alone."""
         assert self.data is not None
         pad = self.data.tokenizer.pad_id
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t[rows]
+
+        targets = select(batch.tgt_out)
         if not self.uses_teacher:
-            return self.loss_fn(logits, batch.tgt_out, pad)
+            return self.loss_fn(logits, targets, pad)
         if self.cache is not None:
             lp, ids = self.cache.lookup(batch.indices, batch.tgt_out.cpu(), pad)
-            return self.loss_fn(logits, batch.tgt_out, pad, teacher_topk=(lp.to(self.device), ids.to(self.device)))
+            topk = (select(lp.to(self.device)), select(ids.to(self.device)))
+            return self.loss_fn(logits, targets, pad, teacher_topk=topk)
         with torch.no_grad(), autocast(self.device, self.precision):
             teacher_logits = self.teacher(batch.src, batch.tgt_in)
-        return self.loss_fn(logits, batch.tgt_out, pad, teacher_logits=teacher_logits)
+        return self.loss_fn(logits, targets, pad, teacher_logits=select(teacher_logits))
 
     def measure_models(self, state: RunState) -> dict[str, Any]:
         """The teacher's and the student's size and CPU decoding speed, measured side by side

@@ -79,6 +79,7 @@ class Seq2SeqTrainer:
         self.teacher_info: dict[str, Any] = {}
         self.scaler: Any = None
         self._ce_config: Any = None
+        self._rows: bool | None = None
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -178,12 +179,24 @@ class Seq2SeqTrainer:
 
     # --- the step -------------------------------------------------------------------------------
 
-    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor) -> Any:
+    def _takes_rows(self) -> bool:
+        """Whether the model can project only the target positions and the loss take them
+        alone: ``rows=`` in the model's forward, ``accepts_rows`` on the loss."""
+        if self._rows is None:
+            forward = inspect.signature(self.model.forward).parameters
+            self._rows = "rows" in forward and self._loss_accepts_rows()
+        return self._rows
+
+    def _loss_accepts_rows(self) -> bool:
+        return True  # the trainer's own cross-entropy: kd_loss takes rows
+
+    def _loss(self, state: RunState, batch: Batch, logits: torch.Tensor, rows: torch.Tensor | None = None) -> Any:
         from cvmkd_kd.loss import KDConfig, kd_loss
 
         if self._ce_config is None:
             self._ce_config = KDConfig(alpha=0.0, beta=1.0, label_smoothing=self.config.label_smoothing)
-        return kd_loss(logits, batch.tgt_out, self.data.tokenizer.pad_id, config=self._ce_config)  # type: ignore[union-attr]
+        targets = batch.tgt_out if rows is None else batch.tgt_out[rows]
+        return kd_loss(logits, targets, self.data.tokenizer.pad_id, config=self._ce_config)  # type: ignore[union-attr]
 
     @hookimpl(trylast=True)
     def cvmkd_step(self, state: RunState, batch: Batch) -> StepResult:
@@ -198,9 +211,12 @@ class Seq2SeqTrainer:
             group["lr"] = lr
         self.model.train()
         on_device = batch.to(self.device)
+        # the logits of the target positions alone: padding costs no product with the vocabulary
+        rows = on_device.tgt_out.ne(self.data.tokenizer.pad_id) if self._takes_rows() else None  # type: ignore[union-attr]
+        extra = {"rows": rows} if rows is not None else {}
         with autocast(self.device, self.precision):
-            logits = self.model(on_device.src, on_device.tgt_in)
-        out = self._loss(state, on_device, logits)
+            logits = self.model(on_device.src, on_device.tgt_in, **extra)
+        out = self._loss(state, on_device, logits, rows)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -165,7 +165,8 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_like_the_uninterrupted_run(w
     killed_dir = workdir / "runs/killed"
     assert not (killed_dir / "summary.json").exists()  # never finalized
     manifest = json.loads((killed_dir / "checkpoints" / "manifest.json").read_text())
-    assert [c["step"] for c in manifest["checkpoints"]] == [8]
+    kept = [c["step"] for c in manifest["checkpoints"]]
+    assert kept[-1] == 8 and set(kept) <= {4, 8}  # the last one, and the best if it was step 4
 
     resumed = _cvmkd(workdir, "--run-dir", "runs/killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr

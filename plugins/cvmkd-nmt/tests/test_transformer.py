@@ -251,3 +251,56 @@ def test_dynamic_int8_quantization_runs() -> None:
     assert quantized(src, tgt).shape == (3, 7, 64)
     out = greedy_decode(quantized, src, max_len_b=5)
     assert len(out) == 3 and all(0 < len(row) <= 15 for row in out)
+
+
+# -- training speed paths: dropout, attention with dropout, logits of chosen rows -------------
+
+
+def test_dropout_keeps_the_expectation_and_its_gradient_uses_the_same_mask() -> None:
+    from cvmkd_nmt.model.transformer import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    dropped = float((y == 0).float().mean())
+    assert 0.095 < dropped < 0.105
+    assert abs(float(y.detach().mean()) - 1.0) < 0.01
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 65536 / (65536 - round(0.1 * 65536))))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * scale)/dx = scale: zero exactly where dropped
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    assert float(dropout(x, 1.0, True).detach().abs().sum()) == 0.0
+
+
+def test_dropout_masks_differ_between_calls_and_follow_the_seed() -> None:
+    from cvmkd_nmt.model.transformer import dropout
+
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a, b = dropout(x, 0.5, True), dropout(x, 0.5, True)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.5, True), a) and not torch.equal(a, b)
+
+
+def test_training_attention_with_dropout_computes_what_sdpa_computes() -> None:
+    # a dropout so small that no weight is dropped: the written-out training path must give
+    # the outputs of scaled_dot_product_attention, with causal, padded and plain attention
+    model = _tiny()
+    src, tgt = _batch()
+    expected = model(src, tgt)
+    model.train()
+    for module in model.modules():
+        if hasattr(module, "n_heads"):
+            module.dropout = 1e-9
+        elif hasattr(module, "p"):
+            module.p = 0.0
+    assert torch.allclose(model(src, tgt), expected, atol=1e-5)
+
+
+def test_logits_of_chosen_rows_equal_those_of_the_full_pass() -> None:
+    model = _tiny()
+    src, tgt = _batch()
+    rows = tgt.ne(0)
+    assert torch.allclose(model(src, tgt, rows=rows), model(src, tgt)[rows], atol=1e-6)
+    assert model(src, tgt, rows=rows).shape == (int(rows.sum()), model.config.vocab_size)

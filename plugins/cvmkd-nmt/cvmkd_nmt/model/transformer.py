@@ -28,6 +28,54 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     return table.float()
 
 
+class _Scale(torch.autograd.Function):
+    """``x * scale`` whose backward multiplies by the same saved ``scale`` (a dropout mask)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * scale, None
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: zero each element with probability ``p``, scale the rest to keep the mean.
+
+    On a CPU the mask comes from 16-bit slices of full-range 64-bit random integers: torch's own
+    ``F.dropout`` draws one Bernoulli sample per element, which took 19% of a student's training
+    step (2.5x the time of this mask, measured on 32x36x768 bf16 activations). ``p`` is rounded
+    to a multiple of 1/65536 and the kept elements are scaled by the inverse of the exact keep
+    probability, so the expectation is unchanged. Other devices use ``F.dropout``.
+    """
+    if not training or p <= 0:
+        return x
+    if x.device.type != "cpu" or p >= 1:
+        return F.dropout(x, p, True)
+    n = x.numel()
+    cut = round(p * 65536)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    keep = bits.view(torch.int16)[:n].view(x.shape) >= cut - 32768
+    return _Scale.apply(x, keep.to(x.dtype) * (65536 / (65536 - cut)))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` through :func:`dropout`."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def _key_keep_mask(pad_mask: Tensor | None) -> Tensor | None:
     """(B, 1, 1, S) 'may attend' mask from a (B, S) pad mask, or None when nothing is padded."""
     if pad_mask is None:
@@ -70,16 +118,33 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Attend from queries ``x`` (B, T, D) to given keys/values; returns (B, T, D)."""
         q = self._split(self.q_proj(x))
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            out = self._attend_with_dropout(q, k, v, attn_mask, is_causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )
         b, _, t, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _attend_with_dropout(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Attention with dropout on its weights, written out: on a CPU, scaled_dot_product_attention
+        with dropout takes the same unfused path and draws its mask with torch's slower dropout."""
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        if is_causal:
+            t, s = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = dropout(torch.softmax(scores, dim=-1), self.dropout, True)
+        return torch.matmul(weights.to(v.dtype), v)
 
 
 class FeedForward(nn.Module):
@@ -90,7 +155,7 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(x))))
@@ -105,7 +170,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
         self.ff_norm = nn.LayerNorm(config.d_model)
         self.ff = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor, keep_mask: Tensor | None) -> Tensor:
         h = self.self_attn_norm(x)
@@ -125,7 +190,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
         self.ff_norm = nn.LayerNorm(config.d_model)
         self.ff = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -206,7 +271,7 @@ class CvmTransformer(nn.Module):
             self.tgt_embed = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
         self.output_proj = nn.Linear(d, config.vocab_size, bias=False)
         self.embed_scale = math.sqrt(d)
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = Dropout(config.dropout)
         # A buffer, not a parameter: max_len costs no weights and is not saved in checkpoints.
         self.register_buffer("positions", sinusoidal_positions(config.max_len, d), persistent=False)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
@@ -284,8 +349,11 @@ class CvmTransformer(nn.Module):
         # decoder_layers holds only DecoderLayers (built in __init__); ModuleList types them as Module
         return cast("Iterable[DecoderLayer]", self.decoder_layers)
 
-    def decode(self, tgt_in_ids: Tensor, memory: Tensor, src_pad_mask: Tensor | None) -> Tensor:
-        """Full (teacher-forced) decoder pass: (B, T) target inputs -> (B, T, V) logits."""
+    def decode(
+        self, tgt_in_ids: Tensor, memory: Tensor, src_pad_mask: Tensor | None, rows: Tensor | None = None
+    ) -> Tensor:
+        """Full (teacher-forced) decoder pass: (B, T) target inputs -> (B, T, V) logits, or with
+        ``rows`` (a (B, T) bool mask) the (N, V) logits of the N positions it marks only."""
         self._check_ids(tgt_in_ids, "target")
         t = tgt_in_ids.size(1)
         tgt_pad = tgt_in_ids.eq(self.config.pad_id)
@@ -306,6 +374,10 @@ class CvmTransformer(nn.Module):
         for layer in self._decoders():
             cross_k, cross_v = layer.cross_attn.project_kv(memory)
             x, _ = layer(x, cross_k, cross_v, cross_mask, self_mask, causal_flag)
+        if rows is not None:
+            # the projection onto the vocabulary is the largest product: skip positions no
+            # loss reads (the padding of a training batch)
+            x = x[rows]
         return self.output_proj(self.decoder_norm(x))
 
     def decode_step(
@@ -352,7 +424,8 @@ class CvmTransformer(nn.Module):
 
     # -- training entry point ---------------------------------------------------------------
 
-    def forward(self, src_ids: Tensor, tgt_in_ids: Tensor) -> Tensor:
-        """Teacher-forced logits (B, T, V) for source ids (B, S) and decoder inputs (B, T)."""
+    def forward(self, src_ids: Tensor, tgt_in_ids: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, T, V) for source ids (B, S) and decoder inputs (B, T); with
+        ``rows``, a (B, T) bool mask, only the (N, V) logits of the positions it marks."""
         memory, src_pad_mask = self.encode(src_ids)
-        return self.decode(tgt_in_ids, memory, src_pad_mask)
+        return self.decode(tgt_in_ids, memory, src_pad_mask, rows)
