@@ -304,3 +304,24 @@ def test_logits_of_chosen_rows_equal_those_of_the_full_pass() -> None:
     rows = tgt.ne(0)
     assert torch.allclose(model(src, tgt, rows=rows), model(src, tgt)[rows], atol=1e-6)
     assert model(src, tgt, rows=rows).shape == (int(rows.sum()), model.config.vocab_size)
+
+
+def test_stacked_projections_equal_the_layers_one_by_one() -> None:
+    # plain nn.Linear projections run as one product with stacked weights; any other layer
+    # (quantized, fake-quantized) one by one: both must give the same attention inputs
+    class Separate(nn.Linear):
+        pass
+
+    model = _tiny()
+    attention = model.encoder_layers[0].self_attn
+    x = torch.randn(2, 5, model.config.d_model)
+    stacked = attention.project_qkv(x)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attention, name)
+        separate = Separate(layer.in_features, layer.out_features)
+        separate.load_state_dict(layer.state_dict())
+        setattr(attention, name, separate)
+    one_by_one = attention.project_qkv(x)
+    for a, b in zip(stacked, one_by_one, strict=True):
+        assert a.shape == b.shape == (2, model.config.n_heads, 5, model.config.d_model // model.config.n_heads)
+        assert torch.allclose(a, b, atol=1e-6)

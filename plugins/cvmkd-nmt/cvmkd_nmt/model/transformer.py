@@ -104,9 +104,28 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
+    def _project(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+        """``x`` through each projection, split into heads (B, H, T, head_dim). Plain
+        ``nn.Linear`` layers are applied as one product with their stacked weights (a larger,
+        faster matrix product, one weight cast under autocast); others (quantized, fake-quantized
+        during QAT) one by one, as they are."""
+        if len(projections) == 1 or any(type(p) is not nn.Linear for p in projections):
+            return tuple(self._split(p(x)) for p in projections)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections])
+        b, t, _ = x.shape
+        out = F.linear(x, weight, bias).view(b, t, len(projections), self.n_heads, self.head_dim)
+        return out.permute(2, 0, 3, 1, 4).unbind(0)
+
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, S, head_dim) of ``x``; cached by the decoder."""
-        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        k, v = self._project(x, (self.k_proj, self.v_proj))
+        return k, v
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, H, T, head_dim) of ``x`` (self-attention)."""
+        q, k, v = self._project(x, (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
 
     def attend(
         self,
@@ -115,9 +134,12 @@ class MultiHeadAttention(nn.Module):
         v: Tensor,
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
+        q: Tensor | None = None,
     ) -> Tensor:
-        """Attend from queries ``x`` (B, T, D) to given keys/values; returns (B, T, D)."""
-        q = self._split(self.q_proj(x))
+        """Attend from queries ``x`` (B, T, D) to given keys/values; returns (B, T, D). ``q``:
+        the queries already projected from ``x`` (see :meth:`project_qkv`)."""
+        if q is None:
+            q = self._split(self.q_proj(x))
         if self.training and self.dropout > 0 and q.device.type == "cpu":
             out = self._attend_with_dropout(q, k, v, attn_mask, is_causal)
         else:
@@ -174,8 +196,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, keep_mask: Tensor | None) -> Tensor:
         h = self.self_attn_norm(x)
-        k, v = self.self_attn.project_kv(h)
-        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=keep_mask))
+        q, k, v = self.self_attn.project_qkv(h)
+        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=keep_mask, q=q))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -205,11 +227,11 @@ class DecoderLayer(nn.Module):
         """One block; returns the output and this layer's self-attention keys/values
         (``past_kv`` prepended), which incremental decoding caches."""
         h = self.self_attn_norm(x)
-        k, v = self.self_attn.project_kv(h)
+        q, k, v = self.self_attn.project_qkv(h)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
-        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=self_mask, is_causal=self_causal))
+        x = x + self.dropout(self.self_attn.attend(h, k, v, attn_mask=self_mask, is_causal=self_causal, q=q))
         h = self.cross_attn_norm(x)
         x = x + self.dropout(self.cross_attn.attend(h, cross_k, cross_v, attn_mask=cross_mask))
         return x + self.dropout(self.ff(self.ff_norm(x))), (k, v)
