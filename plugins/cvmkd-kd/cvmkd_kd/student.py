@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -305,9 +306,16 @@ class KDTrainer(Seq2SeqTrainer):
             return cache
         started = time.perf_counter()
 
+        takes_rows = "rows" in inspect.signature(self.teacher.forward).parameters
+
         def forward(src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+            tgt_in = tgt_in.to(self.device)
             with autocast(self.device, self.precision):
-                return self.teacher(src.to(self.device), tgt_in.to(self.device)).float().cpu()
+                if not takes_rows:
+                    return self.teacher(src.to(self.device), tgt_in)
+                # the positions the cache keeps, the non-pad targets: bos + target and target +
+                # eos have the same length, so they are the non-pad inputs
+                return self.teacher(src.to(self.device), tgt_in, rows=tgt_in.ne(tokenizer.pad_id))
 
         batches = batches_once(
             self.data.train_src,

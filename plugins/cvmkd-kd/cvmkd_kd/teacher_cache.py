@@ -61,6 +61,7 @@ def build_teacher_cache(
     pad_id: int = 0,
 ) -> TeacherCache:
     """Run ``teacher_forward(src, tgt_in) -> logits (B, T, V)`` over ``batches``; cache its top-k.
+    (The forward may instead return the (N, V) logits of the N non-pad target positions alone.)
 
     For every non-pad position of ``tgt_out`` stores the ``k`` largest log-probabilities at
     temperature 1 (fp16) and their ids (int16 if the vocabulary has at most 32767 ids, else
@@ -99,10 +100,13 @@ def build_teacher_cache(
                 raise ValueError("teacher outputs are cached per training pair: batches need their indices")
             indices = batch.indices.long().cpu()
             logits = teacher_forward(batch.src, batch.tgt_in)
-            if logits.dim() != 3 or logits.shape[:2] != tgt_out.shape:
+            mask = tgt_out.to(logits.device) != pad_id
+            # (B, T, V), or the rows of the target positions alone, (N, V)
+            rows = logits.dim() == 2 and logits.shape[0] == int(mask.sum())
+            if not rows and (logits.dim() != 3 or logits.shape[:2] != tgt_out.shape):
                 raise ModelError(
                     f"teacher returned logits {tuple(logits.shape)} for targets "
-                    f"{tuple(tgt_out.shape)}: expected (B, T, V)"
+                    f"{tuple(tgt_out.shape)}: expected (B, T, V), or (N, V) for its N non-pad positions"
                 )
             if vocab is None:
                 vocab = logits.shape[-1]
@@ -124,9 +128,8 @@ def build_teacher_cache(
                 raise ValueError(f"pairs seen twice while building the teacher cache: {dup.tolist()}")
 
             tgt = tgt_out.to(logits.device)
-            mask = tgt != pad_id
             # fp32 log-softmax: the teacher may run under bf16 autocast.
-            logp = F.log_softmax(logits[mask].float(), dim=-1)
+            logp = F.log_softmax((logits if rows else logits[mask]).float(), dim=-1)
             top_lp, top_ids = logp.topk(k, dim=-1)
             mass_sum += float(top_lp.exp().sum(-1).double().sum())
             ref_hits += int((top_ids == tgt[mask].unsqueeze(-1)).any(-1).sum())

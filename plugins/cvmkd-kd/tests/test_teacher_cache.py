@@ -248,3 +248,21 @@ def test_kd_loss_from_cache_equals_full_teacher_when_k_is_vocab(setup) -> None:
         torch.testing.assert_close(topk.loss, full.loss, rtol=2e-3, atol=1e-4)
         torch.testing.assert_close(topk.teacher_agreement, full.teacher_agreement)
         assert topk.n_tokens == full.n_tokens
+
+
+def test_a_forward_returning_the_target_rows_alone_builds_the_same_cache(setup, tmp_path: Path) -> None:
+    teacher, pairs, build_batches, path = setup
+
+    def rows_forward(src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        # the target positions are the non-pad decoder inputs (bos + target vs target + eos)
+        return teacher(src, tgt_in)[tgt_in != PAD]
+
+    full = build_teacher_cache(teacher, build_batches, N, 4, path, fingerprint=FP)
+    rows = build_teacher_cache(rows_forward, build_batches, N, 4, tmp_path / "rows.safetensors", fingerprint=FP)
+    for batch in build_batches:
+        a, b = full.lookup(batch.indices, batch.tgt_out, PAD), rows.lookup(batch.indices, batch.tgt_out, PAD)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ModelError, match=r"\(N, V\) for its N non-pad positions"):
+        build_teacher_cache(
+            lambda s, t: teacher(s, t)[t != PAD][1:], build_batches, N, 4, tmp_path / "x.safetensors", fingerprint=FP
+        )
