@@ -325,3 +325,21 @@ def test_stacked_projections_equal_the_layers_one_by_one() -> None:
     for a, b in zip(stacked, one_by_one, strict=True):
         assert a.shape == b.shape == (2, model.config.n_heads, 5, model.config.d_model // model.config.n_heads)
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_decoding_keeps_the_stacked_weights_only_until_a_weight_changes() -> None:
+    model = _tiny()
+    attention = model.decoder_layers[0].self_attn
+    x = torch.randn(1, 3, model.config.d_model)
+
+    def one_by_one() -> torch.Tensor:
+        return attention._split(attention.v_proj(x))
+
+    with torch.inference_mode():
+        first = attention.project_qkv(x)[2]
+        assert torch.allclose(first, one_by_one(), atol=1e-6)
+    with torch.no_grad():
+        attention.v_proj.weight.add_(0.5)  # as load_state_dict or an optimizer step would
+    with torch.inference_mode():
+        after = attention.project_qkv(x)[2]
+        assert not torch.allclose(after, first) and torch.allclose(after, one_by_one(), atol=1e-6)
