@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from contextlib import AbstractContextManager
 from typing import Any
 
-import torch
+# oneDNN, which runs torch's bf16 matrix products on a CPU, builds a kernel ("primitive") for
+# each new shape: ~3 ms against ~1 ms for the product itself at a student's sizes. Training
+# batches come in many shapes (lengths vary), more than its default cache of 1,024 holds, so it
+# kept rebuilding them: a larger cache (read once, when the first product runs) made the
+# student's step 1.3x faster from the second epoch on. Set before torch computes anything.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
-from cvmkd_core.errors import CvmkdError
+import torch  # noqa: E402
+
+from cvmkd_core.errors import CvmkdError  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)
