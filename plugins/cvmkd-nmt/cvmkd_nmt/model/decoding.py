@@ -40,6 +40,16 @@ def _log_probs(model: CvmTransformer, logits: Tensor) -> Tensor:
     return logp
 
 
+def _best_tokens(model: CvmTransformer, logits: Tensor) -> Tensor:
+    """The greedy choice: the largest logit with pad and bos banned (the argmax of
+    :func:`_log_probs` without computing the log-softmax)."""
+    cfg = model.config
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.clone()
+    logits[:, cfg.pad_id] = -math.inf
+    logits[:, cfg.bos_id] = -math.inf
+    return logits.argmax(dim=-1)
+
+
 def _max_steps(model: CvmTransformer, src_ids: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
     """Per-sentence output budget (tokens incl. eos) from the non-pad source length, so a
     sentence decodes the same alone or in a padded batch; capped by the model's max_len."""
@@ -112,7 +122,7 @@ def greedy_decode(
         cache = None
         for step in range(max(limits)):
             logits, cache = _step_logits(model, prev, history, memory, src_pad_mask, cache, use_cache)
-            tok = _log_probs(model, logits).argmax(dim=-1)
+            tok = _best_tokens(model, logits)
             tok = tok.masked_fill(done, cfg.pad_id)
             history = torch.cat([history, tok[:, None]], dim=1)
             done = done | tok.eq(cfg.eos_id) | (limit_t <= step + 1)
