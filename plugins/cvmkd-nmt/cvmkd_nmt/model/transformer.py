@@ -105,28 +105,20 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """``x`` through each projection, split into heads (B, H, T, head_dim). Plain
-        ``nn.Linear`` layers are applied as one product with their stacked weights (a larger,
-        faster matrix product, one weight cast under autocast); others (quantized, fake-quantized
-        during QAT) one by one, as they are."""
-        if len(projections) == 1 or any(type(p) is not nn.Linear for p in projections):
+        """``x`` through each projection, split into heads (B, H, T, head_dim). In training,
+        plain ``nn.Linear`` layers are applied as one product with their stacked weights (a
+        larger, faster matrix product, one weight cast under autocast); others (quantized,
+        fake-quantized during QAT) one by one, as they are. Decoding goes one by one too:
+        stacking at every step cost what it saved, and keeping the stacked copy is unsafe, as
+        fused optimizers update weights without bumping their version counters."""
+        stack = torch.is_grad_enabled() and all(type(p) is nn.Linear for p in projections)
+        if len(projections) == 1 or not stack:
             return tuple(self._split(p(x)) for p in projections)
-        weight, bias = self._stacked(projections)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections])
         b, t, _ = x.shape
         out = F.linear(x, weight, bias).view(b, t, len(projections), self.n_heads, self.head_dim)
         return out.permute(2, 0, 3, 1, 4).unbind(0)
-
-    def _stacked(self, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor]:
-        """The projections' weights and biases stacked; without autograd (decoding), kept
-        until a weight changes, so a decoding step does not copy them again."""
-        tensors = [t for p in projections for t in (p.weight, p.bias)]
-        if torch.is_grad_enabled():
-            return torch.cat(tensors[0::2]), torch.cat(tensors[1::2])
-        key = tuple((id(t), t._version, t.dtype, t.device) for t in tensors)
-        cached = self.__dict__.setdefault("_stacked_cache", {})
-        if cached.get(len(projections), (None,))[0] != key:
-            cached[len(projections)] = (key, torch.cat(tensors[0::2]), torch.cat(tensors[1::2]))
-        return cached[len(projections)][1], cached[len(projections)][2]
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, S, head_dim) of ``x``; cached by the decoder."""
