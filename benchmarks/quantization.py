@@ -144,7 +144,9 @@ def file_bytes(model: Any, tokenizer: Any) -> int | None:
         return (Path(tmp) / "m" / WEIGHTS).stat().st_size
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (``argv``: this script's command line); returns the fp32 baseline and a
+    row per scheme, printing each row as it is measured."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--test", type=int, default=0, help="score only the first N test sentences (0: all)")
@@ -231,6 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return {
+        "run": str(args.run_dir),
+        "test_sentences": len(sources),
+        "fp32": {"file_bytes": base_file, "bleu": base_scores["bleu"], "composite": base_scores.get("composite")},
+        "schemes": rows,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
     print()
     print(
         "| scheme | file / fp32 | memory / fp32 | tokens/s ×, batch 32 | tokens/s ×, batch 1 | Δ BLEU | Δ composite |"
@@ -242,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['scheme']} | {file_ratio} | {100 * r['memory_ratio']:.1f}% | {r['tokens_per_s_ratio_batch32']:.2f} | "
             f"{r['tokens_per_s_ratio_batch1']:.2f} | {r['bleu_delta']:+.2f} | {r['composite_delta']:+.2f} |"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    print_table(measure(argv)["schemes"])
     return 0
 
 

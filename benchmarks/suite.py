@@ -17,6 +17,9 @@ Sections:
 * ``loop``: cvmkd's training loop (``cvmkd run`` of a recipe, through every hook, logger and the
   step log) against a plain PyTorch loop with the same model, batches, optimizer, schedule and
   loss: the framework's overhead per step, between validations.
+* ``quantize``: ``benchmarks/quantization.py`` on a finished run given by ``--run DIR`` (every
+  quantization scheme against the run's fp32 student: size, speed at batch 32 and 1, BLEU and
+  composite deltas); skipped without ``--run``.
 * ``decode``: the shipped teacher decoding the test verses at batch 1 and 32: greedy with and
   without the key/value cache, beam 4, fp32 and dynamic int8; exactly 32 tokens per sentence for
   greedy (eos ignored), real outputs for beam.
@@ -49,7 +52,7 @@ from cvmkd_nmt.model.config import ModelConfig
 from cvmkd_nmt.model.presets import preset
 from cvmkd_nmt.model.transformer import CvmTransformer
 
-SECTIONS = ("peak", "train", "loop", "decode")
+SECTIONS = ("peak", "train", "loop", "decode", "quantize")
 
 
 def teacher_package() -> Path:
@@ -473,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--quick", action="store_true", help="fewer steps and sentences (a smoke test)")
+    parser.add_argument("--run", type=Path, help="a finished run for the quantize section (e.g. runs/default)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("CVMKD_BENCH_CACHE", ".cvmkd-cache")))
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -485,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
         results["loop"] = section_loop(args.quick, args.cache.resolve())
     if "decode" in args.only:
         results["decode"] = section_decode(args.quick)
+    if "quantize" in args.only:
+        if args.run is None:
+            print("quantize: skipped (give a finished run with --run DIR, e.g. --run runs/default)")
+        else:
+            import quantization
+
+            quick = ["--test", "100", "--repeats", "1", "--only", "int8"] if args.quick else []
+            results["quantize"] = quantization.measure([str(args.run), *quick])
+            quantization.print_table(results["quantize"]["schemes"])
     results["seconds"] = round(time.perf_counter() - started, 1)
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
