@@ -294,7 +294,6 @@ def kd_loss(
     mask = targets != pad_id
     n_tokens = int(mask.sum())
     denom = max(n_tokens, 1)
-    temperature = config.temperature
     # (N, V) rows of the non-pad tokens only: pad rows never enter the graph.
     if n_tokens == targets.numel():  # rows already selected: no copy
         z_s, y = student_logits.reshape(-1, vocab), targets.reshape(-1)
@@ -316,14 +315,33 @@ def kd_loss(
             # argmax's answer, without its slower pass over V (ties count as hits)
             token_accuracy = (ly >= best).float().sum() / denom
             agreement = (top1 >= best).float().sum() / denom if lp_k is not None else None
-        return KDLossOutput(
-            loss=loss,
-            kd=kd.detach(),
-            ce=ce.detach(),
-            n_tokens=n_tokens,
-            token_accuracy=token_accuracy,
-            teacher_agreement=agreement,
+    else:
+        loss, kd, ce, token_accuracy, agreement = _autograd_terms(
+            z_s, y, mask, vocab, teacher_logits, teacher_topk, config, denom
         )
+    return KDLossOutput(
+        loss=loss,
+        kd=kd.detach(),
+        ce=ce.detach(),
+        n_tokens=n_tokens,
+        token_accuracy=token_accuracy,
+        teacher_agreement=agreement,
+    )
+
+
+def _autograd_terms(
+    z_s: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    vocab: int,
+    teacher_logits: torch.Tensor | None,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+    config: KDConfig,
+    denom: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """kd_loss's terms through autograd (every case; the reference of the fused path)."""
+    temperature = config.temperature
+    has_teacher = teacher_logits is not None or teacher_topk is not None
     zf_s = z_s.float()  # bf16 under autocast: log-softmax over V needs fp32's range/precision
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and config.beta > 0):
@@ -342,8 +360,9 @@ def kd_loss(
                 # sum_v p_t (log p_t - log p_s); kl_div's argument order is (input=student, target).
                 kd_tok = F.kl_div(logp_s, logp_t, reduction="none", log_target=True).sum(-1)
             else:
-                lp_k = topk_logprobs.detach()[mask].float()
-                ids_k = topk_ids.detach()[mask].long()
+                assert teacher_topk is not None
+                lp_k = teacher_topk[0].detach()[mask].float()
+                ids_k = teacher_topk[1].detach()[mask].long()
                 teacher_top1 = ids_k.gather(-1, lp_k.argmax(-1, keepdim=True)).squeeze(-1)
                 tail = vocab - ids_k.shape[-1]
                 if config.topk_tail == "bucket" and tail > 0:
@@ -361,11 +380,4 @@ def kd_loss(
         agreement = None
         if teacher_top1 is not None:
             agreement = (pred == teacher_top1).float().sum() / denom
-    return KDLossOutput(
-        loss=loss,
-        kd=kd.detach(),
-        ce=ce.detach(),
-        n_tokens=n_tokens,
-        token_accuracy=token_accuracy,
-        teacher_agreement=agreement,
-    )
+    return loss, kd, ce, token_accuracy, agreement
