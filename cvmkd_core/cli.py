@@ -161,9 +161,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cvmkd_core.loop import Terminated
     from cvmkd_core.rundir import RECIPE_FILE, run_dir_for
 
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone reports
+    if rank:
+        logging.getLogger("cvmkd").setLevel(logging.WARNING)
     session = open_session(args.recipe, args.overrides, args.hook_files)
     try:
         summary, run_dir = run_session(session, args.run_dir, resume=args.resume)
+        if rank:
+            return EXIT_INTERRUPTED if summary.status == "interrupted" else EXIT_OK
     except KeyboardInterrupt as stop:  # a second signal, or one while finalizing: stopped at once
         path = run_dir_for(session.recipe, args.run_dir)
         hint = f"; continue with: {resume_command(args, path)}" if (path / RECIPE_FILE).is_file() else ""
@@ -245,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_status
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    # under torchrun each process reports its own error, saying which it is
+    error = f"error (rank {os.environ.get('RANK', '?')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "error"
     _setup_logging(debug, getattr(args, "quiet", False))
     try:
         return args._commands.handlers[args.command](args)
@@ -252,15 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         for line in exc.lines():
-            print(f"error: {one_line(line)}", file=sys.stderr)
+            print(f"{error}: {one_line(line)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"{error}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or a plugin's failure: one line, the traceback on request
         if debug:
             traceback.print_exc()
-        print(f"error: {describe_failure(exc)}; rerun with --debug for the traceback", file=sys.stderr)
+        print(f"{error}: {describe_failure(exc)}; rerun with --debug for the traceback", file=sys.stderr)
         return EXIT_FAILED
 
 

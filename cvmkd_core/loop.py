@@ -71,6 +71,7 @@ from typing import Any
 import torch
 
 from cvmkd_core.checkpoint import CheckpointStore
+from cvmkd_core.distributed import rank_seed
 from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
@@ -152,6 +153,8 @@ def _restore_core(state: RunState, core: dict[str, Any], reason: str) -> None:
     state.step = int(core["step"])
     state.lr_scale = float(core.get("lr_scale", 1.0))
     torch.set_rng_state(core["torch_rng"])
+    if state.world.rank:  # the checkpoint holds rank 0's generator: the others draw their own
+        torch.manual_seed(rank_seed(state.recipe.run.seed, state.world.rank, state.step))
     random.setstate((core["python_rng_version"], tuple(core["python_rng"]), None))
     if reason == "resume":
         state.iterations = int(core["iterations"])
@@ -222,7 +225,12 @@ class Loop:
             hook.cvmkd_configure.call_historic(kwargs={"recipe": self.recipe, "pm": self.pm})
             if not checked:
                 hook.cvmkd_check(state=state)
+            world = state.world
+            if not world.main:
+                world.barrier()  # rank 0 sets up first: it builds the tokenizer and caches the others read
             hook.cvmkd_setup(state=state)
+            if world.main:
+                world.barrier()
             hook.cvmkd_run_start(state=state)
             if state.batches is None:
                 raise PluginError(
@@ -268,6 +276,8 @@ class Loop:
             state.step += 1
             state.iterations += 1
             hook.cvmkd_step_end(state=state, result=result)
+            if state.world.size > 1:
+                self._agree()
             if state.pending_rollback is not None:
                 decision, state.pending_rollback = state.pending_rollback, None
                 self._rollback(decision)
@@ -275,8 +285,28 @@ class Loop:
             if state.step % run.validate_every == 0 or state.step == run.steps:
                 self._validate()
 
+    def _agree(self) -> None:
+        """After each step, every rank takes rank 0's pending rollback, and stops when any rank
+        was asked to (an interrupt reaches each process on its own)."""
+        state = self.state
+        mine = (state.pending_rollback, state.stop_reason if state.stop_requested else None, state.interrupted_by)
+        views = state.world.gather(mine)
+        state.pending_rollback = views[0][0]
+        for _, reason, signal_name in views:
+            if reason is not None and not state.stop_requested:
+                state.request_stop(reason)
+            if signal_name is not None and not state.interrupted:
+                state.interrupted, state.interrupted_by = True, signal_name
+
     def _validate(self) -> None:
         state, hook = self.state, self.pm.hook
+        if not state.world.main:  # rank 0 validates; the others do what it decided
+            decision, stop = state.world.from_main(None)
+            if decision is not None:
+                self._rollback(decision)
+            elif stop is not None and not state.stop_requested:
+                state.request_stop(stop)
+            return
         started = time.perf_counter()
         scores, details = _merge_validation(hook.cvmkd_validate(state=state))
         seconds = time.perf_counter() - started
@@ -304,17 +334,22 @@ class Loop:
             self._store_record(record)
             state.history.append(record)
             state.emit(Event.VALIDATION, **record.to_dict())
+            state.world.from_main((decision, None))
             self._rollback(decision)
             return
         self._store_record(record)
         state.history.append(record)
         state.emit(Event.VALIDATION, **record.to_dict())
         self._checkpoint(record)
+        state.world.from_main((None, state.stop_reason if state.stop_requested else None))
 
     def _checkpoint(self, record: ValidationRecord | None) -> None:
         """Every plugin adds its state; the payload is written once, atomically. ``record`` is
-        None for the checkpoint written on an interrupt (it is never the best)."""
+        None for the checkpoint written on an interrupt (it is never the best). Rank 0 alone
+        writes: the other ranks' weights are the same."""
         state = self.state
+        if not state.world.main:
+            return
         payload: dict[str, Any] = {"core": _core_payload(state)}
         self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
         score = record.scores.get("composite") if record is not None else None
@@ -375,10 +410,11 @@ class Loop:
             return
         entry, payload = self.checkpoints.load("last")
         _restore_core(state, payload["core"], "resume")
-        # validations after the checkpoint describe weights that are gone: the history file is
-        # rewritten from the checkpoint's, so it matches the run that continues
-        history = state.run_dir / "validation" / "history.jsonl"
-        atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
+        if state.world.main:
+            # validations after the checkpoint describe weights that are gone: the history file
+            # is rewritten from the checkpoint's, so it matches the run that continues
+            history = state.run_dir / "validation" / "history.jsonl"
+            atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
         changes = state.scratch.get("resume_changes") or {}
@@ -410,6 +446,11 @@ class Loop:
             "seconds": round(state.validation_seconds, 2),
             "share_of_wall_time": round(state.validation_seconds / wall, 4),
         }
+        summary.extra["world_size"] = state.world.size
+        if state.world.size > 1:
+            summary.extra["distributed"] = state.world.to_dict()
+        if not state.world.main:
+            return  # rank 0 exports, evaluates, writes the summary and reports
         hook = self.pm.hook
         stage = "run_end"
         state.finalizing = True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import attrs
 
+from cvmkd_core.distributed import current_world, leave_to_main
 from cvmkd_core.errors import MetricError, RecipeError
 from cvmkd_core.loop import Loop, instantiate_components
 from cvmkd_core.plugins import Plugins, build_plugins
@@ -79,12 +80,19 @@ def run_session(
 ) -> tuple[RunSummary, Path]:
     """Run the recipe; returns the summary and the run directory."""
     path = run_dir_for(session.recipe, run_dir)
+    world = current_world()  # several processes when torchrun started this one
     state = prepare_state(session, path)
+    state.world = world
+    if not world.main:  # rank 0 writes the run's files; this rank trains in step with it
+        leave_to_main(session.plugins.pm)
+        world.barrier()  # the run directory is ready
+        return Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True), path
     # one writer per run directory, from before anything is written until the run has ended
     with run_dir_lock(path, create=not resume):
         state.scratch["resume_changes"] = prepare_run_dir(
             path, session.recipe, resume=resume, registry=session.plugins.registry
         )
+        world.barrier()
         summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)
     return summary, path
 

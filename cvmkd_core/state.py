@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from cvmkd_core.distributed import SINGLE, World
+
 if TYPE_CHECKING:
     import pluggy
 
@@ -207,6 +209,8 @@ class RunState:
     started_at: float = attrs.field(factory=time.time)
     #: wall-clock seconds earlier invocations of this run spent up to the checkpoint it resumed from
     earlier_seconds: float = 0.0
+    #: this process's rank among the run's processes (``torchrun``); rank 0 writes the run's files
+    world: World = SINGLE
 
     def elapsed(self) -> float:
         """The run's wall-clock seconds so far: earlier invocations (up to the checkpoint this

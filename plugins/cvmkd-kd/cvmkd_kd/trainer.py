@@ -67,10 +67,14 @@ class Seq2SeqTrainer:
     """Trains a cvm model on the corpus; validation and test scoring translate with it."""
 
     role = "student"
+    #: under torchrun, every rank trains (cvmkd_core.distributed)
+    cvmkd_all_ranks = True
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self.model: Any = None
+        #: the model wrapped in DistributedDataParallel when several processes train it
+        self.ddp: Any = None
         self.teacher: Any = None
         self.teacher_tokenizer: Any = None
         self.data: RunData | None = None
@@ -93,7 +97,15 @@ class Seq2SeqTrainer:
     @hookimpl
     def cvmkd_setup(self, state: RunState) -> None:
         recipe = state.recipe
+        world = state.world
         self.device = resolve_device(recipe.run.device)
+        if world.size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", world.local_rank)  # one GPU per process
+        if world.size > 1 and self.config.batch_size < world.size and not self.config.max_tokens:
+            raise CorpusError(
+                f"distill.batch_size = {self.config.batch_size} is the global batch, shared by "
+                f"{world.size} processes: it must be at least {world.size}"
+            )
         self.precision = resolve_precision(recipe.run.precision, self.device)
         self._prepare(state)
         assert self.data is not None
@@ -152,6 +164,7 @@ class Seq2SeqTrainer:
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
             **({"initialised_from": start} if (start := getattr(self, "initialised_from", None)) else {}),
             **({"initialised": init} if (init := getattr(self.model, "initialised", None)) else {}),
+            **({"distributed": self._distributed_info(world)} if world.size > 1 else {}),
         }
         log.info(
             "%s: %s parameters, %s on %s, %d steps of %s",
@@ -167,6 +180,62 @@ class Seq2SeqTrainer:
 
     def _initial_weights(self, state: RunState) -> None:
         """Load the weights training starts from (the model's own initialisation by default)."""
+
+    # --- several processes (torchrun) -----------------------------------------------------------
+
+    def _distribute(self, state: RunState) -> None:
+        """Wrap the model for data-parallel training: every rank holds the same weights (rank 0's,
+        broadcast here), computes gradients on its share of each global batch, and the gradients
+        are averaged before the optimizer steps, so the ranks' weights stay equal. Done at the
+        first step, which every rank reaches together (rank 0 sets up before the others)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from cvmkd_core.distributed import rank_seed
+
+        world = state.world
+        cuda = self.device.type == "cuda"
+        self.ddp = DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if cuda else None,
+            broadcast_buffers=False,  # no buffer changes in training
+        )
+        torch.manual_seed(rank_seed(state.recipe.run.seed, world.rank, state.step))  # each rank its own dropout
+
+    def _distributed_info(self, world: Any) -> dict[str, Any]:
+        size = self.config.batch_size
+        return {
+            "world_size": world.size,
+            "backend": world.backend,
+            "global_batch": f"{self.config.max_tokens} tokens" if self.config.max_tokens else size,
+            "per_rank": "its share of each global batch"
+            if self.config.max_tokens
+            else f"{size // world.size}-{-(-size // world.size)} sentences",
+        }
+
+    def _shard(self, batch: Batch, rank: int, size: int) -> tuple[Batch, bool]:
+        """This rank's rows of the global batch (every rank draws the same global batches), with
+        the columns only padding trimmed. A rank left without rows takes the first one, weighted
+        zero: it must still take part in the gradient average. Returns (shard, has_rows)."""
+        pad = self.data.tokenizer.pad_id  # type: ignore[union-attr]
+        picked = list(range(rank, batch.size, size))
+        owned = bool(picked)
+        index = torch.tensor(picked or [0])
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            t = t.index_select(0, index)
+            width = int(t.ne(pad).sum(dim=1).max()) if t.numel() else 0
+            return t[:, : max(width, 1)]
+
+        src, tgt_in, tgt_out = take(batch.src), take(batch.tgt_in), take(batch.tgt_out)
+        tgt_in = tgt_in[:, : tgt_out.shape[1]]
+        shard = Batch(
+            src=src,
+            tgt_in=tgt_in,
+            tgt_out=tgt_out,
+            n_tokens=int(tgt_out.ne(pad).sum()) if owned else 0,
+            indices=batch.indices.index_select(0, index) if batch.indices is not None else None,
+        )
+        return shard, owned
 
     @hookimpl
     def cvmkd_check(self, state: RunState) -> None:
@@ -210,18 +279,29 @@ class Seq2SeqTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        world = state.world
+        if world.size > 1 and self.ddp is None:
+            self._distribute(state)
+        global_tokens, owned = batch.n_tokens, True
+        if world.size > 1:
+            batch, owned = self._shard(batch, world.rank, world.size)
         on_device = batch.to(self.device)
         # the logits of the target positions alone: padding costs no product with the vocabulary
         rows = on_device.tgt_out.ne(self.data.tokenizer.pad_id) if self._takes_rows() else None  # type: ignore[union-attr]
         extra = {"rows": rows} if rows is not None else {}
         with autocast(self.device, self.precision):
-            logits = self.model(on_device.src, on_device.tgt_in, **extra)
+            logits = (self.ddp or self.model)(on_device.src, on_device.tgt_in, **extra)
         out = self._loss(state, on_device, logits, rows)
+        loss = out.loss
+        if world.size > 1:
+            # each rank's loss is its tokens' mean and the gradients are averaged over ranks:
+            # weighting by the rank's share of the tokens gives the global batch's mean
+            loss = loss * ((batch.n_tokens if owned else 0) * world.size / max(global_tokens, 1))
         if self.scaler is not None:
-            self.scaler.scale(out.loss).backward()
+            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
-            out.loss.backward()
+            loss.backward()
         clip = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if self.scaler is not None:
@@ -230,22 +310,27 @@ class Seq2SeqTrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        values = {"loss": float(out.loss.detach()), "ce": float(out.ce), "token_accuracy": float(out.token_accuracy)}
+        if self.role == "student":
+            values["kd"] = float(out.kd)
+            if out.teacher_agreement is not None:
+                values["teacher_agreement"] = float(out.teacher_agreement)
+        if world.size > 1:  # the global batch's figures: token-weighted means over the ranks
+            values = _global_means(values, batch.n_tokens if owned else 0, self.device)
         seconds = time.perf_counter() - started
+        tokens = global_tokens if world.size > 1 else out.n_tokens
         metrics = {
-            "ce": float(out.ce),
-            "token_accuracy": float(out.token_accuracy),
+            "ce": values["ce"],
+            "token_accuracy": values["token_accuracy"],
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": out.n_tokens,
-            "tokens_per_s": out.n_tokens / seconds if seconds > 0 else 0.0,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "seconds_per_step": seconds,
             "epoch": self.stream.epoch if self.stream is not None else 0,
         }
-        if self.role == "student":
-            metrics["kd"] = float(out.kd)
-            if out.teacher_agreement is not None:
-                metrics["teacher_agreement"] = float(out.teacher_agreement)
-        return StepResult(loss=float(out.loss.detach()), metrics=metrics)
+        metrics.update({k: v for k, v in values.items() if k in ("kd", "teacher_agreement")})
+        return StepResult(loss=values["loss"], metrics=metrics)
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -489,6 +574,17 @@ class TeacherTrainer(Seq2SeqTrainer):
             "kept" if used else "not kept",
         )
         return report
+
+
+def _global_means(values: dict[str, float], tokens: int, device: torch.device) -> dict[str, float]:
+    """Per-token means over every rank's tokens, from each rank's means and token count."""
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    totals = torch.tensor([values[k] * tokens for k in keys] + [float(tokens)], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    count = max(float(totals[-1]), 1.0)
+    return {k: float(totals[i]) / count for i, k in enumerate(keys)}
 
 
 def best_record(history: list[Any]) -> Any:

@@ -110,6 +110,9 @@ class DynamicInt8:
 class QatInt8:
     """Quantization-aware training from ``start_step``, converted to dynamic int8 at the end."""
 
+    #: under torchrun, every rank trains with fake quantization (cvmkd_core.distributed)
+    cvmkd_all_ranks = True
+
     def __init__(self, config: QatInt8Config | None = None) -> None:
         self.config = config or QatInt8Config()
         self.started_at: int | None = None
