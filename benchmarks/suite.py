@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ from cvmkd_nmt.model.config import ModelConfig
 from cvmkd_nmt.model.presets import preset
 from cvmkd_nmt.model.transformer import CvmTransformer
 
-SECTIONS = ("peak", "train", "loop", "decode", "quantize")
+SECTIONS = ("peak", "train", "loop", "ddp", "decode", "quantize")
 
 
 def teacher_package() -> Path:
@@ -376,6 +377,58 @@ def section_loop(quick: bool, cache: Path) -> dict[str, Any]:
     }
 
 
+# --- ddp ---------------------------------------------------------------------------------------------
+
+
+def _step_log(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "train.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r and "step" in r and "event" not in r]
+
+
+def section_ddp(quick: bool, cache: Path) -> dict[str, Any]:
+    """The same cross-entropy recipe (same global batches of 32) run by one process with every
+    thread and by ``torchrun`` with two processes of half the threads each (gloo): seconds per
+    step from each run's step log, the first steps (kernel builds) left out, and the largest
+    difference between the two loss curves."""
+    steps = 60 if quick else 150
+    threads = torch.get_num_threads()
+    half = max(threads // 2, 1)
+    with tempfile.TemporaryDirectory(prefix="cvmkd-bench-") as tmp:
+        recipe = Path(tmp) / "loop.toml"
+        recipe.write_text(LOOP_RECIPE.format(steps=steps, cache=cache))
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "CVMKD_DIST_BACKEND": "gloo"}
+        runs = {
+            f"1 process x {threads} threads": ([sys.executable, "-m", "cvmkd_core"], threads),
+            f"2 processes x {half} threads": (
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cvmkd_core"],
+                half,
+            ),
+        }
+        out: dict[str, Any] = {"steps": steps}
+        logs = {}
+        for name, (command, count) in runs.items():
+            run_dir = Path(tmp) / name.replace(" ", "-")
+            done = subprocess.run(
+                [*command, "run", str(recipe), "--quiet", "--run-dir", str(run_dir)],
+                env={**env, "OMP_NUM_THREADS": str(count)},
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"ddp: {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+            logs[name] = _step_log(run_dir)
+            later = logs[name][steps // 3 :]
+            out[name] = {
+                "seconds_per_step": round((later[-1]["time"] - later[0]["time"]) / (len(later) - 1), 4),
+            }
+        one, two = logs.values()
+        out["two_over_one_speed"] = round(
+            out[next(iter(runs))]["seconds_per_step"] / out[list(runs)[1]]["seconds_per_step"], 3
+        )
+        out["largest_loss_difference"] = round(max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)), 5)
+    return out
+
+
 # --- decode ----------------------------------------------------------------------------------------
 
 
@@ -462,6 +515,15 @@ def print_table(results: dict[str, Any]) -> None:
             f"{r['trainer_seconds_per_step']:.4f}: loop overhead {100 * r['overhead_in_run']:+.1f}%; "
             f"a plain PyTorch loop {r['plain_seconds_per_step']:.4f} s/step ({100 * r['overhead_vs_plain']:+.1f}%)\n"
         )
+    if "ddp" in results:
+        r = results["ddp"]
+        names = [k for k in r if isinstance(r[k], dict)]
+        print(
+            "data-parallel (torchrun, same global batches): "
+            + ", ".join(f"{n} {r[n]['seconds_per_step']:.4f} s/step" for n in names)
+            + f": two processes run {r['two_over_one_speed']}x the speed of one; loss curves differ by at most "
+            f"{r['largest_loss_difference']} (their dropout draws differ)\n"
+        )
     if "decode" in results:
         rows = list(next(iter(results["decode"].values())))
         print("| tokens/s | " + " | ".join(rows) + " |")
@@ -487,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         results["train"] = section_train(results.get("peak"), args.quick)
     if "loop" in args.only:
         results["loop"] = section_loop(args.quick, args.cache.resolve())
+    if "ddp" in args.only:
+        results["ddp"] = section_ddp(args.quick, args.cache.resolve())
     if "decode" in args.only:
         results["decode"] = section_decode(args.quick)
     if "quantize" in args.only:
