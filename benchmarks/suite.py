@@ -400,7 +400,15 @@ def section_ddp(quick: bool, cache: Path) -> dict[str, Any]:
         runs = {
             f"1 process x {threads} threads": ([sys.executable, "-m", "cvmkd_core"], threads),
             f"2 processes x {half} threads": (
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cvmkd_core"],
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node=2",
+                    "-m",
+                    "cvmkd_core",
+                ],
                 half,
             ),
         }

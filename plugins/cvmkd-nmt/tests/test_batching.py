@@ -38,6 +38,20 @@ def test_make_batch_layout() -> None:
     assert make_batch([[5]], [[6]], PAD, BOS, EOS).indices is None
 
 
+def test_pad_multiple_rounds_widths_up_within_max_len() -> None:
+    b = make_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], PAD, BOS, EOS, pad_multiple=8)
+    assert b.src.shape == b.tgt_in.shape == b.tgt_out.shape == (2, 8)
+    assert b.src[:, :4].tolist() == [[5, 6, 7, EOS], [8, EOS, PAD, PAD]] and not b.src[:, 4:].any()
+    assert b.n_tokens == 7
+    # never beyond max_len, never below the longest row
+    capped = make_batch([list(range(4, 14))], [[9]], PAD, BOS, EOS, max_len=12, pad_multiple=8)
+    assert capped.src.shape == (1, 12) and capped.tgt_out.shape == (1, 8)  # 11 rounds to max_len
+    stream = BatchStream(*fake_corpus(), PAD, BOS, EOS, batch_size=16, max_len=30, seed=1, pad_multiple=8)
+    for batch in islice(stream, 20):
+        for t in (batch.src, batch.tgt_in, batch.tgt_out):
+            assert t.shape[1] % 8 == 0 or t.shape[1] == 30
+
+
 def test_make_batch_truncates_and_keeps_eos() -> None:
     b = make_batch([list(range(4, 20))], [list(range(30, 50))], PAD, BOS, EOS, max_len=5)
     assert b.src.tolist() == [[4, 5, 6, 7, EOS]]

@@ -45,9 +45,17 @@ class Batch:
         )
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Rows of ids as one (rows, longest) tensor, right-padded with ``pad_id``."""
-    width = max(len(r) for r in rows)
+def padded_width(longest: int, multiple: int = 1, limit: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``, but not beyond ``limit`` (when it is
+    at least ``longest``)."""
+    width = -(-longest // multiple) * multiple
+    return max(longest, min(width, limit)) if limit is not None else width
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, multiple: int = 1, limit: int | None = None) -> torch.Tensor:
+    """Rows of ids as one (rows, width) tensor, right-padded with ``pad_id``; the width is the
+    longest row's, rounded up to a multiple of ``multiple`` (at most ``limit``)."""
+    width = padded_width(max(len(r) for r in rows), multiple, limit)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
@@ -62,11 +70,14 @@ def make_batch(
     eos_id: int,
     max_len: int | None = None,
     indices: Sequence[int] | None = None,
+    pad_multiple: int = 1,
 ) -> Batch:
     """Build a :class:`Batch` from encoded pairs (ids without bos/eos).
 
     With ``max_len``, ids are cut so that every row, bos or eos included, has at most ``max_len``
     positions; the eos is kept after a cut so the model still learns where sentences end.
+    ``pad_multiple`` rounds the source and target widths up to a multiple of it (at most
+    ``max_len``): fewer distinct shapes, so that CPU kernels built for one shape are reused.
     """
     if len(src_ids) != len(tgt_ids) or not src_ids:
         raise ValueError(
@@ -77,10 +88,10 @@ def make_batch(
     keep = None if max_len is None else max_len - 1
     src_rows = [list(s[:keep]) + [eos_id] for s in src_ids]
     tgt_cut = [list(t[:keep]) for t in tgt_ids]
-    tgt_in = pad_rows([[bos_id] + t for t in tgt_cut], pad_id)
-    tgt_out = pad_rows([t + [eos_id] for t in tgt_cut], pad_id)
+    tgt_in = pad_rows([[bos_id] + t for t in tgt_cut], pad_id, pad_multiple, max_len)
+    tgt_out = pad_rows([t + [eos_id] for t in tgt_cut], pad_id, pad_multiple, max_len)
     return Batch(
-        src=pad_rows(src_rows, pad_id),
+        src=pad_rows(src_rows, pad_id, pad_multiple, max_len),
         tgt_in=tgt_in,
         tgt_out=tgt_out,
         n_tokens=sum(len(t) + 1 for t in tgt_cut),
@@ -260,12 +271,14 @@ class BatchStream:
         seed: int = 0,
         chunk_size: int = 4096,
         drop_last: bool = True,
+        pad_multiple: int = 1,
     ) -> None:
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"{len(src_ids)} sources but {len(tgt_ids)} targets")
         self.src_ids, self.tgt_ids = src_ids, tgt_ids
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.max_len = max_len
+        self.pad_multiple = pad_multiple
         self.sampler = BucketBatchSampler(
             _truncated_lengths(src_ids, max_len),
             _truncated_lengths(tgt_ids, max_len),
@@ -289,6 +302,7 @@ class BatchStream:
             self.eos_id,
             max_len=self.max_len,
             indices=idx,
+            pad_multiple=self.pad_multiple,
         )
 
     @property
