@@ -14,58 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cvmkd_testing import write_tiny_corpus
+from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
-RECIPE = """
-[run]
-name = "tiny"
-steps = 12
-validate_every = 4
-seed = 5
-precision = "fp32"
-cache_dir = "cache"
-keep_checkpoints = 2
-
-[corpus]
-name = "files"
-train = "corpus.tsv"
-valid_size = 8
-test_size = 8
-
-[tokenizer]
-vocab_size = 40
-
-[teacher]
-steps = 8
-validate_every = 8
-batch_size = 16
-learning_rate = 3e-3
-warmup_steps = 2
-
-[teacher.model]
-name = "cvm"
-preset = "tiny"
-
-[student.model]
-name = "cvm"
-preset = "tiny"
-d_model = 16
-n_heads = 2
-
-[distill]
-name = "kd"
-batch_size = 8
-warmup_steps = 2
-topk = 4
-
-[distill.loss]
-name = "kd"
-temperature = 2.0
-
-[validation]
-metrics = ["bleu", "chrf"]
-significance_samples = 50
-"""
+#: the shared tiny distillation recipe, validated every 4 steps, in float32 so that one and two
+#: processes can be compared closely
+SETTINGS = ["--set", "run.validate_every=4", "--set", "run.precision=fp32", "--set", "run.keep_checkpoints=2"]
 
 #: kills rank 1 with SIGKILL after the given step; kept on every rank (cvmkd_all_ranks)
 KILLER = """
@@ -91,7 +44,7 @@ def _env() -> dict[str, str]:
 
 
 def _single(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "cvmkd_core", "run", "recipe.toml", "--quiet", *args]
+    command = [sys.executable, "-m", "cvmkd_core", "run", "recipe.toml", "--quiet", *SETTINGS, *args]
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -107,6 +60,7 @@ def _torchrun(cwd: Path, *args: str, processes: int = 2) -> subprocess.Completed
         "run",
         "recipe.toml",
         "--quiet",
+        *SETTINGS,
         *args,
     ]
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -122,7 +76,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder (and one teacher, cached by the first run) for every test here."""
     path = tmp_path_factory.mktemp("distributed")
     write_tiny_corpus(path)
-    (path / "recipe.toml").write_text(RECIPE)
+    (path / "recipe.toml").write_text(TINY_KD_RECIPE)
     return path
 
 
@@ -209,7 +163,17 @@ def test_mixed_precision_training_on_a_gpu(workdir: Path, precision: str) -> Non
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     run_dir = workdir / f"runs/gpu-{precision}"
-    command = [sys.executable, "-m", "cvmkd_core", "run", "recipe.toml", "--quiet", "--run-dir", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "cvmkd_core",
+        "run",
+        "recipe.toml",
+        "--quiet",
+        *SETTINGS,
+        "--run-dir",
+        str(run_dir),
+    ]
     command += ["--set", "run.device=cuda", "--set", f"run.precision={precision}"]
     done = subprocess.run(command, cwd=workdir, env=_gpu_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -227,7 +191,7 @@ def test_mixed_precision_training_on_a_gpu(workdir: Path, precision: str) -> Non
 @needs_two_gpus
 def test_two_gpu_processes_with_nccl(workdir: Path, single: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "cvmkd_core", "run", "recipe.toml", "--quiet", "--run-dir", "runs/nccl"]
+    command += ["-m", "cvmkd_core", "run", "recipe.toml", "--quiet", *SETTINGS, "--run-dir", "runs/nccl"]
     command += ["--set", "run.device=cuda"]
     done = subprocess.run(command, cwd=workdir, env=_gpu_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
