@@ -866,3 +866,48 @@ def test_damaged_static_package_one_line_error(tmp_path: Path, tokenizer: Any, e
     with pytest.raises(ModelError, match=message) as err:
         load_package(package)
     assert "\n" not in str(err.value)
+
+
+# -- decoding steps --------------------------------------------------------------------------------
+
+
+def test_stacked_dynamic_int8_projections_equal_the_layers_and_follow_reloads() -> None:
+    model = _model()
+    attention = model.decoder_layers[0].self_attn
+    layers = [DynamicInt8Linear.from_linear(getattr(attention, n)) for n in ("q_proj", "k_proj", "v_proj")]
+    x = torch.randn(3, model.config.d_model)
+    with torch.inference_mode():
+        separate = torch.cat([layer(x) for layer in layers], dim=-1)
+        assert torch.equal(DynamicInt8Linear.stacked_function(layers)(x), separate)
+        assert torch.equal(layers[1].as_function()(x), layers[1](x))
+    # a reloaded layer rebuilds its kernel: the stacked product must not keep the old weights
+    state = layers[1].state_dict()
+    state["qdata"] = -state["qdata"]
+    layers[1].load_state_dict(state)
+    with torch.inference_mode():
+        assert torch.equal(DynamicInt8Linear.stacked_function(layers)(x), torch.cat([m(x) for m in layers], dim=-1))
+        assert not torch.equal(DynamicInt8Linear.stacked_function(layers)(x), separate)
+
+
+@pytest.mark.parametrize("plan", ["dynamic", "mixed"])
+def test_eval_decoding_steps_of_quantized_models_equal_their_module_path(plan: str) -> None:
+    # eval-mode steps call int8 kernels directly and stack the dynamic int8 query/key/value
+    # layers; training mode (dropout 0 here) calls every module: the logits must agree
+    model = _model(dropout=0.0)
+    if plan == "dynamic":
+        apply_plan(model, {name: DYNAMIC for name in quantizable_layers(model)})
+    else:
+        apply_plan(model, *_MIXED)
+    src, tgt = _batch()
+    with torch.inference_mode():
+        memory, pad = model.encode(src)
+        results = []
+        for training in (False, True):
+            model.train(training)
+            cache, out = None, []
+            for t in range(tgt.size(1)):
+                logits, cache = model.decode_step(tgt[:, t], memory, pad, cache)
+                out.append(logits)
+            results.append(torch.stack(out, dim=1))
+    model.eval()
+    assert torch.allclose(results[0], results[1], atol=1e-5, rtol=0)

@@ -346,3 +346,60 @@ def test_decoding_after_a_fused_optimizer_step_uses_the_updated_weights() -> Non
     with torch.inference_mode():
         assert torch.equal(model(src, tgt), fresh(src, tgt))
         assert greedy_decode(model, src) == greedy_decode(fresh, src)
+
+
+def _step_logits(model: CvmTransformer, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits of ``tgt`` decoded one position at a time through the cache."""
+    with torch.inference_mode():
+        memory, pad = model.encode(src)
+        cache, out = None, []
+        for t in range(tgt.size(1)):
+            logits, cache = model.decode_step(tgt[:, t], memory, pad, cache)
+            out.append(logits)
+    return torch.stack(out, dim=1)
+
+
+def test_eval_decoding_step_equals_the_full_pass_at_every_position() -> None:
+    # eval-mode steps run through DecoderLayer.step (functions, one stacked query/key/value
+    # product, 2-D rows); the full pass through the modules. float64: no rounding excuse.
+    model = _tiny().double()
+    src, tgt = _batch()
+    tgt = tgt.masked_fill(tgt.eq(0), 5)  # decoder inputs of a cache are pad-free
+    with torch.inference_mode():
+        full = model(src, tgt)
+    steps = _step_logits(model, src, tgt)
+    assert steps.shape == full.shape
+    assert torch.allclose(steps, full, atol=1e-10, rtol=0)
+
+
+def test_step_functions_leave_other_modules_as_they_are() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = _tiny().double()
+    src, tgt = _batch()
+    tgt = tgt.masked_fill(tgt.eq(0), 5)
+    before = _step_logits(model, src, tgt)
+    layer = model.decoder_layers[1]
+    calls = []
+    for owner, name in ((layer.self_attn, "k_proj"), (layer.ff, "fc2")):
+        old = getattr(owner, name)
+        new = Custom(old.in_features, old.out_features).double()
+        new.load_state_dict(old.state_dict())
+        new.register_forward_hook(lambda *args, name=name: calls.append(name))
+        setattr(owner, name, new)
+    after = _step_logits(model, src, tgt)
+    assert torch.allclose(before, after, atol=1e-10, rtol=0)
+    assert calls.count("k_proj") == calls.count("fc2") == tgt.size(1)  # called as modules, every step
+
+
+def test_training_mode_decoding_step_keeps_dropout() -> None:
+    model = _tiny(dropout=0.5).double()
+    src, tgt = _batch()
+    tgt = tgt.masked_fill(tgt.eq(0), 5)
+    evaluated = _step_logits(model, src, tgt)
+    model.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(_step_logits(model, src, tgt), evaluated)
+    model.eval()
+    assert torch.equal(_step_logits(model, src, tgt), evaluated)

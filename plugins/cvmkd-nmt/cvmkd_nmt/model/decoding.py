@@ -40,14 +40,13 @@ def _log_probs(model: CvmTransformer, logits: Tensor) -> Tensor:
     return logp
 
 
-def _best_tokens(model: CvmTransformer, logits: Tensor) -> Tensor:
-    """The greedy choice: the largest logit with pad and bos banned (the argmax of
-    :func:`_log_probs` without computing the log-softmax)."""
-    cfg = model.config
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits.clone()
-    logits[:, cfg.pad_id] = -math.inf
-    logits[:, cfg.bos_id] = -math.inf
-    return logits.argmax(dim=-1)
+def _best_tokens(logits: Tensor, banned: Tensor) -> Tensor:
+    """The greedy choice: the largest logit with the ``banned`` ids (pad and bos) excluded (the
+    argmax of :func:`_log_probs` without computing the log-softmax). Overwrites ``logits``
+    (a decoding step's own output) unless it is half precision."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.index_fill_(1, banned, -math.inf).argmax(dim=-1)
 
 
 def _max_steps(model: CvmTransformer, src_ids: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
@@ -119,10 +118,11 @@ def greedy_decode(
         history = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=device)
         prev = history[:, 0]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
+        banned = torch.tensor([cfg.pad_id, cfg.bos_id], device=device)
         cache = None
         for step in range(max(limits)):
             logits, cache = _step_logits(model, prev, history, memory, src_pad_mask, cache, use_cache)
-            tok = _best_tokens(model, logits)
+            tok = _best_tokens(logits, banned)
             tok = tok.masked_fill(done, cfg.pad_id)
             history = torch.cat([history, tok[:, None]], dim=1)
             done = done | tok.eq(cfg.eos_id) | (limit_t <= step + 1)

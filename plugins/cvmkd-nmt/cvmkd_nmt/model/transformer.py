@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import cast
 
 import torch
@@ -76,6 +76,57 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+Fn = Callable[[Tensor], Tensor]
+
+
+def as_function(module: nn.Module) -> Fn:
+    """``module(x)`` without the module call, for the decoder's per-token step, where calls are
+    many and tensors tiny: plain ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding``, ``nn.GELU``
+    and ``nn.ReLU`` as their functional forms over the tensors they hold now, a module offering
+    ``as_function()`` (cvmkd's int8 layers) as what that returns, any other module as itself.
+    The tensors are taken once: valid while the weights do not change (one decoding call)."""
+    kind = type(module)
+    if kind is nn.Linear:
+        lin = cast("nn.Linear", module)
+        w, b = lin.weight, lin.bias
+        return lambda x: F.linear(x, w, b)
+    if kind is nn.LayerNorm:
+        norm = cast("nn.LayerNorm", module)
+        shape, nw, nb, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        return lambda x: F.layer_norm(x, shape, nw, nb, eps)
+    if kind is nn.Embedding:
+        emb = cast("nn.Embedding", module)
+        ew, pad = emb.weight, emb.padding_idx
+        return lambda ids: F.embedding(ids, ew, pad)
+    if kind is nn.GELU:
+        approximate = cast("nn.GELU", module).approximate
+        return lambda x: F.gelu(x, approximate=approximate)
+    if kind is nn.ReLU:
+        return F.relu
+    own = getattr(module, "as_function", None)
+    return cast("Fn", own()) if callable(own) else module
+
+
+def stacked_function(projections: Sequence[nn.Module]) -> Fn:
+    """One function giving the outputs of ``projections`` (applied to the same input)
+    concatenated on the last dimension, as one matrix product where it can: plain
+    ``nn.Linear`` layers through their stacked weights (copied now: valid while the weights do
+    not change), layers of one class offering ``stacked_function`` (cvmkd's dynamic int8) as
+    that; others one by one."""
+    first = type(projections[0])
+    if all(type(p) is nn.Linear for p in projections):
+        linears = cast("Sequence[nn.Linear]", projections)
+        if all(p.bias is not None for p in linears):
+            w = torch.cat([p.weight for p in linears])
+            b = torch.cat([cast("Tensor", p.bias) for p in linears])
+            return lambda x: F.linear(x, w, b)
+    stack = getattr(first, "stacked_function", None)
+    if stack is not None and all(type(p) is first for p in projections):
+        return cast("Fn", stack(projections))
+    fns = [as_function(p) for p in projections]
+    return lambda x: torch.cat([f(x) for f in fns], dim=-1)
+
+
 def _key_keep_mask(pad_mask: Tensor | None) -> Tensor | None:
     """(B, 1, 1, S) 'may attend' mask from a (B, S) pad mask, or None when nothing is padded."""
     if pad_mask is None:
@@ -105,19 +156,27 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, x: Tensor, projections: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """``x`` through each projection, split into heads (B, H, T, head_dim). In training,
-        plain ``nn.Linear`` layers are applied as one product with their stacked weights (a
-        larger, faster matrix product, one weight cast under autocast); others (quantized,
-        fake-quantized during QAT) one by one, as they are. Decoding goes one by one too:
-        stacking at every step cost what it saved, and keeping the stacked copy is unsafe, as
-        fused optimizers update weights without bumping their version counters."""
-        stack = torch.is_grad_enabled() and all(type(p) is nn.Linear for p in projections)
-        if len(projections) == 1 or not stack:
+        """``x`` through each projection, split into heads (B, H, T, head_dim). Plain
+        ``nn.Linear`` layers are applied as one product with their weights stacked for this call
+        (a larger, faster matrix product, one weight cast under autocast); layers of one class
+        offering ``stacked_function`` (dynamic int8, QAT's fake-quantized layers) through it;
+        others one by one, as they are. The stacked copy is not kept: fused optimizers update
+        weights without bumping their version counters. (Decoding steps go through
+        :meth:`DecoderLayer.step`, which stacks once per decoding call.)"""
+        first = type(projections[0])
+        stack = getattr(first, "stacked_function", None)
+        if len(projections) == 1 or not all(type(p) is first for p in projections):
             return tuple(self._split(p(x)) for p in projections)
-        weight = torch.cat([p.weight for p in projections])
-        bias = torch.cat([p.bias for p in projections])
+        if first is nn.Linear:
+            weight = torch.cat([p.weight for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            out = F.linear(x, weight, bias)
+        elif stack is not None:
+            out = stack(projections)(x)
+        else:
+            return tuple(self._split(p(x)) for p in projections)
         b, t, _ = x.shape
-        out = F.linear(x, weight, bias).view(b, t, len(projections), self.n_heads, self.head_dim)
+        out = out.view(b, t, len(projections), self.n_heads, self.head_dim)
         return out.permute(2, 0, 3, 1, 4).unbind(0)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,6 +298,53 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.cross_attn.attend(h, cross_k, cross_v, attn_mask=cross_mask))
         return x + self.dropout(self.ff(self.ff_norm(x))), (k, v)
 
+    def step_functions(self) -> tuple[Fn, ...]:
+        """This layer's parts as functions for :meth:`step` (see :func:`as_function`): the
+        query/key/value projections of self-attention stacked into one product."""
+        sa, ca, ff = self.self_attn, self.cross_attn, self.ff
+        return (
+            as_function(self.self_attn_norm),
+            stacked_function((sa.q_proj, sa.k_proj, sa.v_proj)),
+            as_function(sa.out_proj),
+            as_function(self.cross_attn_norm),
+            as_function(ca.q_proj),
+            as_function(ca.out_proj),
+            as_function(self.ff_norm),
+            as_function(ff.fc1),
+            as_function(ff.act),
+            as_function(ff.fc2),
+        )
+
+    def step(
+        self,
+        fns: tuple[Fn, ...],
+        x: Tensor,
+        past_kv: tuple[Tensor, Tensor] | None,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        cross_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One decoding position of every row, in eval mode: ``x`` (B, D) -> (B, D) and this
+        layer's self-attention keys/values (B, H, len, head_dim) with ``past_kv`` prepended.
+
+        The same computation as :meth:`forward` for a single query, with fewer operations (the
+        step's matrices are tiny, so the time goes to operations, not arithmetic): no module
+        calls, no dropout, one product for the query/key/value projections, and 2-D rows where
+        :meth:`forward` reshapes (B, 1, D) tensors."""
+        norm1, qkv, out1, norm2, q2, out2, norm3, fc1, act, fc2 = fns
+        b, d = x.shape
+        heads = self.self_attn.n_heads
+        hd = d // heads
+        # (B, 3D) holds [q | k | v] per row, each (H, hd): with one position, (B, 3, H, 1, hd) is a view
+        q, k, v = qkv(norm1(x)).view(b, 3, heads, 1, hd).unbind(1)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        x = x + out1(F.scaled_dot_product_attention(q, k, v).reshape(b, d))
+        q = q2(norm2(x)).view(b, heads, 1, hd)
+        x = x + out2(F.scaled_dot_product_attention(q, cross_k, cross_v, attn_mask=cross_mask).reshape(b, d))
+        return x + fc2(act(fc1(norm3(x)))), k, v
+
 
 class DecoderCache:
     """Per-layer self-attention keys/values grown one step at a time, and cross-attention
@@ -251,6 +357,9 @@ class DecoderCache:
         self.cross_v: list[Tensor] = []
         # (B, 1, 1, S) 'may attend' mask over the source, or None without source padding.
         self.cross_mask: Tensor | None = None
+        # The model's parts as functions for this decoding call's eval-mode steps (set at its first
+        # step): embedding, each decoder layer's DecoderLayer.step_functions(), final norm, output.
+        self.functions: tuple[Fn, list[tuple[Fn, ...]], Fn, Fn] | None = None
 
     @property
     def length(self) -> int:
@@ -427,16 +536,16 @@ class CvmTransformer(nn.Module):
         first = not cache.cross_k
         if first:
             cache.cross_mask = self._cross_mask(src_pad_mask)
-        cross_mask = cache.cross_mask
-        x = self._embed(self.tgt_embed, ids, start=pos)
-        for i, layer in enumerate(self._decoders()):
-            if first:
+            for layer in self._decoders():
                 cross_k, cross_v = layer.cross_attn.project_kv(memory)
                 cache.cross_k.append(cross_k)
                 cache.cross_v.append(cross_v)
-                past = None
-            else:
-                past = (cache.self_k[i], cache.self_v[i])
+        if not self.training:
+            return self._fast_step(ids.view(-1), pos, cache), cache
+        cross_mask = cache.cross_mask
+        x = self._embed(self.tgt_embed, ids, start=pos)
+        for i, layer in enumerate(self._decoders()):
+            past = None if first else (cache.self_k[i], cache.self_v[i])
             # The single new query may see every cached position: no causal mask needed.
             x, (k, v) = layer(x, cache.cross_k[i], cache.cross_v[i], cross_mask, past_kv=past)
             if first:
@@ -446,6 +555,30 @@ class CvmTransformer(nn.Module):
                 cache.self_k[i], cache.self_v[i] = k, v
         logits = self.output_proj(self.decoder_norm(x))
         return logits[:, -1], cache
+
+    def _fast_step(self, ids: Tensor, pos: int, cache: DecoderCache) -> Tensor:
+        """:meth:`decode_step` in eval mode through :meth:`DecoderLayer.step`: (B,) ids at
+        position ``pos`` -> (B, V) logits, the cache updated."""
+        layers = list(self._decoders())
+        if cache.functions is None:
+            cache.functions = (
+                as_function(self.tgt_embed),
+                [layer.step_functions() for layer in layers],
+                as_function(self.decoder_norm),
+                as_function(self.output_proj),
+            )
+        embed, per_layer, norm, output = cache.functions
+        x = embed(ids) * self.embed_scale + self.positions[pos]
+        first = not cache.self_k
+        for i, layer in enumerate(layers):
+            past = None if first else (cache.self_k[i], cache.self_v[i])
+            x, k, v = layer.step(per_layer[i], x, past, cache.cross_k[i], cache.cross_v[i], cache.cross_mask)
+            if first:
+                cache.self_k.append(k)
+                cache.self_v.append(v)
+            else:
+                cache.self_k[i], cache.self_v[i] = k, v
+        return output(norm(x))
 
     # -- training entry point ---------------------------------------------------------------
 
