@@ -155,11 +155,15 @@ def forward_flops(config: ModelConfig, batch: Batch) -> float:
 class Trainer:
     """One model, its optimizer and a training step as the ``kd``/``teacher`` trainers take it."""
 
-    def __init__(self, config: ModelConfig, precision: str, kd: bool = False, seed: int = 0) -> None:
+    def __init__(self, config: ModelConfig, precision: str, kd: bool = False, seed: int = 0, qat: bool = False) -> None:
         from cvmkd_kd.loss import KDConfig
 
         torch.manual_seed(seed)
         self.model = CvmTransformer(config).train()
+        if qat:  # quantization-aware training's fake-quantized layers (the default's last 1,000 steps)
+            from cvmkd_quant_torch import qat as fake_quant
+
+            fake_quant.enable(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
         self.precision = precision
         self.kd = kd
@@ -226,6 +230,12 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
                 return kd.step(batch, fake_topk(batch, vocab))
 
             arms["bf16 + top-16 KD"] = kd_step
+            qat = Trainer(config, "bf16", kd=True, qat=True)
+
+            def qat_step(batch: Batch, qat: Trainer = qat, vocab: int = config.vocab_size) -> float:
+                return qat.step(batch, fake_topk(batch, vocab))
+
+            arms["bf16 + top-16 KD + QAT"] = qat_step
         seconds = alternate(arms, data)
         flops = 3 * statistics.mean(forward_flops(config, b) for b in data)
         tokens = statistics.mean(int(b.src.ne(0).sum() + b.tgt_out.ne(0).sum()) for b in data)
@@ -246,6 +256,7 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
         row["bf16_over_fp32"] = round(seconds["fp32"] / seconds["bf16"], 2)
         if "bf16 + top-16 KD" in seconds:
             row["kd_step_over_ce_step"] = round(seconds["bf16 + top-16 KD"] / seconds["bf16"], 2)
+            row["qat_step_over_kd_step"] = round(seconds["bf16 + top-16 KD + QAT"] / seconds["bf16 + top-16 KD"], 2)
         out[name] = row
     return out
 
@@ -505,7 +516,7 @@ def print_table(results: dict[str, Any]) -> None:
         print("| model | batch | precision | s/step | tokens/s | model GFLOP/s | MFU (bf16 peak) |")
         print("|---|---|---|---|---|---|---|")
         for name, row in results["train"].items():
-            for arm in ("bf16", "fp32", "bf16 + top-16 KD"):
+            for arm in ("bf16", "fp32", "bf16 + top-16 KD", "bf16 + top-16 KD + QAT"):
                 if arm in row:
                     r = row[arm]
                     mfu = f"{100 * r['mfu_vs_bf16_peak']:.1f}%" if "mfu_vs_bf16_peak" in r else "-"
@@ -513,7 +524,11 @@ def print_table(results: dict[str, Any]) -> None:
                         f"| {name} ({row['parameters'] / 1e6:.1f}M) | {row['batch']} | {arm} | {r['seconds_per_step']:.3f} "
                         f"| {r['tokens_per_second']} | {r['model_gflops']} | {mfu} |"
                     )
-            extra = f", KD step / CE step {row['kd_step_over_ce_step']}x" if "kd_step_over_ce_step" in row else ""
+            extra = (
+                f", KD step / CE step {row['kd_step_over_ce_step']}x, QAT step / KD step {row['qat_step_over_kd_step']}x"
+                if "kd_step_over_ce_step" in row
+                else ""
+            )
             print(f"\n{name}: bf16 is {row['bf16_over_fp32']}x fp32{extra}")
         print()
     if "loop" in results:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -52,3 +53,39 @@ def test_enable_and_disable_keep_parameters_and_state_dict_names() -> None:
     assert qat.disable(model) == linears and not qat.is_enabled(model)
     with torch.no_grad():
         assert torch.equal(model(src, tgt), before)
+
+
+def test_stacked_fake_quantized_projections_equal_the_layers_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = CvmTransformer(preset("tiny"))
+    qat.enable(model)
+    attention = model.decoder_layers[0].self_attn
+    layers = [attention.q_proj, attention.k_proj, attention.v_proj]
+    x = torch.randn(2, 5, model.config.d_model, requires_grad=True)
+    separate = torch.cat([m(x) for m in layers], dim=-1)
+    grads = torch.autograd.grad(separate.square().sum(), [x, *(m.weight for m in layers)])
+    stacked = qat.FakeQuantLinear.stacked_function(layers)(x)
+    assert torch.allclose(stacked, separate, atol=1e-6, rtol=0)
+    for a, b in zip(torch.autograd.grad(stacked.square().sum(), [x, *(m.weight for m in layers)]), grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # the model's attention takes the stacked path: the same logits as layers called one by one
+    src, tgt = torch.randint(4, 60, (2, 7)), torch.randint(4, 60, (2, 5))
+    model.eval()
+    calls: list[int] = []
+    attention.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        fused = model(src, tgt)
+        assert calls == []  # stacked: the query layer is not called as a module
+        monkeypatch.setattr(qat.FakeQuantLinear, "stacked_function", None)  # one by one
+        assert torch.allclose(model(src, tgt), fused, atol=1e-5)
+        assert calls == [1]
+
+
+def test_fake_quantization_rounds_bfloat16_inputs_in_float32() -> None:
+    x = torch.linspace(-3.0, 5.0, 1000).bfloat16().requires_grad_()
+    y = qat.fake_quant_activation(x)
+    assert y.dtype == torch.bfloat16
+    step = 8.0 / 255
+    assert (y.float() - x.float()).abs().max() <= step / 2 + 0.02  # plus bfloat16's own rounding
+    y.float().sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
