@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import sacrebleu
 
+import cvmkd_metrics_sacrebleu
 from cvmkd_core.plugins import build_plugins
-from cvmkd_metrics_sacrebleu import Bleu, BleuConfig, Chrf, ChrfConfig, Ter, TerConfig
+from cvmkd_metrics_sacrebleu import Bleu, BleuConfig, Chrf, ChrfConfig, Ter, TerConfig, extract_statistics
 
 HYPS = ["the cat sat on the mat", "in the beginning god created the heaven"]
 REFS = ["the cat sat on the mat", "in the beginning God created the heavens and the earth"]
@@ -87,3 +88,25 @@ def test_paired_test_equals_sacrebleus_own_paired_test(metric) -> None:
     assert mine["mean"] == pytest.approx(theirs.mean, rel=1e-6)
     assert mine["ci95"][1] - mine["mean"] == pytest.approx(theirs.ci, rel=1e-5)
     assert mine["delta"] == pytest.approx(theirs.score - results[name][0].score)
+
+
+def test_ter_statistics_from_several_processes_equal_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sacrebleu.metrics import TER
+
+    references = [f"and {w} said unto them , go ye into the city of {w}" for w in ("jerusalem", "david", "zion")] * 20
+    hypotheses = _noisy(references, 0.6, seed=3)
+    serial = extract_statistics(TER(), hypotheses, references, workers=1)
+    assert extract_statistics(TER(), hypotheses, references, workers=3) == serial
+    # the metric itself goes parallel for corpora of PARALLEL_MIN_SENTENCES sentences or more
+    monkeypatch.setattr(cvmkd_metrics_sacrebleu, "PARALLEL_MIN_SENTENCES", 10)
+    monkeypatch.setattr(cvmkd_metrics_sacrebleu, "_cores", lambda: 2)
+    used: list[int] = []
+    real = cvmkd_metrics_sacrebleu.extract_statistics
+    monkeypatch.setattr(
+        cvmkd_metrics_sacrebleu,
+        "extract_statistics",
+        lambda metric, hyps, refs, workers: used.append(workers) or real(metric, hyps, refs, workers),
+    )
+    score = Ter(TerConfig()).score(hypotheses, references, [])["ter"]
+    assert used == [2]
+    assert score == sacrebleu.corpus_ter(hypotheses, [references]).score
