@@ -32,6 +32,9 @@ log = logging.getLogger("cvmkd")
 CACHE_VERSION = "1"
 #: the folder of a teacher package holding its translations of a training set, shipped with it
 SHIPPED = "sequence-kd"
+#: the folder of a teacher package holding its translations of evaluation sentences (the
+#: validation and test splits its runs score it on), shipped with it
+SHIPPED_TRANSLATIONS = "translations"
 #: the decoding settings a shipped set is keyed by: made once, on whatever machine, and used as is
 SHIPPED_SETTINGS = "shipped"
 
@@ -154,11 +157,15 @@ def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig) -> 
     )
 
 
-def ship_targets(package: Path, key: str, hypotheses: list[str], made_with: dict[str, Any]) -> Path:
+def ship_targets(
+    package: Path, key: str, hypotheses: list[str], made_with: dict[str, Any], folder_name: str = SHIPPED
+) -> Path:
     """Store the teacher's translations of a training set in its package (``sequence-kd/``), so
     that runs with that teacher, those sources and those settings use them instead of translating
-    (``key``: :func:`cache_key` with :data:`SHIPPED_SETTINGS`). Returns the text file."""
-    folder = package / SHIPPED
+    (``key``: :func:`cache_key` with :data:`SHIPPED_SETTINGS`); with ``folder_name``
+    :data:`SHIPPED_TRANSLATIONS`, of evaluation sentences (``key``: :func:`translations_key`).
+    Returns the text file."""
+    folder = package / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key[:24]}.txt.gz"
     text = "".join(h.replace("\n", " ") + "\n" for h in hypotheses).encode("utf-8")
@@ -170,10 +177,22 @@ def ship_targets(package: Path, key: str, hypotheses: list[str], made_with: dict
     return path
 
 
-def shipped_targets(package: Path, key: str, count: int) -> tuple[list[str], dict[str, Any]] | None:
-    """The teacher's translations shipped in its package for exactly this key, or None; a shipped
-    set that does not match its record is an error naming the file, not a silent fallback."""
-    path = package / SHIPPED / f"{key[:24]}.txt.gz"
+def translations_key(weights: str, tokenizer_sha256: str, beam_size: int, settings: str, sources: list[str]) -> str:
+    """The key of the teacher's translations of evaluation ``sources`` (validation, test): its
+    weights and tokenizer, the beam, ``settings`` (device and precision of the run's cache, or
+    :data:`SHIPPED_SETTINGS`) and the sentences."""
+    return hashlib.sha256(
+        "\n".join([weights, tokenizer_sha256, str(beam_size), settings, *sources]).encode()
+    ).hexdigest()
+
+
+def shipped_targets(
+    package: Path, key: str, count: int, folder_name: str = SHIPPED
+) -> tuple[list[str], dict[str, Any]] | None:
+    """The teacher's translations shipped in its package (in ``folder_name``) for exactly this
+    key, or None; a shipped set that does not match its record is an error naming the file, not
+    a silent fallback."""
+    path = package / folder_name / f"{key[:24]}.txt.gz"
     record_path = path.with_name(f"{key[:24]}.json")
     if not path.is_file() or not record_path.is_file():
         return None

@@ -408,17 +408,27 @@ class KDTrainer(Seq2SeqTrainer):
 
     def teacher_translations(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str] | None:
         """The teacher's translations of ``sources``, cached on disk: the teacher does not change,
-        so validation scores it once, and later runs with the same teacher reuse them."""
+        so validation scores it once, and later runs with the same teacher reuse them. A teacher
+        package may ship its translations of the sentences its runs are scored on
+        (``translations/``, see plugins/cvmkd-teacher-bible/ship_targets.py): those are used as
+        they are, whatever this machine would decode."""
         from cvmkd_core.files import atomic_write_text
+        from cvmkd_kd.sequence import SHIPPED_SETTINGS, SHIPPED_TRANSLATIONS, shipped_targets, translations_key
 
         if self.teacher is None or self.data is None:
             return None
         weights = self.teacher_info.get("weights_sha256") or "unknown"
-        key = hashlib.sha256(
-            "\n".join(
-                [weights, self.teacher_tokenizer.sha256, str(beam_size), str(self.device), self.precision, *sources]
-            ).encode()
-        ).hexdigest()
+        tokenizer = self.teacher_tokenizer.sha256
+        if self.teacher_info.get("path"):
+            shipped_key = translations_key(weights, tokenizer, beam_size, SHIPPED_SETTINGS, sources)
+            shipped = shipped_targets(
+                Path(self.teacher_info["path"]), shipped_key, len(sources), folder_name=SHIPPED_TRANSLATIONS
+            )
+            if shipped is not None:
+                log.info("the teacher's translations of %d sentences shipped with its package", len(sources))
+                return shipped[0]
+        # (device and precision on lines of their own: the key of the caches of earlier versions)
+        key = translations_key(weights, tokenizer, beam_size, f"{self.device}\n{self.precision}", sources)
         path = state.recipe.run.cache_path() / "teacher-translations" / f"{key[:24]}.txt"
         if verified_cache_file(path, "cached teacher translations"):
             lines = path.read_text(encoding="utf-8").split("\n")[:-1]

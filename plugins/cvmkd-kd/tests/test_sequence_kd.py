@@ -141,3 +141,41 @@ def test_translations_shipped_with_the_teacher_package_are_used_instead_of_trans
     shipped.write_bytes(shipped.read_bytes()[:-4])
     with pytest.raises(ModelError, match=f"{shipped.name} is damaged"):
         run_session(open_session(tmp_path / "recipe.toml", ["run.name=damaged"]))
+
+
+def test_evaluation_translations_shipped_with_the_teacher_package_are_scored_instead_of_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from cvmkd_core.session import prepare_state
+    from cvmkd_kd.data import prepare_data
+    from cvmkd_kd.sequence import SHIPPED_SETTINGS, SHIPPED_TRANSLATIONS, ship_targets, translations_key
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_corpus(tmp_path)
+    (tmp_path / "recipe.toml").write_text(TINY_KD_RECIPE)
+    torch.set_num_threads(1)
+    _, run_dir = run_session(open_session(tmp_path / "recipe.toml"))
+    teacher = json.loads((run_dir / "summary.json").read_text())["extra"]["trainer"]["teacher"]
+    session = open_session(tmp_path / "recipe.toml", ["run.name=shipped"])
+    data = prepare_data(prepare_state(session, tmp_path / "not-written"))
+    package = Path(teacher["path"])
+    beam = session.recipe.section("validation").beam_size
+    shipped: dict[str, list[str]] = {}
+    for split in ("valid", "test"):
+        sources = [p[0] for p in getattr(data.splits, split)]
+        key = translations_key(teacher["weights_sha256"], data.tokenizer.sha256, beam, SHIPPED_SETTINGS, sources)
+        shipped[split] = [f"SHIPPED {i}" for i in range(len(sources))]
+        ship_targets(package, key, shipped[split], {"split": split}, folder_name=SHIPPED_TRANSLATIONS)
+    shutil.rmtree(tmp_path / "cache" / "teacher-translations")  # what the first run decoded
+
+    _, run_dir2 = run_session(session)
+    assert (run_dir2 / "validation" / "teacher.hyp.txt").read_text().splitlines() == shipped["valid"]
+    assert (run_dir2 / "test.teacher.hyp").read_text().splitlines() == shipped["test"]
+    assert not (tmp_path / "cache" / "teacher-translations").exists()  # the teacher decoded nothing
+    # another beam is another key: decoded, not taken from the package
+    _, run_dir3 = run_session(
+        open_session(tmp_path / "recipe.toml", ["run.name=beam2", f"validation.beam_size={beam + 1}"])
+    )
+    assert (run_dir3 / "validation" / "teacher.hyp.txt").read_text().splitlines() != shipped["valid"]
