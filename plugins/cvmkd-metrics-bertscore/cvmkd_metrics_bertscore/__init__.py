@@ -14,6 +14,12 @@ which ``sentence_scores`` returns for validation's paired bootstrap test.
   through bert-score, which crashes on empty text with transformers 5.
 - The sentence scores of the last two calls are kept, keyed by (hypothesis, reference): scoring
   the same pairs again (validation re-scores the previous hypotheses) costs nothing.
+- The references' token embeddings of the last call are kept too: validation scores new
+  hypotheses against the same references every time, so they are embedded once per run. The
+  computation is bert-score's own (``bert_score.utils.bert_cos_score_idf``: embeddings of the
+  distinct sentences, longest first, in batches, then greedy cosine matching of each pair, by the
+  library's ``get_bert_embedding`` and ``greedy_cos_idf``); a test checks the scores equal
+  ``BERTScorer.score``'s.
 - ``idf = true`` weights tokens by inverse document frequency over the references of the call,
   as ``bert_score.score`` does; the weights are recomputed (and the kept scores dropped) when
   the references change.
@@ -96,6 +102,8 @@ class BertScore:
         self._scorer: Any = None
         self._cache: deque[dict[Pair, Triple]] = deque(maxlen=CACHED_CALLS)
         self._idf_references: tuple[str, ...] | None = None
+        # token embeddings and idf weights of the last call's references, by sentence
+        self._embedded: dict[str, Any] = {}
         #: pairs passed to bert-score by the last call (0 when everything came from the cache)
         self.last_scored = 0
 
@@ -168,6 +176,60 @@ class BertScore:
             self.scorer().compute_idf(list(wanted))
         self._idf_references = wanted
         self._cache.clear()
+        self._embedded = {}  # embedded with the old weights
+
+    def _score_pairs(self, hypotheses: list[str], references: list[str]) -> list[Triple]:
+        """(P, R, F1) of each pair, as ``BERTScorer.score`` computes them (single references, no
+        baseline rescaling), embedding only the sentences not kept from the last call's
+        references, and keeping this call's references."""
+        import torch
+        from bert_score.utils import get_bert_embedding, greedy_cos_idf
+        from torch.nn.utils.rnn import pad_sequence
+
+        scorer = self.scorer()
+        batch_size = self.config.batch_size
+        if scorer.idf:
+            idf_dict = scorer._idf_dict
+        else:  # what BERTScorer.score uses without idf
+            from collections import defaultdict
+
+            idf_dict = defaultdict(lambda: 1.0)
+            idf_dict[scorer._tokenizer.sep_token_id] = 0
+            idf_dict[scorer._tokenizer.cls_token_id] = 0
+        stats = {s: self._embedded[s] for s in set(references) if s in self._embedded}
+        missing = sorted(set(references + hypotheses) - stats.keys(), key=lambda x: len(x.split(" ")), reverse=True)
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start : start + batch_size]
+            embs, masks, padded_idf = get_bert_embedding(
+                batch, scorer._model, scorer._tokenizer, idf_dict, device=scorer.device, all_layers=False
+            )
+            embs, masks, padded_idf = embs.cpu(), masks.cpu(), padded_idf.cpu()
+            for i, sentence in enumerate(batch):
+                length = int(masks[i].sum())
+                stats[sentence] = (embs[i, :length], padded_idf[i, :length])
+        self._embedded = {r: stats[r] for r in set(references)}
+
+        def padded(sentences: list[str]) -> tuple[Any, Any, Any]:
+            embs = [stats[s][0].to(scorer.device) for s in sentences]
+            idfs = [stats[s][1].to(scorer.device) for s in sentences]
+            lengths = torch.tensor([e.size(0) for e in embs], dtype=torch.long)
+            mask = torch.arange(int(lengths.max()), dtype=torch.long).expand(len(embs), -1) < lengths.unsqueeze(1)
+            return (
+                pad_sequence(embs, batch_first=True, padding_value=2.0),
+                mask.to(scorer.device),
+                pad_sequence(idfs, batch_first=True),
+            )
+
+        out: list[Triple] = []
+        with torch.no_grad():
+            for start in range(0, len(references), batch_size):
+                p, r, f = greedy_cos_idf(
+                    *padded(references[start : start + batch_size]),
+                    *padded(hypotheses[start : start + batch_size]),
+                    False,
+                )
+                out.extend(zip(p.cpu().tolist(), r.cpu().tolist(), f.cpu().tolist()))
+        return out
 
     # --- scoring ----------------------------------------------------------------------------
 
@@ -203,11 +265,8 @@ class BertScore:
             else:
                 known[pair] = found
         if missing:
-            scorer = self.scorer()
-            p, r, f = scorer.score(
-                [h for h, _ in missing], [ref for _, ref in missing], batch_size=self.config.batch_size
-            )
-            for pair, triple in zip(missing, zip(p.tolist(), r.tolist(), f.tolist())):
+            triples = self._score_pairs([h for h, _ in missing], [ref for _, ref in missing])
+            for pair, triple in zip(missing, triples):
                 known[pair] = (float(triple[0]), float(triple[1]), float(triple[2]))
         self.last_scored = len(missing)
         if pairs:

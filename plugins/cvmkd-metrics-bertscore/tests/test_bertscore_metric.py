@@ -156,3 +156,34 @@ def test_config_from_a_recipe_table() -> None:
     assert "batch_size: expected an integer, got string '64'" in problems
     assert "device: must be one of 'cpu', 'cuda', 'auto', got 'tpu'" in problems
     assert "unknown key 'rescale'" in problems
+
+
+@pytest.mark.parametrize("idf", [False, True])
+def test_the_references_are_embedded_once_and_scores_stay_bert_scores(
+    idf: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bert_score.utils
+
+    metric = BertScore(BertScoreConfig(idf=idf, batch_size=2))
+    refs = ["in the beginning god created the heavens", "and the earth was without form", REF]
+    embedded: list[str] = []
+    real = bert_score.utils.get_bert_embedding
+
+    def counting(sentences: list[str], *args: object, **kwargs: object) -> object:
+        embedded.extend(sentences)
+        return real(sentences, *args, **kwargs)
+
+    monkeypatch.setattr(bert_score.utils, "get_bert_embedding", counting)
+    calls = []
+    for hyps in (
+        ["in the beginning god made heaven", "the earth had no form", PARAPHRASE],
+        ["god created the heavens first", "and the earth was formless", UNRELATED],
+    ):
+        embedded.clear()
+        per_sentence = metric.sentence_scores(hyps, refs, [])
+        calls.append(set(embedded))
+        p, r, f = metric.scorer().score(hyps, refs, batch_size=2)  # bert-score itself
+        for key, values in zip(KEYS, (p, r, f)):
+            assert per_sentence[key] == pytest.approx(values.tolist(), abs=1e-6)
+    assert set(refs) <= calls[0]  # the first call embedded everything
+    assert calls[1] == {"god created the heavens first", "and the earth was formless", UNRELATED}
