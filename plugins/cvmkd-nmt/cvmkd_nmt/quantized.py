@@ -585,12 +585,12 @@ class DynamicInt8Linear(_KernelInt8Linear):
         kernels = tuple(layer._qlinear for layer in layers)
         memo = _STACKED.get(layers[0])
         if memo is None or len(memo[0]) != len(kernels) or any(a is not b for a, b in zip(memo[0], kernels)):
-            weights = [layer.qweight for layer in layers]
             biases = [layer.bias for layer in layers]
-            bias = None if any(b is None for b in biases) else torch.cat(cast("list[Tensor]", biases))
-            if bias is None and any(b is not None for b in biases):
+            if len({b is None for b in biases}) > 1:  # some with a bias, some without: one by one
                 fns = [layer.as_function() for layer in layers]
                 return lambda x: torch.cat([f(x) for f in fns], dim=-1)
+            bias = None if biases[0] is None else torch.cat(cast("list[Tensor]", biases))
+            weights = [layer.qweight for layer in layers]
             data = torch.cat([w.data for w in weights])
             scale = torch.cat([cast("Tensor", w.scale) for w in weights])
             memo = (kernels, _dynamic_linear(data, scale, bias))

@@ -163,20 +163,10 @@ class MultiHeadAttention(nn.Module):
         others one by one, as they are. The stacked copy is not kept: fused optimizers update
         weights without bumping their version counters. (Decoding steps go through
         :meth:`DecoderLayer.step`, which stacks once per decoding call.)"""
-        first = type(projections[0])
-        stack = getattr(first, "stacked_function", None)
-        if len(projections) == 1 or not all(type(p) is first for p in projections):
-            return tuple(self._split(p(x)) for p in projections)
-        if first is nn.Linear:
-            weight = torch.cat([p.weight for p in projections])
-            bias = torch.cat([p.bias for p in projections])
-            out = F.linear(x, weight, bias)
-        elif stack is not None:
-            out = stack(projections)(x)
-        else:
-            return tuple(self._split(p(x)) for p in projections)
+        if len(projections) == 1:
+            return (self._split(projections[0](x)),)
         b, t, _ = x.shape
-        out = out.view(b, t, len(projections), self.n_heads, self.head_dim)
+        out = stacked_function(projections)(x).view(b, t, len(projections), self.n_heads, self.head_dim)
         return out.permute(2, 0, 3, 1, 4).unbind(0)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
