@@ -32,6 +32,19 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU multiplies and adds int8 in 32 bits (AVX512-VNNI, AVX-VNNI or AMX).
+    Without it, fbgemm's AVX2 kernels add pairs of u8 x s8 products in int16, which can saturate
+    when a static-int8 layer's inputs use all 8 bits (``reduce_range=False``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def resolve_device(requested: str, what: str = "run.device") -> torch.device:
     """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if requested == "auto":
@@ -78,6 +91,7 @@ def describe_hardware(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_fast_bf16": cpu_has_fast_bf16(),
+        "cpu_int8_dot": cpu_has_int8_dot(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

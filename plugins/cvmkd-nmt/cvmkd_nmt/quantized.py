@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
+from cvmkd_nmt.hardware import cpu_has_int8_dot
 
 if TYPE_CHECKING:
     # imported where used at runtime (the torch.ao modules load only when an int8 layer is built)
@@ -913,6 +914,14 @@ def calibrate(
         raise ModelError(f"observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
     if not (isinstance(percentile, (int, float)) and 50 < percentile <= 100):
         raise ModelError(f"percentile must be in (50, 100], got {percentile!r}")
+    if not reduce_range and not cpu_has_int8_dot():
+        warnings.warn(
+            "static-int8 with 8-bit inputs (reduce_range=False) on a CPU without VNNI: fbgemm's AVX2 "
+            "kernel can saturate, so this machine's outputs may be far from the model's; use "
+            "reduce_range=True here, or run the model on a CPU with AVX512-VNNI, AVX-VNNI or AMX",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     layers: dict[str, StaticInt8Linear] = {}
     for name, module in model.named_modules():
         if isinstance(module, StaticInt8Linear):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 
 from cvmkd_core.errors import ModelError
 from cvmkd_core.files import sha256_file
+from cvmkd_nmt.hardware import cpu_has_int8_dot
 from cvmkd_nmt.model import CvmTransformer, beam_search, greedy_decode, preset
 from cvmkd_nmt.model.package import load_package, save_package
 from cvmkd_nmt.quantized import (
@@ -274,7 +276,14 @@ def _static(lin: nn.Linear, **options: Any) -> StaticInt8Linear:
 def test_static_int8_linear_close_to_fp32(observer: str, reduce_range: bool, bound: float) -> None:
     lin, x = _linear()
     ref = lin(x).detach()
-    module = _static(lin, observer=observer, reduce_range=reduce_range)
+    if not reduce_range and not cpu_has_int8_dot():
+        # fbgemm's AVX2 kernel saturates int16 sums of 8-bit products: calibrating says so
+        with pytest.warns(RuntimeWarning, match="CPU without VNNI"):
+            _static(lin, observer=observer, reduce_range=False)
+        pytest.skip("8-bit inputs are exact only on CPUs with VNNI; this one has none (the warning was checked)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the kernel is exact
+        module = _static(lin, observer=observer, reduce_range=reduce_range)
     assert not list(module.parameters())
     out = module(x)
     assert out.dtype == torch.float32

@@ -97,6 +97,7 @@ class StaticInt8:
         self.config = config or StaticInt8Config()
 
     def quantize(self, model: Any, context: Any) -> Any:
+        from cvmkd_nmt.hardware import cpu_has_int8_dot
         from cvmkd_nmt.model.decoding import greedy_decode
         from cvmkd_nmt.quantized import apply_plan, calibrate
 
@@ -135,6 +136,8 @@ class StaticInt8:
             "output_projection": "dynamic int8 (float32 logits)" if config.embeddings else "fp32",
             "observer": config.observer,
             "reduce_range": config.reduce_range,
+            # 8-bit inputs are exact only with VNNI: without it fbgemm's kernel may saturate
+            "cpu_int8_dot": cpu_has_int8_dot(),
             "calibration": {
                 "split": "validation",
                 "batches": len(batches),
