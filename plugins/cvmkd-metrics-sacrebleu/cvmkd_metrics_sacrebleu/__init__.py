@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
+import signal
 from typing import Any
 
 import attrs
@@ -66,6 +67,22 @@ def _chunk_statistics(job: tuple[Any, list[str], list[str]]) -> Any:
     return metric._extract_corpus_statistics(hypotheses, [references])
 
 
+def _default_signals() -> None:
+    """A pool worker's start: SIGTERM back to its default, Ctrl-C left to the parent. Forked
+    workers inherit a running loop's handlers, which only note an interruption and return: a
+    worker that took the pool's SIGTERM that way never ended, and the run waited for it forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def fork_pool(workers: int) -> Any:
+    """A ``multiprocessing`` pool of ``workers`` forked processes with default signal handling
+    (see :func:`_default_signals`). Linux only (``fork``)."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+
+
 def extract_statistics(metric: Any, hypotheses: list[str], references: list[str], workers: int = 1) -> list[Any]:
     """sacrebleu's per-sentence statistics of ``hypotheses`` against ``references``: those of
     ``metric._extract_corpus_statistics``, computed by ``workers`` forked processes on
@@ -78,8 +95,12 @@ def extract_statistics(metric: Any, hypotheses: list[str], references: list[str]
         return list(metric._extract_corpus_statistics(hypotheses, [references]))
     bounds = [len(hypotheses) * i // workers for i in range(workers + 1)]
     jobs = [(metric, hypotheses[a:b], references[a:b]) for a, b in zip(bounds, bounds[1:])]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with fork_pool(workers) as pool:
         chunks = pool.map(_chunk_statistics, jobs)
+        # the workers end on the pool's sentinels; leaving the block terminates them with
+        # SIGTERM, which is for the error path
+        pool.close()
+        pool.join()
     return [stats for chunk in chunks for stats in chunk]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import sacrebleu
 
 import cvmkd_metrics_sacrebleu
 from cvmkd_core.plugins import build_plugins
-from cvmkd_metrics_sacrebleu import Bleu, BleuConfig, Chrf, ChrfConfig, Ter, TerConfig, extract_statistics
+from cvmkd_metrics_sacrebleu import Bleu, BleuConfig, Chrf, ChrfConfig, Ter, TerConfig, extract_statistics, fork_pool
 
 HYPS = ["the cat sat on the mat", "in the beginning god created the heaven"]
 REFS = ["the cat sat on the mat", "in the beginning God created the heavens and the earth"]
@@ -110,3 +112,25 @@ def test_ter_statistics_from_several_processes_equal_one_process(monkeypatch: py
     score = Ter(TerConfig()).score(hypotheses, references, [])["ter"]
     assert used == [2]
     assert score == sacrebleu.corpus_ter(hypotheses, [references]).score
+
+
+def _dispositions(_: int) -> tuple[bool, bool]:
+    """In a worker: whether SIGTERM has its default action and Ctrl-C is ignored."""
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_pool_workers_take_sigterm_by_default_under_a_run_s_handlers() -> None:
+    """A run's loop handles SIGTERM by noting it and returning; forked workers that inherited
+    that handler survived the pool's SIGTERM and the validation waited for them forever."""
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        with fork_pool(2) as pool:
+            assert pool.map(_dispositions, range(2), chunksize=1) == [(True, True)] * 2
+            workers = list(pool._pool)
+            pool.terminate()  # what leaving the block does: SIGTERM to the idle workers, then join
+        # each ended: on its sentinel (0) or on the SIGTERM, not caught by the handler
+        assert all(w.exitcode in (0, -signal.SIGTERM) for w in workers)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert noted == []
