@@ -220,7 +220,8 @@ class Seq2SeqTrainer:
         self.ddp = DistributedDataParallel(
             self.model,
             device_ids=[self.device.index] if cuda else None,
-            broadcast_buffers=False,  # no buffer changes in training
+            # no buffer changes in training (torch 2.13's name; broadcast_buffers is deprecated)
+            forward_sync_buffers=False,
         )
         torch.manual_seed(rank_seed(state.recipe.run.seed, world.rank, state.step))  # each rank its own dropout
 
