@@ -22,26 +22,28 @@ from cvmkd_core.errors import CvmkdError  # noqa: E402
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+def _cpuinfo() -> str | None:
+    """``/proc/cpuinfo`` (its flags say which instructions the CPU has), or None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = handle.read()
+            return handle.read()
     except OSError:
+        return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    flags = _cpuinfo()
+    if flags is None:
         return platform.machine() == "arm64"  # Apple silicon runs bf16 natively
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_int8_dot() -> bool:
     """True when the CPU multiplies and adds int8 in 32 bits (AVX512-VNNI, AVX-VNNI or AMX).
     Without it, fbgemm's AVX2 kernels add pairs of u8 x s8 products in int16, which can saturate
     when a static-int8 layer's inputs use all 8 bits (``reduce_range=False``)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
+    flags = _cpuinfo() or ""
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
