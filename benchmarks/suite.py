@@ -177,8 +177,16 @@ def forward_flops(config: ModelConfig, batch: Batch) -> float:
 class Trainer:
     """One model, its optimizer and a training step as the ``kd``/``teacher`` trainers take it."""
 
-    def __init__(self, config: ModelConfig, precision: str, kd: bool = False, seed: int = 0, qat: bool = False) -> None:
-        from cvmkd_kd.loss import KDConfig
+    def __init__(
+        self,
+        config: ModelConfig,
+        precision: str,
+        kd: bool = False,
+        seed: int = 0,
+        qat: bool = False,
+        compiled: bool = True,
+    ) -> None:
+        from cvmkd_kd.loss import KDConfig, resolve_compile
 
         torch.manual_seed(seed)
         self.model = CvmTransformer(config).train()
@@ -189,6 +197,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
         self.precision = precision
         self.kd = kd
+        # the loss's compiled vocabulary passes where a 10,000-step run takes them ("auto")
+        self.compiled = compiled and resolve_compile("auto", device=torch.device("cpu"), steps=10_000)
         self.config = (
             KDConfig(temperature=6.0, alpha=0.8, beta=0.2, label_smoothing=0.1)
             if kd
@@ -196,7 +206,7 @@ class Trainer:
         )
 
     def step(self, batch: Batch, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        from cvmkd_kd.loss import kd_loss
+        from cvmkd_kd.loss import compiled_kernels, kd_loss
         from cvmkd_nmt.hardware import autocast
 
         rows = batch.tgt_out.ne(0)
@@ -204,7 +214,8 @@ class Trainer:
         with autocast(torch.device("cpu"), self.precision):
             logits = self.model(batch.src, batch.tgt_in, rows=rows)
         teacher = (topk[0][rows], topk[1][rows]) if topk is not None else None
-        out = kd_loss(logits, batch.tgt_out[rows], 0, teacher_topk=teacher, config=self.config)
+        with compiled_kernels(self.compiled):
+            out = kd_loss(logits, batch.tgt_out[rows], 0, teacher_topk=teacher, config=self.config)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -246,9 +257,10 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
     ):
         data = batches(tokenizer, ids, steps, **kwargs)
         arms: dict[str, Callable[[Batch], float]] = {}
+        trainers = {"fp32": Trainer(config, "fp32")}
         if mixed == "bf16":
-            arms["bf16"] = Trainer(config, "bf16").step
-        arms["fp32"] = Trainer(config, "fp32").step
+            trainers = {"bf16": Trainer(config, "bf16"), **trainers}
+        arms.update({name: trainer.step for name, trainer in trainers.items()})
         if name == "student":
             kd = Trainer(config, mixed, kd=True)
 
@@ -256,6 +268,13 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
                 return kd.step(batch, fake_topk(batch, vocab))
 
             arms[f"{mixed} + top-16 KD"] = kd_step
+            if kd.compiled:  # the same step with the loss's passes over the vocabulary eager
+                eager = Trainer(config, mixed, kd=True, compiled=False)
+
+                def eager_step(batch: Batch, eager: Trainer = eager, vocab: int = config.vocab_size) -> float:
+                    return eager.step(batch, fake_topk(batch, vocab))
+
+                arms[f"{mixed} + top-16 KD, eager loss"] = eager_step
             qat = Trainer(config, mixed, kd=True, qat=True)
 
             def qat_step(batch: Batch, qat: Trainer = qat, vocab: int = config.vocab_size) -> float:
@@ -280,6 +299,10 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
             if peak:
                 row[arm]["mfu"] = round(flops / s / 1e9 / peak["peak_gflops"], 3)
         row["precision"] = mixed
+        row["compiled_loss"] = next(iter(trainers.values())).compiled
+        if f"{mixed} + top-16 KD, eager loss" in seconds:
+            eager_loss = seconds[f"{mixed} + top-16 KD, eager loss"]
+            row["compiled_loss_speedup"] = round(eager_loss / seconds[f"{mixed} + top-16 KD"], 2)
         if "bf16" in seconds:
             row["bf16_over_fp32"] = round(seconds["fp32"] / seconds["bf16"], 2)
         if f"{mixed} + top-16 KD" in seconds:
@@ -563,6 +586,10 @@ def print_table(results: dict[str, Any]) -> None:
                 if "kd_step_over_ce_step" in row
                 else ""
             )
+            if "compiled_loss_speedup" in row:
+                extra += (
+                    f", the compiled loss makes the KD step {row['compiled_loss_speedup']}x faster than the eager one"
+                )
             speed = (
                 f"bf16 is {row['bf16_over_fp32']}x fp32"
                 if "bf16_over_fp32" in row

@@ -5,7 +5,12 @@ The teacher is given either as full logits or as cached top-k log-probabilities 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -15,7 +20,15 @@ import torch.nn.functional as F
 from cvmkd_core.config import ConfigValueError, between, ge, gt, one_of
 from cvmkd_core.errors import ModelError
 
-__all__ = ["KDConfig", "KDLossOutput", "check_vocab", "kd_loss", "label_smoothed_ce"]
+__all__ = [
+    "KDConfig",
+    "KDLossOutput",
+    "check_vocab",
+    "kd_loss",
+    "label_smoothed_ce",
+    "compiled_kernels",
+    "resolve_compile",
+]
 
 
 @attrs.frozen
@@ -126,6 +139,105 @@ def _bucket_kl(
     return (logq.exp() * (logq - logp_s_k)).sum(-1) + log_rest_t.exp() * (log_rest_t - logp_s_rest)
 
 
+# --- the vocabulary passes, compiled ------------------------------------------------------------
+#
+# On a CPU most of the fused loss's time goes to passes over the (N, V) logits: each eager
+# operation (a cast, a log-softmax, a mean, an exp, a multiply...) reads and writes all of them.
+# torch.compile (inductor, a C compiler) fuses them: the forward needs only four numbers per row
+# (two log-sum-exps, the sum and the largest logit), read in one kernel, and the gradient is one
+# kernel writing (N, V) in the logits' dtype. Measured on the student's KD step (1,152 x 6,000
+# bf16 logits, Zen 4, 2 threads): the loss's forward and backward 43 -> 14 ms.
+
+#: the compiled functions, built at their first use
+_kernels: dict[str, Callable[..., Any]] = {}
+#: whether the loss computed now takes them (see compiled_kernels)
+_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("cvmkd_compiled_loss", default=False)
+#: set when compiling failed: the process's losses stay eager
+_failed = False
+
+
+def _row_stats(z: torch.Tensor, inv_t: torch.Tensor, with_t: bool) -> tuple[torch.Tensor, ...]:
+    """Per row of the logits (N, V), in fp32, each (N, 1): logsumexp(z), logsumexp(z / T) (or
+    the row's largest logit without a KD term), the sum of z and its largest value."""
+    zf = z.float()
+    top = zf.amax(-1, keepdim=True)
+    shifted = zf - top
+    lse = top + shifted.exp().sum(-1, keepdim=True).log()
+    lse_t = top * inv_t + (shifted * inv_t).exp().sum(-1, keepdim=True).log() if with_t else top
+    return lse, lse_t, zf.sum(-1, keepdim=True), top
+
+
+def _row_grad(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    w_ce: torch.Tensor,
+    shift: torch.Tensor,
+    y: torch.Tensor,
+    w_y: torch.Tensor,
+    kd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The loss's gradient with respect to z (N, V), in z's dtype (see :class:`_FusedLoss`):
+    ``w_ce * softmax(z) - shift`` with ``w_y`` added at the reference, and with ``kd = (lse_t,
+    inv_t, w_t, ids_k, w_k)`` ``w_t * softmax(z / T)`` with ``w_k`` added at the teacher's top k."""
+    zf = z.float()
+    out = (zf - lse).exp() * w_ce - shift
+    if kd is not None:
+        lse_t, inv_t, w_t, ids_k, w_k = kd
+        out = out + (zf * inv_t - lse_t).exp() * w_t
+    out = out.scatter_add(-1, y.unsqueeze(-1), w_y.expand(y.shape[0], 1))
+    if kd is not None:
+        out = out.scatter_add(-1, kd[3], kd[4])
+    return out.to(z.dtype)
+
+
+def resolve_compile(mode: str, *, device: torch.device, steps: int) -> bool:
+    """Whether a run takes the compiled vocabulary passes of the fused loss: ``mode`` ``"on"``,
+    ``"off"``, or ``"auto"``: on for a CPU run of at least 1,000 steps where a C compiler is found
+    (compiling takes a few seconds with inductor's cache warm, about 20 without; at ~25 ms saved
+    per student step it pays off within a few hundred steps). They are CPU kernels: a run on
+    another device keeps the eager passes whatever ``mode`` says."""
+    if device.type != "cpu" or mode == "off":
+        return False
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return mode == "on" or (steps >= 1000 and compiler is not None)
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled: bool = True) -> Iterator[None]:
+    """Losses computed inside take the compiled vocabulary passes (on CPU tensors) when
+    ``enabled``; their backward follows their forward's choice wherever it runs. Should
+    compiling fail, the loss warns once and the process's losses stay eager."""
+    token = _enabled.set(enabled)
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+def _compiled(name: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` through its compiled form (built once); None where compilation is off
+    or has failed."""
+    global _failed
+    if _failed:
+        return None
+    if name not in _kernels:
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = 1  # no pool of compiler processes beside the run's own
+        _kernels[name] = torch.compile(function, dynamic=True)
+    try:
+        return _kernels[name](*args)
+    except Exception as error:  # a missing or broken compiler: the eager passes are the same loss
+        _failed = True
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"compiled loss kernels failed ({type(error).__name__}: {first}): the loss runs eager",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
 class _FusedLoss(torch.autograd.Function):
     """``alpha * T**2 * KD + beta * CE`` over rows of student logits, with the gradient written out.
 
@@ -137,6 +249,10 @@ class _FusedLoss(torch.autograd.Function):
     ``(scatter(c) - sum(c) * softmax(z / T)) / T`` with ``c_i = dKD/dl_i``. Returns the loss, the
     two terms, and per row the log-probabilities of the reference and the teacher's top token and
     the largest log-probability (for accuracy and agreement without an argmax over V).
+
+    On CPU tensors inside :func:`compiled_kernels`, the passes over (N, V) are the compiled
+    :func:`_row_stats` and :func:`_row_grad`, and only z is kept for the backward; otherwise the
+    log-probabilities are computed eagerly and kept.
     """
 
     @staticmethod
@@ -149,19 +265,44 @@ class _FusedLoss(torch.autograd.Function):
         config: KDConfig,
         denom: int,
     ) -> tuple[torch.Tensor, ...]:
-        zf = z.float()
-        vocab = zf.shape[-1]
+        vocab = z.shape[-1]
         eps, temperature = config.label_smoothing, config.temperature
-        logp = F.log_softmax(zf, dim=-1)
-        ly = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        ce_tok = -ly if eps == 0 else -(1 - eps) * ly - eps * logp.mean(-1)
+        with_kd = lp_k is not None and ids_k is not None
+        inv_t = torch.tensor(1.0 / temperature)
+        on = _enabled.get() and z.device.type == "cpu"
+        stats = _compiled("stats", _row_stats, z, inv_t, with_kd) if on else None
+        if stats is not None:  # log-probabilities from z and the row statistics, at the few ids needed
+            lse, lse_t, z_sum, z_max = stats
+
+            def logp_at(ids: torch.Tensor) -> torch.Tensor:
+                return z.gather(-1, ids).float() - lse
+
+            def logp_t_at(ids: torch.Tensor) -> torch.Tensor:
+                return z.gather(-1, ids).float() / temperature - lse_t
+
+            logp_mean = (z_sum / vocab - lse).squeeze(-1)
+            best = (z_max - lse).squeeze(-1)
+            saved: tuple[torch.Tensor, ...] = (z, lse, y)
+        else:
+            logp = F.log_softmax(z.float(), dim=-1)
+            logp_t_full = F.log_softmax(z.float() / temperature, dim=-1) if with_kd else None
+
+            def logp_at(ids: torch.Tensor) -> torch.Tensor:
+                return logp.gather(-1, ids)
+
+            def logp_t_at(ids: torch.Tensor) -> torch.Tensor:
+                assert logp_t_full is not None
+                return logp_t_full.gather(-1, ids)
+
+            logp_mean, best = logp.mean(-1), logp.amax(-1)
+            saved = (logp, y)
+        ly = logp_at(y.unsqueeze(-1)).squeeze(-1)
+        ce_tok = -ly if eps == 0 else -(1 - eps) * ly - eps * logp_mean
         ce = ce_tok.sum() / denom
         kd = ce.new_zeros(())
         top1 = ly
-        saved: tuple[torch.Tensor, ...] = (logp, y)
         if lp_k is not None and ids_k is not None:
-            logp_t = F.log_softmax(zf / temperature, dim=-1)
-            logp_s_k = logp_t.gather(-1, ids_k)
+            logp_s_k = logp_t_at(ids_k)
             tail = vocab - ids_k.shape[-1]
             log_r = torch.log1p(-lp_k.exp().sum(-1).clamp(max=1.0 - 1e-6))
             logits_k = lp_k / temperature
@@ -179,27 +320,46 @@ class _FusedLoss(torch.autograd.Function):
             # (zero where the rest's mass was clamped, as autograd's clamp gives)
             rest = torch.where(unclamped, q_rest / (1 - mass).clamp(min=1e-6), torch.zeros_like(mass))
             c = rest.unsqueeze(-1) * p_k - q
-            saved = (logp, y, logp_t, ids_k, c)
-            top1 = logp.gather(-1, ids_k.gather(-1, lp_k.argmax(-1, keepdim=True))).squeeze(-1)
+            if stats is not None:
+                saved = (*saved, stats[1], ids_k, c)
+            else:
+                assert logp_t_full is not None
+                saved = (*saved, logp_t_full, ids_k, c)
+            top1 = logp_at(ids_k.gather(-1, lp_k.argmax(-1, keepdim=True))).squeeze(-1)
         ctx.save_for_backward(*saved)
         ctx.config, ctx.denom, ctx.dtype = config, denom, z.dtype  # type: ignore[attr-defined]
+        ctx.compiled = stats is not None  # type: ignore[attr-defined]
         loss = config.alpha * temperature**2 * kd + config.beta * ce
-        return loss, kd, ce, ly, top1, logp.amax(-1)
+        return loss, kd, ce, ly, top1, best
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *unused: Any) -> tuple[Any, ...]:
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
         config, denom = ctx.config, ctx.denom  # type: ignore[attr-defined]
-        logp, y = saved[0], saved[1]
         eps = config.label_smoothing
         w_ce = grad * (config.beta / denom)
+        w_kd = grad * (config.alpha * config.temperature / denom)  # alpha * T**2 * (1 / T)
+        if ctx.compiled:  # type: ignore[attr-defined]
+            z, lse, y = saved[:3]
+            kd = None
+            if len(saved) > 3:
+                lse_t, ids_k, c = saved[3:]
+                inv_t = torch.tensor(1.0 / config.temperature)
+                kd = (lse_t, inv_t, -w_kd * c.sum(-1, keepdim=True), ids_k, c * w_kd)
+            shift = w_ce * (eps / z.shape[-1])
+            out = _compiled("grad", _row_grad, z, lse, w_ce, shift, y, -(1 - eps) * w_ce, kd)
+            if out is not None:
+                return out, None, None, None, None, None
+            # compilation failed here: the eager gradient from z
+            logp = F.log_softmax(z.float(), dim=-1)
+            saved = (logp, y) + ((F.log_softmax(z.float() / config.temperature, dim=-1), *saved[4:]) if kd else ())
+        logp, y = saved[0], saved[1]
         out = logp.exp().mul_(w_ce)
         if eps:
             out.sub_(w_ce * (eps / logp.shape[-1]))
         out.scatter_add_(-1, y.unsqueeze(-1), (-(1 - eps) * w_ce).expand(y.shape[0], 1).contiguous())
         if len(saved) > 2:
             logp_t, ids_k, c = saved[2:]
-            w_kd = grad * (config.alpha * config.temperature / denom)  # alpha * T**2 * (1 / T)
             out.addcmul_(logp_t.exp(), c.sum(-1, keepdim=True), value=-1.0 * float(w_kd))
             out.scatter_add_(-1, ids_k, c * w_kd)
         return out.to(ctx.dtype), None, None, None, None, None  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from cvmkd_core.recipe import LossRef
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.config import TeacherConfig
 from cvmkd_kd.data import RunData, prepare_data
+from cvmkd_kd.loss import compiled_kernels, resolve_compile
 from cvmkd_kd.sequence import SequenceKDConfig
 from cvmkd_nmt.data.batching import Batch, BatchStream, padded_width
 from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
@@ -49,6 +50,9 @@ class KDTrainerConfig:
     topk: int = attrs.field(default=16, validator=gt(0))
     sequence: SequenceKDConfig = attrs.field(factory=SequenceKDConfig)
     """sequence-level KD: train on the teacher's translations (``[distill.sequence]``)"""
+    compile: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
+    """compile the loss's passes over the vocabulary (torch.compile, CPU): auto: on for CPU runs
+    of at least 1,000 steps where a C compiler is found"""
 
 
 #: training batches are padded to a width that is a multiple of this, and the target positions
@@ -106,6 +110,7 @@ class Seq2SeqTrainer:
         self.scaler: Any = None
         self._ce_config: Any = None
         self._rows: bool | None = None
+        self.compiled = False
 
     # --- set-up ---------------------------------------------------------------------------------
 
@@ -129,6 +134,7 @@ class Seq2SeqTrainer:
                 f"{world.size} processes: it must be at least {world.size}"
             )
         self.precision = resolve_precision(recipe.run.precision, self.device)
+        self.compiled = resolve_compile(self.config.compile, device=self.device, steps=recipe.run.steps)
         self._prepare(state)
         assert self.data is not None
         # seeded after preparing: training a teacher first must not change the student's start
@@ -182,6 +188,7 @@ class Seq2SeqTrainer:
             "parameters": parameters,
             "device": str(self.device),
             "precision": self.precision,
+            "compiled_loss": self.compiled,
             "hardware": describe_hardware(self.device),
             "model_config": self.model.config.to_dict(),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
@@ -315,7 +322,8 @@ class Seq2SeqTrainer:
         extra = {"rows": rows} if rows is not None else {}
         with autocast(self.device, self.precision):
             logits = (self.ddp or self.model)(on_device.src, on_device.tgt_in, **extra)
-        out = self._loss(state, on_device, logits, rows)
+        with compiled_kernels(self.compiled):
+            out = self._loss(state, on_device, logits, rows)
         loss = out.loss
         if world.size > 1:
             # each rank's loss is its tokens' mean and the gradients are averaged over ranks:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 
 from cvmkd_core.config import structure
 from cvmkd_core.errors import ModelError, RecipeError
-from cvmkd_kd.loss import KDConfig, kd_loss, label_smoothed_ce
+from cvmkd_kd import loss as loss_module
+from cvmkd_kd.loss import KDConfig, compiled_kernels, kd_loss, label_smoothed_ce, resolve_compile
 
 PAD = 0
 
@@ -414,3 +417,73 @@ def test_fused_loss_with_bf16_logits_returns_a_bf16_gradient() -> None:
         grads.append(z.grad)
     assert grads[0].dtype == torch.bfloat16
     assert torch.allclose(grads[0].float(), grads[1].float(), atol=1e-3)
+
+
+# --- the compiled vocabulary passes ------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def _loss_and_grad(z0: torch.Tensor, y: torch.Tensor, topk: Any, config: KDConfig) -> tuple[Any, torch.Tensor]:
+    z = z0.clone().requires_grad_()
+    out = kd_loss(z, y, PAD, teacher_topk=topk, config=config)
+    out.loss.backward()
+    assert z.grad is not None
+    return out, z.grad
+
+
+def test_compiled_loss_equals_the_eager_one() -> None:
+    zs, zt, y = _batch(b=3, t=7, v=60, seed=6)
+    y[0, 4:] = PAD
+    cases = [  # (logits' dtype, teacher top-k, config): the teacher's loss and the default student's
+        (torch.float32, None, KDConfig(alpha=0.0, beta=1.0, label_smoothing=0.1)),
+        (torch.bfloat16, _topk(zt, 8), KDConfig(temperature=6.0, alpha=0.8, beta=0.2, label_smoothing=0.1)),
+    ]
+    for dtype, topk, config in cases:
+        z0 = zs.to(dtype)
+        with compiled_kernels():
+            fast, grad_fast = _loss_and_grad(z0, y, topk, config)
+        eager, grad_eager = _loss_and_grad(z0, y, topk, config)
+        assert set(loss_module._kernels) == {"stats", "grad"}  # the compiled path ran
+        for name in ("loss", "kd", "ce", "token_accuracy"):
+            assert torch.allclose(getattr(fast, name), getattr(eager, name), atol=1e-6), (dtype, name)
+        if topk is not None:
+            assert torch.allclose(fast.teacher_agreement, eager.teacher_agreement)
+        assert grad_fast.dtype == dtype
+        tolerance = 1e-7 if dtype == torch.float32 else 1e-3  # bf16: one rounding of the same value
+        assert torch.allclose(grad_fast.float(), grad_eager.float(), atol=tolerance)
+        assert float(grad_fast[0, 4:].abs().sum()) == 0.0  # pad positions get no gradient
+
+
+def test_compiled_loss_falls_back_to_eager_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(function: Any, **options: Any) -> Any:
+        def run(*args: Any) -> Any:
+            raise RuntimeError("no compiler")
+
+        return run
+
+    monkeypatch.setattr(loss_module, "_kernels", {})
+    monkeypatch.setattr(loss_module, "_failed", False)
+    monkeypatch.setattr(torch, "compile", broken)
+    zs, zt, y = _batch(b=2, t=5, v=30, seed=7)
+    config = KDConfig(label_smoothing=0.1)
+    with compiled_kernels(), pytest.warns(RuntimeWarning, match="compiled loss kernels failed.*eager"):
+        out, grad = _loss_and_grad(zs, y, _topk(zt, 4), config)
+    ref, grad_ref = _loss_and_grad(zs, y, _topk(zt, 4), config)
+    assert torch.allclose(out.loss, ref.loss) and torch.allclose(grad, grad_ref, atol=1e-7)
+    with compiled_kernels(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # once failed, eager without another warning
+        _loss_and_grad(zs, y, _topk(zt, 4), config)
+
+
+def test_compile_auto_is_on_for_long_cpu_runs_with_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(loss_module.shutil, "which", lambda name: "/usr/bin/cc")
+    assert resolve_compile("auto", device=CPU, steps=10_000)
+    assert not resolve_compile("auto", device=CPU, steps=999)  # a short run: compiling would not pay off
+    assert not resolve_compile("auto", device=cuda, steps=10_000)
+    assert not resolve_compile("on", device=cuda, steps=10_000)  # CPU kernels only
+    assert resolve_compile("on", device=CPU, steps=1)
+    assert not resolve_compile("off", device=CPU, steps=10_000)
+    monkeypatch.setattr(loss_module.shutil, "which", lambda name: None)
+    assert not resolve_compile("auto", device=CPU, steps=10_000)  # no C compiler

@@ -142,3 +142,14 @@ def test_same_seed_same_student(tiny_corpus: Path) -> None:
     la = [json.loads(x).get("loss") for x in (a / "train.jsonl").read_text().splitlines()]
     lb = [json.loads(x).get("loss") for x in (b / "train.jsonl").read_text().splitlines()]
     assert la == lb
+
+
+def test_compiled_loss_trains_as_the_eager_one(tiny_corpus: Path) -> None:
+    summary, eager = _run(tiny_corpus, "run.name=eager")
+    assert summary["extra"]["trainer"]["compiled_loss"] is False  # "auto": 12 steps are too few to pay
+    summary, compiled = _run(tiny_corpus, "run.name=compiled", "distill.compile=on")
+    assert summary["extra"]["trainer"]["compiled_loss"] is True
+    rows = [[json.loads(x) for x in (d / "train.jsonl").read_text().splitlines()] for d in (eager, compiled)]
+    losses = [[r["loss"] for r in run if "event" not in r] for run in rows]
+    assert len(losses[0]) == len(losses[1]) == 12
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
