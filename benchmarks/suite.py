@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 import cvmkd_nmt.hardware  # noqa: F401  (sets oneDNN's kernel cache before torch computes)
+from cvmkd_nmt import kernels
 from cvmkd_nmt.data.batching import Batch, BatchStream
 from cvmkd_nmt.data.tokenizer import Tokenizer
 from cvmkd_nmt.model.config import ModelConfig
@@ -185,6 +186,7 @@ class Trainer:
         seed: int = 0,
         qat: bool = False,
         compiled: bool = True,
+        native_dropout: bool = True,
     ) -> None:
         from cvmkd_kd.loss import KDConfig, resolve_compile
 
@@ -199,6 +201,7 @@ class Trainer:
         self.kd = kd
         # the loss's compiled vocabulary passes where a 10,000-step run takes them ("auto")
         self.compiled = compiled and resolve_compile("auto", device=torch.device("cpu"), steps=10_000)
+        self.native_dropout = native_dropout  # cvmkd's C dropout kernel, or torch's operations
         self.config = (
             KDConfig(temperature=6.0, alpha=0.8, beta=0.2, label_smoothing=0.1)
             if kd
@@ -209,6 +212,7 @@ class Trainer:
         from cvmkd_kd.loss import compiled_kernels, kd_loss
         from cvmkd_nmt.hardware import autocast
 
+        kernels.enabled = self.native_dropout
         rows = batch.tgt_out.ne(0)
         started = time.perf_counter()
         with autocast(torch.device("cpu"), self.precision):
@@ -275,6 +279,13 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
                     return eager.step(batch, fake_topk(batch, vocab))
 
                 arms[f"{mixed} + top-16 KD, eager loss"] = eager_step
+            if kernels.dropout_kernel(torch.ones(1)) is not None:  # the same step with torch's dropout
+                plain = Trainer(config, mixed, kd=True, native_dropout=False)
+
+                def plain_step(batch: Batch, plain: Trainer = plain, vocab: int = config.vocab_size) -> float:
+                    return plain.step(batch, fake_topk(batch, vocab))
+
+                arms[f"{mixed} + top-16 KD, torch dropout"] = plain_step
             qat = Trainer(config, mixed, kd=True, qat=True)
 
             def qat_step(batch: Batch, qat: Trainer = qat, vocab: int = config.vocab_size) -> float:
@@ -303,6 +314,9 @@ def section_train(peak: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
         if f"{mixed} + top-16 KD, eager loss" in seconds:
             eager_loss = seconds[f"{mixed} + top-16 KD, eager loss"]
             row["compiled_loss_speedup"] = round(eager_loss / seconds[f"{mixed} + top-16 KD"], 2)
+        if f"{mixed} + top-16 KD, torch dropout" in seconds:
+            torch_dropout = seconds[f"{mixed} + top-16 KD, torch dropout"]
+            row["dropout_kernel_speedup"] = round(torch_dropout / seconds[f"{mixed} + top-16 KD"], 2)
         if "bf16" in seconds:
             row["bf16_over_fp32"] = round(seconds["fp32"] / seconds["bf16"], 2)
         if f"{mixed} + top-16 KD" in seconds:

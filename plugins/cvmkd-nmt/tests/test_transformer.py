@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -256,24 +257,46 @@ def test_dynamic_int8_quantization_runs() -> None:
 # -- training speed paths: dropout, attention with dropout, logits of chosen rows -------------
 
 
-def test_dropout_keeps_the_expectation_and_its_gradient_uses_the_same_mask() -> None:
+@pytest.fixture(params=["C kernel", "torch"])
+def dropout_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Dropout through cvmkd's C kernel, and through torch's operations (where no compiler is)."""
+    from cvmkd_nmt import kernels
+    from cvmkd_nmt.model import transformer
+
+    if request.param == "torch":
+        monkeypatch.setattr(transformer, "dropout_kernel", lambda x: None)
+    elif not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine: dropout runs through torch")
+    else:
+        assert kernels.dropout_kernel(torch.ones(1)) is not None, "this machine has a C compiler: the kernel must build"
+    return str(request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_the_expectation_and_its_gradient_uses_the_same_mask(
+    dropout_path: str, dtype: torch.dtype
+) -> None:
     from cvmkd_nmt.model.transformer import dropout
 
     torch.manual_seed(0)
-    x = torch.ones(400, 500, requires_grad=True)
+    x = torch.ones(400, 500, dtype=dtype, requires_grad=True)
     y = dropout(x, 0.1, True)
-    dropped = float((y == 0).float().mean())
-    assert 0.095 < dropped < 0.105
-    assert abs(float(y.detach().mean()) - 1.0) < 0.01
+    assert y.dtype == dtype
+    dropped = (y == 0).float()
+    assert 0.095 < float(dropped.mean()) < 0.105
+    # neighbours are independent: both dropped about p * p of the time (and per column, per row)
+    assert 0.008 < float((dropped[:, 1:] * dropped[:, :-1]).mean()) < 0.012
+    assert 0.008 < float((dropped[1:] * dropped[:-1]).mean()) < 0.012
+    assert abs(float(y.detach().float().mean()) - 1.0) < 0.01
     kept = y[y != 0]
-    assert torch.allclose(kept, torch.full_like(kept, 65536 / (65536 - round(0.1 * 65536))))
+    assert torch.allclose(kept.float(), torch.full_like(kept.float(), 65536 / (65536 - round(0.1 * 65536))), rtol=4e-3)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * scale)/dx = scale: zero exactly where dropped
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
     assert float(dropout(x, 1.0, True).detach().abs().sum()) == 0.0
 
 
-def test_dropout_masks_differ_between_calls_and_follow_the_seed() -> None:
+def test_dropout_masks_differ_between_calls_and_follow_the_seed(dropout_path: str) -> None:
     from cvmkd_nmt.model.transformer import dropout
 
     x = torch.ones(64, 64)
@@ -281,6 +304,11 @@ def test_dropout_masks_differ_between_calls_and_follow_the_seed() -> None:
     a, b = dropout(x, 0.5, True), dropout(x, 0.5, True)
     torch.manual_seed(3)
     assert torch.equal(dropout(x, 0.5, True), a) and not torch.equal(a, b)
+    # a view that is not contiguous is dropped as its values are
+    t = torch.arange(1.0, 4097.0).view(64, 64).t()
+    torch.manual_seed(4)
+    out = dropout(t, 0.5, True)
+    assert torch.equal(out[out != 0], (t * 2)[out != 0]) and 0.4 < float((out == 0).float().mean()) < 0.6
 
 
 def test_training_attention_with_dropout_computes_what_sdpa_computes() -> None:
