@@ -237,14 +237,17 @@ def fake_topk(batch: Batch, vocab: int, k: int = 16) -> tuple[torch.Tensor, torc
 def alternate(arms: dict[str, Callable[[Batch], float]], data: list[Batch]) -> dict[str, float]:
     """Seconds per step of each arm, the arms taking turns batch by batch (same machine state).
     Every batch is run once by every arm first: the first product of a new shape builds its
-    kernel (see cvmkd_nmt.hardware), which training pays in its first epoch only."""
+    kernel (see cvmkd_nmt.hardware), which training pays in its first epoch only. The order of
+    the turns rotates from batch to batch: an arm that always ran after the same other arm (one
+    that evicts the CPU's caches, say) would otherwise be measured slower or faster for it."""
     for batch in data:
         for run in arms.values():
             run(batch)
+    names = list(arms)
     seconds = {name: 0.0 for name in arms}
-    for batch in data:
-        for name, run in arms.items():
-            seconds[name] += run(batch)
+    for i, batch in enumerate(data):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            seconds[name] += arms[name](batch)
     return {name: s / len(data) for name, s in seconds.items()}
 
 
@@ -602,8 +605,10 @@ def print_table(results: dict[str, Any]) -> None:
             )
             if "compiled_loss_speedup" in row:
                 extra += (
-                    f", the compiled loss makes the KD step {row['compiled_loss_speedup']}x faster than the eager one"
+                    f"; the KD step with the compiled loss is {row['compiled_loss_speedup']}x the eager loss's speed"
                 )
+            if "dropout_kernel_speedup" in row:
+                extra += f", with the C dropout kernel {row['dropout_kernel_speedup']}x torch's dropout's"
             speed = (
                 f"bf16 is {row['bf16_over_fp32']}x fp32"
                 if "bf16_over_fp32" in row
