@@ -194,8 +194,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         verdict = str(gate.verdict)
         if not verdict.startswith("retention gate failed"):
             verdict = f"retention gate failed: {verdict}"
-        print(f"{verdict} ({run_dir})", file=sys.stderr)
-        return EXIT_GATE_FAILED
+        if gate.enforced:
+            print(f"{verdict} ({run_dir})", file=sys.stderr)
+            return EXIT_GATE_FAILED
+        print(f"{verdict} (a warning only: the recipe does not enforce the gate) ({run_dir})", file=sys.stderr)
     print(f"{summary.status}: {run_dir}")
     return EXIT_OK
 

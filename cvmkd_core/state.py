@@ -139,6 +139,8 @@ class GateVerdict:
     scores: list[str] = attrs.field(factory=list)
     #: one check per model and score: {"model", "score", "retention", "passed"}
     checks: list[dict[str, Any]] = attrs.field(factory=list)
+    #: False: a failed gate is reported but does not fail the run (exit status 0)
+    enforced: bool = True
 
 
 @attrs.define

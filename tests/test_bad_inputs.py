@@ -585,6 +585,11 @@ def _no_summary(root: Path) -> None:
     assert not (root / "runs/toy/summary.json").exists()
 
 
+def _gate_not_enforced(root: Path) -> None:
+    gate = json.loads((root / "runs/toy/summary.json").read_text())["gate"]
+    assert gate["passed"] is False and gate["enforced"] is False
+
+
 # --- the catalogue -------------------------------------------------------------------------------
 
 
@@ -1110,6 +1115,23 @@ CASES: list[Case] = [
         3,
         plugins="guard",
         setup=(_write("half.py", HALF_AS_GOOD),),
+    ),
+    Case(
+        "retention-gate-warns",
+        toy(
+            "--plugin",
+            "half.py",
+            "--set",
+            'guard={name = "guard", score = "composite", gate_scores = ["composite"], gate_action = "warn"}',
+            "--quiet",
+        ),
+        "retention gate failed: student composite 50.0% of the teacher, below the threshold 90% "
+        "(a warning only: the recipe does not enforce the gate) (runs/toy)",
+        0,
+        plugins="guard",
+        setup=(_write("half.py", HALF_AS_GOOD),),
+        stdout="completed: runs/toy",
+        check=_gate_not_enforced,
     ),
     Case(
         "run-dir-exists",

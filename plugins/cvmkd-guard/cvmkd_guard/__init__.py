@@ -15,6 +15,7 @@ Selected in a recipe as the ``[guard]`` component; every key is optional (defaul
     max_rollbacks = 3            # once reached, the next degradation restores the best and stops the run
     retention_threshold = 0.90   # the gate: the student keeps >= 90% of the teacher's (normalised) score
     gate_scores = ["composite", "bleu"]   # ... on each of these scores of the test split
+    gate_action = "fail"         # a failed gate: exit status 3 ("fail") or a warning only ("warn")
 
 **After each validation** (``cvmkd_check_degradation``) the watched score is compared with the
 earlier *accepted* validations (records with ``rolled_back = true`` are ignored). Direction comes
@@ -70,7 +71,8 @@ cannot be measured (the teacher's normalised score is 0) is listed and not count
 
 and logs the verdict. ``passed`` is None when there is no evaluation to judge (the run failed,
 was interrupted or stopped before it, or the trainer does not score a test split); the verdict
-says why. ``cvmkd run`` exits with status 3 when ``passed`` is false; every output is kept.
+says why. ``cvmkd run`` exits with status 3 when ``passed`` is false; every output is kept. With
+``gate_action = "warn"`` the verdict is recorded as well (``enforced`` false) and the run exits 0.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ class GuardConfig:
     max_rollbacks = 3
     retention_threshold = 0.90
     gate_scores = ["composite", "bleu"]
+    gate_action = "fail"
     """
 
     score: str = "composite"
@@ -144,6 +147,9 @@ class GuardConfig:
     retention_threshold: float = attrs.field(default=0.90, validator=gt(0))
     """the gate passes when every checked retention is at least this"""
     gate_scores: list[str] = attrs.field(factory=lambda: ["composite", "bleu"], validator=non_empty)
+    gate_action: str = attrs.field(default="fail", validator=one_of("fail", "warn"))
+    """what a failed gate does: ``fail``: ``cvmkd run`` exits with status 3; ``warn``: the verdict
+    is logged and recorded as always, and the run exits 0 (demonstrations too short to pass)"""
     """the scores whose test-split retention the gate checks"""
 
 
@@ -457,9 +463,12 @@ class Guard:
             threshold=self.config.retention_threshold,
             scores=self.config.gate_scores,
         )
-        summary.gate = GateVerdict(**gate)
+        summary.gate = GateVerdict(**gate, enforced=self.config.gate_action == "fail")
         if gate["passed"] is False:
-            log.warning("%s", gate["verdict"])
+            enforced = summary.gate.enforced
+            log.warning(
+                "%s%s", gate["verdict"], "" if enforced else ' (guard.gate_action = "warn": the run does not fail)'
+            )
         else:
             log.info("%s", gate["verdict"])
 
