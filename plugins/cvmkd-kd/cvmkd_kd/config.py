@@ -39,7 +39,7 @@ class TeacherConfig:
     target_lang: str = ""
     compile: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
     """compile the loss's passes over the vocabulary (torch.compile, CPU): auto: on for CPU runs
-    of at least 1,000 steps where a C compiler is found"""
+    of at least 1,000 steps where a C++ compiler is found"""
     init_from: str = ""
     """continue training from this model package (a path or a registered name): its weights start
     the run and its tokenizer is used; the model settings must build the same architecture"""

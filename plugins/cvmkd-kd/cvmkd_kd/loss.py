@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -192,14 +193,19 @@ def _row_grad(
 
 def resolve_compile(mode: str, *, device: torch.device, steps: int) -> bool:
     """Whether a run takes the compiled vocabulary passes of the fused loss: ``mode`` ``"on"``,
-    ``"off"``, or ``"auto"``: on for a CPU run of at least 1,000 steps where a C compiler is found
+    ``"off"``, or ``"auto"``: on for a CPU run of at least 1,000 steps where a C++ compiler is found
     (compiling takes a few seconds with inductor's cache warm, about 20 without; at ~25 ms saved
     per student step it pays off within a few hundred steps). They are CPU kernels: a run on
     another device keeps the eager passes whatever ``mode`` says."""
     if device.type != "cpu" or mode == "off":
         return False
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return mode == "on" or (steps >= 1000 and compiler is not None)
+    return mode == "on" or (steps >= 1000 and cxx_compiler() is not None)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use for CPU kernels (``$CXX``, else c++, g++ or clang++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    return next((found for name in [*names, "c++", "g++", "clang++"] if (found := shutil.which(name))), None)
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ class KDTrainerConfig:
     """sequence-level KD: train on the teacher's translations (``[distill.sequence]``)"""
     compile: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
     """compile the loss's passes over the vocabulary (torch.compile, CPU): auto: on for CPU runs
-    of at least 1,000 steps where a C compiler is found"""
+    of at least 1,000 steps where a C++ compiler is found"""
 
 
 #: training batches are padded to a width that is a multiple of this, and the target positions
