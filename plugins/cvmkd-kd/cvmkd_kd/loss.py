@@ -144,10 +144,11 @@ def _bucket_kl(
 #
 # On a CPU most of the fused loss's time goes to passes over the (N, V) logits: each eager
 # operation (a cast, a log-softmax, a mean, an exp, a multiply...) reads and writes all of them.
-# torch.compile (inductor, a C compiler) fuses them: the forward needs only four numbers per row
-# (two log-sum-exps, the sum and the largest logit), read in one kernel, and the gradient is one
-# kernel writing (N, V) in the logits' dtype. Measured on the student's KD step (1,152 x 6,000
-# bf16 logits, Zen 4, 2 threads): the loss's forward and backward 43 -> 14 ms.
+# torch.compile (inductor, a C++ compiler) fuses them: the forward needs only four numbers per
+# row (two log-sum-exps, the sum and the largest logit), read in one kernel, and the gradient is
+# one kernel writing (N, V) in the logits' dtype. Measured on the student's KD loss (1,152 x 6,000
+# bf16 logits, Zen 4, 2 threads): forward and backward 36-43 -> 18-24 ms, of which the two
+# kernels take 14.
 
 #: the compiled functions, built at their first use
 _kernels: dict[str, Callable[..., Any]] = {}
