@@ -393,10 +393,10 @@ def cvmkd_loop(recipe: Path, run_dir: Path) -> tuple[float, float, Any]:
 
 
 def plain_loop(state: Any, steps: int) -> float:
-    """The same training in a plain PyTorch loop: the run's data and stream seed, model config,
-    optimizer, schedule, precision and loss, and nothing else. Seconds per step."""
+    """The same training in a plain PyTorch loop: the run's data and stream seed, batch shapes,
+    model config, optimizer, schedule, precision and loss, and nothing else. Seconds per step."""
     from cvmkd_kd.loss import KDConfig, kd_loss
-    from cvmkd_kd.trainer import learning_rate_at
+    from cvmkd_kd.trainer import PAD_MULTIPLE, learning_rate_at, target_rows
     from cvmkd_nmt.hardware import autocast, resolve_precision
 
     data, seed = state.objects["data"], state.recipe.run.seed
@@ -413,6 +413,7 @@ def plain_loop(state: Any, steps: int) -> float:
         batch_size=32,
         max_len=min(128, config.max_len),
         seed=seed,
+        pad_multiple=PAD_MULTIPLE,  # the trainer's batch shapes (see cvmkd_kd.trainer)
     )
     loss_config = KDConfig(alpha=0.0, beta=1.0, label_smoothing=0.1)
     cpu = torch.device("cpu")
@@ -422,7 +423,7 @@ def plain_loop(state: Any, steps: int) -> float:
         batch = next(stream)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, 1e-3, 100, "inverse_sqrt", steps)
-        rows = batch.tgt_out.ne(tokenizer.pad_id)
+        rows = target_rows(batch.tgt_out, tokenizer.pad_id)
         with autocast(cpu, precision):
             logits = model(batch.src, batch.tgt_in, rows=rows)
         out = kd_loss(logits, batch.tgt_out[rows], tokenizer.pad_id, config=loss_config)
