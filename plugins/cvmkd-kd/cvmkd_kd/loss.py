@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 
 from cvmkd_core.config import ConfigValueError, between, ge, gt, one_of
 from cvmkd_core.errors import ModelError
+from cvmkd_nmt.hardware import find_compiler
 
 __all__ = [
     "KDConfig",
@@ -205,8 +204,7 @@ def resolve_compile(mode: str, *, device: torch.device, steps: int) -> bool:
 
 def cxx_compiler() -> str | None:
     """The C++ compiler inductor would use for CPU kernels (``$CXX``, else c++, g++ or clang++)."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
-    return next((found for name in [*names, "c++", "g++", "clang++"] if (found := shutil.which(name))), None)
+    return find_compiler("CXX", ("c++", "g++", "clang++"))
 
 
 @contextlib.contextmanager
@@ -291,8 +289,9 @@ class _FusedLoss(torch.autograd.Function):
             best = (z_max - lse).squeeze(-1)
             saved: tuple[torch.Tensor, ...] = (z, lse, y)
         else:
-            logp = F.log_softmax(z.float(), dim=-1)
-            logp_t_full = F.log_softmax(z.float() / temperature, dim=-1) if with_kd else None
+            zf = z.float()
+            logp = F.log_softmax(zf, dim=-1)
+            logp_t_full = F.log_softmax(zf / temperature, dim=-1) if with_kd else None
 
             def logp_at(ids: torch.Tensor) -> torch.Tensor:
                 return logp.gather(-1, ids)
@@ -327,11 +326,10 @@ class _FusedLoss(torch.autograd.Function):
             # (zero where the rest's mass was clamped, as autograd's clamp gives)
             rest = torch.where(unclamped, q_rest / (1 - mass).clamp(min=1e-6), torch.zeros_like(mass))
             c = rest.unsqueeze(-1) * p_k - q
-            if stats is not None:
-                saved = (*saved, stats[1], ids_k, c)
-            else:
-                assert logp_t_full is not None
-                saved = (*saved, logp_t_full, ids_k, c)
+            # the backward's softmax(z / T): from its log-sum-exp (compiled) or kept whole (eager)
+            tempered = stats[1] if stats is not None else logp_t_full
+            assert tempered is not None
+            saved = (*saved, tempered, ids_k, c)
             top1 = logp_at(ids_k.gather(-1, lp_k.argmax(-1, keepdim=True))).squeeze(-1)
         ctx.save_for_backward(*saved)
         ctx.config, ctx.denom, ctx.dtype = config, denom, z.dtype  # type: ignore[attr-defined]
@@ -358,8 +356,9 @@ class _FusedLoss(torch.autograd.Function):
             if out is not None:
                 return out, None, None, None, None, None
             # compilation failed here: the eager gradient from z
-            logp = F.log_softmax(z.float(), dim=-1)
-            saved = (logp, y) + ((F.log_softmax(z.float() / config.temperature, dim=-1), *saved[4:]) if kd else ())
+            zf = z.float()
+            logp = F.log_softmax(zf, dim=-1)
+            saved = (logp, y) + ((F.log_softmax(zf / config.temperature, dim=-1), *saved[4:]) if kd else ())
         logp, y = saved[0], saved[1]
         out = logp.exp().mul_(w_ce)
         if eps:

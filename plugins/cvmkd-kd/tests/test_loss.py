@@ -482,12 +482,12 @@ def test_compiled_loss_falls_back_to_eager_with_one_warning(monkeypatch: pytest.
 def test_compile_auto_is_on_for_long_cpu_runs_with_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(loss_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
     assert resolve_compile("auto", device=CPU, steps=10_000)
     assert not resolve_compile("auto", device=CPU, steps=999)  # a short run: compiling would not pay off
     assert not resolve_compile("auto", device=cuda, steps=10_000)
     assert not resolve_compile("on", device=cuda, steps=10_000)  # CPU kernels only
     assert resolve_compile("on", device=CPU, steps=1)
     assert not resolve_compile("off", device=CPU, steps=10_000)
-    monkeypatch.setattr(loss_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     assert not resolve_compile("auto", device=CPU, steps=10_000)  # no C compiler

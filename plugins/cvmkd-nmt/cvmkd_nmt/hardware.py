@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import platform
+import shutil
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -45,6 +46,15 @@ def cpu_has_int8_dot() -> bool:
     when a static-int8 layer's inputs use all 8 bits (``reduce_range=False``)."""
     flags = _cpuinfo() or ""
     return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def find_compiler(variable: str, names: tuple[str, ...]) -> str | None:
+    """The compiler named by the environment variable ``variable`` (``CC``, ``CXX``) when set, else
+    the first of ``names`` on the PATH; None where there is none."""
+    preferred = os.environ.get(variable)
+    return next(
+        (found for name in (*([preferred] if preferred else []), *names) if (found := shutil.which(name))), None
+    )
 
 
 def resolve_device(requested: str, what: str = "run.device") -> torch.device:

@@ -22,13 +22,14 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cvmkd_nmt.hardware import _cpuinfo, find_compiler
 
 log = logging.getLogger("cvmkd")
 
@@ -99,8 +100,6 @@ def _cache_dir() -> Path:
 
 def _cpu_key() -> str:
     """What ``-march=native`` compiles for: the CPU's model and flags."""
-    from cvmkd_nmt.hardware import _cpuinfo
-
     info = _cpuinfo() or platform.processor() or platform.machine()
     lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
     return "\n".join(lines) or info
@@ -108,7 +107,7 @@ def _cpu_key() -> str:
 
 def _build() -> Path | None:
     """The compiled library (built now unless cached), or None where it cannot be built."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    compiler = find_compiler("CC", ("cc", "gcc", "clang"))
     if compiler is None:
         log.info("no C compiler found: dropout runs through torch's operations")
         return None
@@ -138,7 +137,8 @@ def _build() -> Path | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _library() -> Any:
+def _library() -> dict[torch.dtype, tuple[Any, Any]] | None:
+    """The kernel's (dropout, backward) C functions by dtype, or None where there is no kernel."""
     if os.environ.get("CVMKD_NATIVE_KERNELS", "1") == "0":
         return None
     path = _build()
@@ -150,15 +150,14 @@ def _library() -> Any:
         log.warning("could not load the dropout kernel (%s): dropout runs through torch's operations", error)
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for name in ("dropout_f32", "dropout_bf16"):
-        function = getattr(lib, name)
-        function.argtypes = [pointer, pointer, pointer, size, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
-        function.restype = None
-    for name in ("apply_f32", "apply_bf16"):
-        function = getattr(lib, name)
-        function.argtypes = [pointer, pointer, pointer, size, ctypes.c_float]
-        function.restype = None
-    return lib
+    functions = {}
+    for dtype, kind in _DTYPES.items():
+        forward, backward = getattr(lib, f"dropout_{kind}"), getattr(lib, f"apply_{kind}")
+        forward.argtypes = [pointer, pointer, pointer, size, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+        backward.argtypes = [pointer, pointer, pointer, size, ctypes.c_float]
+        forward.restype = backward.restype = None
+        functions[dtype] = (forward, backward)
+    return functions
 
 
 class _Dropout(torch.autograd.Function):
@@ -166,14 +165,15 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, cut: int, scale: float) -> torch.Tensor:  # type: ignore[override]
-        lib, kind = _library(), _DTYPES[x.dtype]
+        functions = _library()
+        assert functions is not None  # dropout_kernel() hands this out only where the kernel is
         x = x.contiguous()
         out = torch.empty_like(x)
         keep = torch.empty(x.shape, dtype=torch.uint8)
         seed = int(torch.empty((), dtype=torch.int64).random_())  # from torch's generator: seeded runs repeat
-        getattr(lib, f"dropout_{kind}")(x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), seed, cut, scale)
+        functions[x.dtype][0](x.data_ptr(), out.data_ptr(), keep.data_ptr(), x.numel(), seed, cut, scale)
         ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.scale, ctx.c_backward = scale, functions[x.dtype][1]
         return out
 
     @staticmethod
@@ -181,8 +181,7 @@ class _Dropout(torch.autograd.Function):
         (keep,) = ctx.saved_tensors
         grad = grad.contiguous()
         out = torch.empty_like(grad)
-        kind = _DTYPES[grad.dtype]
-        getattr(_library(), f"apply_{kind}")(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), ctx.scale)
+        ctx.c_backward(grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), ctx.scale)
         return out, None, None
 
 

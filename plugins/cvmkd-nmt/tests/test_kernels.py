@@ -59,7 +59,7 @@ def test_without_a_compiler_dropout_runs_through_torch(
 ) -> None:
     from cvmkd_nmt.model.transformer import dropout
 
-    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     caplog.set_level(logging.INFO, logger="cvmkd")
     assert kernels.dropout_kernel(torch.ones(3)) is None
     assert "no C compiler found" in caplog.text
