@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
 from cvmkd_nmt.hardware import cpu_has_int8_dot
+from cvmkd_nmt.kernels import int8_row_product
 
 if TYPE_CHECKING:
     # imported where used at runtime (the torch.ao modules load only when an int8 layer is built)
@@ -604,7 +605,9 @@ _STACKED: weakref.WeakKeyDictionary[DynamicInt8Linear, tuple[tuple[Any, ...], An
 
 
 def _kernel_function(kernel: Any) -> Callable[[Tensor], Tensor]:
-    """A torch.ao dynamic int8 Linear's operator on float32 CPU inputs, without its module call."""
+    """A torch.ao dynamic int8 Linear's operator on float32 CPU inputs, without its module call;
+    inputs of one or two rows (decoding one sentence) through cvmkd's C kernel where the CPU has
+    AVX512-VNNI (:func:`cvmkd_nmt.kernels.int8_row_product`: the same values, faster)."""
     packed = kernel._packed_params._packed_params
     reduce_range = kernel.version is not None and kernel.version >= 4
     op = torch.ops.quantized.linear_dynamic
@@ -616,7 +619,19 @@ def _kernel_function(kernel: Any) -> Callable[[Tensor], Tensor]:
             x = x.float()
         return op(x, packed, reduce_range=reduce_range)
 
-    return run
+    fast = _ROW_FUNCTIONS.get(kernel)
+    if fast is None:
+        # the plain int8 weights, unpacked once per kernel (a copy beside the kernel's packed one)
+        with _ao_calls():
+            weight, bias = kernel.weight(), kernel.bias()
+            data, scale = weight.int_repr(), weight.q_per_channel_scales().to(torch.float32)
+        fast = int8_row_product(data, scale, bias, reduce_range, run)
+        _ROW_FUNCTIONS[kernel] = fast
+    return fast
+
+
+# the function of _kernel_function by torch.ao kernel (rebuilt, with a new kernel, when weights change)
+_ROW_FUNCTIONS: weakref.WeakKeyDictionary[Any, Callable[[Tensor], Tensor]] = weakref.WeakKeyDictionary()
 
 
 # -- static int8: calibrated activation ranges ----------------------------------------------------

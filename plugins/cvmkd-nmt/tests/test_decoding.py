@@ -106,6 +106,47 @@ def test_beam_cached_equals_uncached_trained(toy: Toy, beam: int, length_penalty
     assert cached != greedy_decode(toy.model64, toy.novel_src)
 
 
+def _one_sentence_sources(src: torch.Tensor) -> list[torch.Tensor]:
+    return [row[row.ne(0)][None] for row in src]
+
+
+def test_one_sentence_decodes_alike_with_the_few_row_kernel(toy: Toy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding one sentence (one row; a beam of four) multiplies through cvmkd's C row product
+    where a C compiler is: the same tokens as torch's products, logits within float32 rounding."""
+    from cvmkd_nmt import kernels
+
+    if kernels.row_product(torch.ones(2, 2), None) is None:
+        pytest.skip("no C compiler on this machine: decoding multiplies through torch")
+    from cvmkd_nmt.model import transformer
+
+    sources = _one_sentence_sources(toy.novel_src)[:8]
+    rows_seen: list[int] = []
+
+    def counted(weight: torch.Tensor, bias: torch.Tensor | None):  # type: ignore[no-untyped-def]
+        linear = kernels.row_product(weight, bias)
+        if linear is None:
+            return None
+        return lambda x: (rows_seen.append(x.size(0)), linear(x))[1]
+
+    monkeypatch.setattr(transformer, "row_product", counted)
+
+    def decode() -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+        greedy = [greedy_decode(toy.model, s)[0] for s in sources]
+        beams = [beam_search(toy.model, s, beam_size=4)[0] for s in sources]
+        with torch.inference_mode():
+            memory, mask = toy.model.encode(sources[0])
+            logits, cache = toy.model.decode_step(torch.tensor([1]), memory, mask)
+            logits2, _ = toy.model.decode_step(logits.argmax(-1), memory, mask, cache)
+        return greedy, beams, torch.cat([logits, logits2])
+
+    with_kernel = decode()
+    assert {1, 4} <= set(rows_seen)  # one sentence, and a beam of four, went through the kernel
+    monkeypatch.setattr(kernels, "enabled", False)
+    with_torch = decode()
+    assert with_kernel[0] == with_torch[0] and with_kernel[1] == with_torch[1]
+    assert torch.allclose(with_kernel[2], with_torch[2], rtol=1e-5, atol=1e-5)
+
+
 # -- beam vs greedy -----------------------------------------------------------------------------
 
 

