@@ -1,5 +1,5 @@
 """Small C kernels, built with the machine's C compiler at first use: dropout masks in one pass,
-and the float32 product of a few rows with a weight matrix (decoding one sentence).
+and the product of a few rows with a float32 or dynamic-int8 weight matrix (decoding one sentence).
 
 **Dropout.** On a CPU, dropout through torch draws random numbers (Mersenne Twister), compares
 them, casts the mask to the activations' dtype, scales it and multiplies: five passes, and one
@@ -16,12 +16,15 @@ so a generated token costs one read of them from memory. torch's float32 product
 :func:`row_product` reads each weight row once, in order, and takes its dot product with every
 input row while it is in the L1 cache: 20-22 GB/s, 2.1-2.7x torch's product for one row and
 1.2-2.6x for four, and slower from eight rows on (measured per shape, weights cold).
+:func:`int8_row_product` does the same for torch's dynamic int8 product, step for step and with
+the same values, where the CPU has AVX512-VNNI.
 
 The shared library is compiled once per source and CPU (``-O3 -march=native``) into
 ``$XDG_CACHE_HOME/cvmkd/kernels`` (default ``~/.cache``); where no C compiler is found or the build
-fails, :func:`dropout_kernel` and :func:`row_product` return None and their callers use torch's
-operations (the same results: the dropout distribution; the product within float32 rounding).
-``CVMKD_NATIVE_KERNELS=0`` turns both off.
+fails, :func:`dropout_kernel` and :func:`row_product` return None and :func:`int8_row_product`
+torch's kernel, and their callers use torch's operations (the same results: the dropout
+distribution; the float32 product within rounding; the int8 product exactly).
+``CVMKD_NATIVE_KERNELS=0`` turns them all off.
 """
 
 from __future__ import annotations
