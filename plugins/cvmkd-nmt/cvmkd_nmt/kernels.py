@@ -391,7 +391,8 @@ def int8_row_product(
     the same values (AVX512-VNNI only; measured equal to torch's fbgemm output bit for bit), and
     1.5-2.9x faster for one row (measured per decoder shape). ``kernel`` itself where the C
     kernel does not apply."""
-    library = _library() if enabled else None
+    # `enabled` is read at each call, not here: callers keep this function for the layer's life
+    library = _library()
     if library is None or library.row_product_int8 is None or data.device.type != "cpu":
         return kernel
     product = library.row_product_int8
@@ -403,7 +404,7 @@ def int8_row_product(
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         if (
-            not enabled  # read at each call: benchmarks turn the kernels off and on
+            not enabled  # benchmarks turn the kernels off and on
             or x.dim() != 2
             or x.size(0) > MAX_ROWS_INT8
             or x.dtype != torch.float32

@@ -203,3 +203,27 @@ def test_int8_row_product_hands_other_inputs_to_torch(monkeypatch: pytest.Monkey
             assert torch.equal(fast(x), layer(x))
     # only the one-row input: more rows, 3-D, and a transposed input are torch's
     assert seen == [(1, 5, 8)]
+
+
+def test_int8_layer_functions_follow_the_kernels_switch_at_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's function is kept for the layer's life, so turning the kernels off and on (as the
+    benchmarks do) must take effect on the next call, whenever the function was made."""
+    from cvmkd_nmt.quantized import DynamicInt8Linear
+
+    _int8_kernel_or_skip()
+    library = kernels._library()
+    assert library is not None
+    calls: list[int] = []
+    real = library.row_product_int8
+    patched = kernels._Library(library.dropout, library.row_product, lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(kernels, "_library", lambda: patched)
+    monkeypatch.setattr(kernels, "enabled", False)
+    layer = DynamicInt8Linear.from_linear(torch.nn.Linear(8, 5))
+    fast = layer.as_function()
+    with torch.inference_mode():
+        fast(torch.ones(1, 8))
+        assert calls == []
+        monkeypatch.setattr(kernels, "enabled", True)
+        assert layer.as_function() is fast  # the same function
+        fast(torch.ones(1, 8))
+    assert calls == [1]
