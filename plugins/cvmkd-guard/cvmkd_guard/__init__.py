@@ -147,10 +147,10 @@ class GuardConfig:
     retention_threshold: float = attrs.field(default=0.90, validator=gt(0))
     """the gate passes when every checked retention is at least this"""
     gate_scores: list[str] = attrs.field(factory=lambda: ["composite", "bleu"], validator=non_empty)
+    """the scores whose test-split retention the gate checks"""
     gate_action: str = attrs.field(default="fail", validator=one_of("fail", "warn"))
     """what a failed gate does: ``fail``: ``cvmkd run`` exits with status 3; ``warn``: the verdict
     is logged and recorded as always, and the run exits 0 (demonstrations too short to pass)"""
-    """the scores whose test-split retention the gate checks"""
 
 
 # --- the decisions, as plain functions ----------------------------------------------------------

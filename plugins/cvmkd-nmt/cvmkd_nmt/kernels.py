@@ -342,6 +342,19 @@ def dropout_kernel(x: torch.Tensor) -> Any:
     return _Dropout.apply
 
 
+def _few_rows(x: torch.Tensor, k: int, max_rows: int) -> bool:
+    """Whether the row products take ``x``: a float32 CPU matrix of at most ``max_rows`` rows of
+    ``k`` adjacent values (the rows themselves may be apart)."""
+    return (
+        x.dim() == 2
+        and x.size(0) <= max_rows
+        and x.size(1) == k
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.stride(1) == 1
+    )
+
+
 def row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``F.linear(x, weight, bias)`` for inputs of at most :data:`MAX_ROWS` rows through the C
     row product, torch's product for larger ones; None where it does not apply: no kernel on this
@@ -366,7 +379,7 @@ def row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[to
     n_out, k = w.shape
 
     def linear(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.size(0) > MAX_ROWS or x.dtype != torch.float32 or x.size(1) != k or x.stride(1) != 1:
+        if not _few_rows(x, k, MAX_ROWS):
             return F.linear(x, w, b)
         rows = x.size(0)
         out = torch.empty((rows, n_out), dtype=torch.float32)
@@ -403,15 +416,7 @@ def int8_row_product(
     n_out, k = w.shape
 
     def linear(x: torch.Tensor) -> torch.Tensor:
-        if (
-            not enabled  # benchmarks turn the kernels off and on
-            or x.dim() != 2
-            or x.size(0) > MAX_ROWS_INT8
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or x.size(1) != k
-            or x.stride(1) != 1
-        ):
+        if not enabled or not _few_rows(x, k, MAX_ROWS_INT8):  # benchmarks turn the kernels off and on
             return kernel(x)
         rows = x.size(0)
         out = torch.empty((rows, n_out), dtype=torch.float32)

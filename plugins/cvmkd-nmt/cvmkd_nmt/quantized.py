@@ -607,7 +607,11 @@ _STACKED: weakref.WeakKeyDictionary[DynamicInt8Linear, tuple[tuple[Any, ...], An
 def _kernel_function(kernel: Any) -> Callable[[Tensor], Tensor]:
     """A torch.ao dynamic int8 Linear's operator on float32 CPU inputs, without its module call;
     inputs of one or two rows (decoding one sentence) through cvmkd's C kernel where the CPU has
-    AVX512-VNNI (:func:`cvmkd_nmt.kernels.int8_row_product`: the same values, faster)."""
+    AVX512-VNNI (:func:`cvmkd_nmt.kernels.int8_row_product`: the same values, faster). Made once
+    per kernel."""
+    fast = _ROW_FUNCTIONS.get(kernel)
+    if fast is not None:
+        return fast
     packed = kernel._packed_params._packed_params
     reduce_range = kernel.version is not None and kernel.version >= 4
     op = torch.ops.quantized.linear_dynamic
@@ -619,14 +623,11 @@ def _kernel_function(kernel: Any) -> Callable[[Tensor], Tensor]:
             x = x.float()
         return op(x, packed, reduce_range=reduce_range)
 
-    fast = _ROW_FUNCTIONS.get(kernel)
-    if fast is None:
-        # the plain int8 weights, unpacked once per kernel (a copy beside the kernel's packed one)
-        with _ao_calls():
-            weight, bias = kernel.weight(), kernel.bias()
-            data, scale = weight.int_repr(), weight.q_per_channel_scales().to(torch.float32)
-        fast = int8_row_product(data, scale, bias, reduce_range, run)
-        _ROW_FUNCTIONS[kernel] = fast
+    # the plain int8 weights, unpacked once per kernel (a copy beside the kernel's packed one)
+    with _ao_calls():
+        weight, bias = kernel.weight(), kernel.bias()
+        data, scale = weight.int_repr(), weight.q_per_channel_scales().to(torch.float32)
+    fast = _ROW_FUNCTIONS[kernel] = int8_row_product(data, scale, bias, reduce_range, run)
     return fast
 
 
