@@ -8,8 +8,16 @@ import attrs
 
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_corpus_bible.bible import DIRECTIONS, bible_splits
+from cvmkd_corpus_bible.bible import BIBLES, DIRECTIONS, bible_splits, extra_training_sources, translations_of
 from cvmkd_nmt.contracts import CorpusSplits
+
+
+def _codes(_instance: Any, _attribute: Any, value: list[str]) -> None:
+    unknown = [code for code in value if code not in BIBLES]
+    if unknown:
+        raise ValueError(f"unknown translation {unknown[0]!r}; available: {', '.join(BIBLES)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"names a translation twice: {value}")
 
 
 @attrs.frozen
@@ -25,6 +33,24 @@ class BibleConfig:
     """use only the first N training pairs (0: all); for quick experiments"""
     max_words: int = attrs.field(default=120, validator=gt(0))
     """training pairs with a side longer than this many words are left out"""
+    extra_pairs: list[str] = attrs.field(factory=list, validator=_codes)
+    """other translations of the source language whose training verses join the training pairs,
+    each paired with the target's verse (fr: "o" Ostervald, "5" Darby; en: "k", "2", "3"; de: "s")"""
+    extra_sources: list[str] = attrs.field(factory=list, validator=_codes)
+    """other translations of the source language whose training verses are offered, without their
+    references, as extra source text for the teacher to translate (``[distill.sequence]``)"""
+
+    def __attrs_post_init__(self) -> None:
+        from cvmkd_core.config import ConfigValueError
+
+        source = self.direction.split("-")[0]
+        others = translations_of(source)
+        for key in ("extra_pairs", "extra_sources"):
+            wrong = [code for code in getattr(self, key) if code not in others]
+            if wrong:
+                raise ConfigValueError(
+                    f"{key}: {wrong[0]!r} is not another {source} translation; for {self.direction}: {', '.join(others)}"
+                )
 
 
 class BibleCorpus:
@@ -38,7 +64,9 @@ class BibleCorpus:
         from cvmkd_nmt.plugin import fingerprint_pairs
 
         c = self.config
-        train, valid, test = bible_splits(c.direction, c.valid_size, c.test_size, seed=c.seed)
+        train, valid, test = bible_splits(
+            c.direction, c.valid_size, c.test_size, seed=c.seed, extra_pairs=tuple(c.extra_pairs)
+        )
         train, dropped = filter_pairs(train, max_len=c.max_words, max_ratio=None)
         if c.max_train_pairs:
             train = train[: c.max_train_pairs]
@@ -51,7 +79,10 @@ class BibleCorpus:
             valid=list(valid),
             test=list(test),
             fingerprint=fingerprint_pairs(train, valid, test),
-            notes={"filtered_out": dropped},
+            notes={"filtered_out": dropped, "extra_pairs": list(c.extra_pairs), "extra_sources": list(c.extra_sources)},
+            extra_sources=extra_training_sources(c.direction, c.extra_sources, c.valid_size, c.test_size, c.seed)
+            if c.extra_sources
+            else [],
         )
 
 

@@ -23,6 +23,9 @@ class CorpusSplits:
     #: sha256 over every pair of every split: ties cached tokenizers and teachers to the data
     fingerprint: str
     notes: dict[str, Any] = attrs.field(factory=dict)
+    #: source-language text without references, for the teacher to translate (sequence-level KD);
+    #: not part of ``fingerprint``
+    extra_sources: list[str] = attrs.field(factory=list)
 
 
 @runtime_checkable
