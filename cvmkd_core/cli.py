@@ -24,8 +24,8 @@ from cvmkd_core.errors import CvmkdError, describe_failure, one_line
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-#: the run completed, but the student failed the retention gate; every output is kept
-EXIT_GATE_FAILED = 3
+#: the run completed, but a plugin's enforced verdict on it failed; every output is kept
+EXIT_VERDICT_FAILED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
@@ -189,15 +189,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"interrupted at step {summary.final_step}; continue with: {resume_command(args, run_dir)}", file=sys.stderr
         )
         return EXIT_TERMINATED if summary.extra.get("signal") == "SIGTERM" else EXIT_INTERRUPTED
-    gate = summary.gate
-    if gate is not None and gate.passed is False:
-        verdict = str(gate.verdict)
-        if not verdict.startswith("retention gate failed"):
-            verdict = f"retention gate failed: {verdict}"
-        if gate.enforced:
-            print(f"{verdict} ({run_dir})", file=sys.stderr)
-            return EXIT_GATE_FAILED
-        print(f"{verdict} (a warning only: the recipe does not enforce the gate) ({run_dir})", file=sys.stderr)
+    failed = [v for v in summary.verdicts if v.failed]
+    for verdict in failed:
+        print(f"{verdict.line} ({run_dir})", file=sys.stderr)
+    if any(v.enforced for v in failed):
+        return EXIT_VERDICT_FAILED
     print(f"{summary.status}: {run_dir}")
     return EXIT_OK
 

@@ -2,8 +2,10 @@
 
 Hooks are always called with keyword arguments. An implementation may accept any subset
 of a hook's arguments, so new arguments can be added over time without breaking plugins;
-arguments are never renamed or removed. ``docs/hooks.md`` documents every hook below, and a
-test fails when one is missing there.
+arguments are never renamed or removed. These are the loop's own events and registration; a
+plugin that owns a phase of its own declares its hooks itself (``cvmkd_addhooks``), as the
+validation plugin does for the test evaluation and the phases of finalize it runs.
+``docs/hooks.md`` documents every hook, and a test fails when one is missing there.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ if TYPE_CHECKING:
         RunState,
         RunSummary,
         StepResult,
-        TranslationSample,
         ValidationRecord,
         ValidationResult,
     )
@@ -30,6 +31,16 @@ PROJECT = "cvmkd"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(historic=True)
+def cvmkd_addhooks(pluginmanager: pluggy.PluginManager) -> None:
+    """Declare a plugin's own hooks: ``pluginmanager.add_hookspecs(module)``, or
+    :func:`cvmkd_core.plugins.add_hookspecs` when several modules of one plugin declare the same.
+
+    Historic: called for every plugin as it is registered, before its other hooks are checked,
+    as pytest's ``pytest_addhooks``.
+    """
 
 
 @hookspec
@@ -44,9 +55,8 @@ def cvmkd_register(register: Registrar) -> None:
         register.loss("kd", KDLoss, config=KDConfig)
         register.metric("bleu", Bleu, config=BleuConfig)
 
-    Kinds: ``loss``, ``metric``, ``detector``, ``quantizer``, ``reporter``, ``corpus``,
-    ``model``, ``logger``, ``trainer``. Two plugins registering the same kind and name is an
-    error naming both.
+    The kinds are :data:`cvmkd_core.registry.KINDS`. Two plugins registering the same kind and
+    name is an error naming both.
     """
 
 
@@ -62,7 +72,7 @@ def cvmkd_configure(recipe: Recipe, pm: pluggy.PluginManager) -> None:
 def cvmkd_check(state: RunState) -> None:
     """Check the recipe's settings against each other before any work starts; raise a
     :class:`~cvmkd_core.errors.CvmkdError` naming the problem. Fires before ``cvmkd_setup``, so
-    a wrong setting fails before the trainer trains a teacher, say."""
+    a wrong setting fails before the trainer's set-up, which may take long, starts."""
 
 
 @hookspec
@@ -102,25 +112,11 @@ def cvmkd_step_end(state: RunState, result: StepResult) -> None:
 
 @hookspec
 def cvmkd_validate(state: RunState) -> dict[str, float] | ValidationResult | None:
-    """Score the current student; return ``{score_name: value}`` or a :class:`ValidationResult`
+    """Score the current model; return ``{score_name: value}`` or a :class:`ValidationResult`
     (scores plus details for the record).
 
     Every implementation's scores and details are merged into one record; the same key from two
-    implementations is an error. The built-in validation translates the held-out set, scores it
-    with every selected metric, compares with the teacher and the previous validation, and asks
-    ``cvmkd_analyze`` for an error analysis.
-    """
-
-
-@hookspec
-def cvmkd_analyze(state: RunState, sample: TranslationSample) -> dict[str, Any] | None:
-    """Analyse one validation's translations; return ``{name: findings}`` (JSON-serialisable).
-
-    Called by the built-in validation after scoring. ``sample`` holds the sources, references and
-    hypotheses, and the previous validation's hypotheses when there was one. Each
-    implementation's findings are stored under ``details["analysis"]`` in the record; the same
-    name from two implementations is an error. The built-in ``cvmkd.analysis`` returns
-    ``{"errors": ...}`` (length, worst sentences, loops, copies, empty output, regressions).
+    implementations is an error.
     """
 
 
@@ -128,7 +124,7 @@ def cvmkd_analyze(state: RunState, sample: TranslationSample) -> dict[str, Any] 
 def cvmkd_check_degradation(
     state: RunState, record: ValidationRecord, history: list[ValidationRecord]
 ) -> Rollback | None:
-    """Decide whether the student degraded; return a :class:`Rollback` to go back, else None.
+    """Decide whether the model degraded; return a :class:`Rollback` to go back, else None.
 
     ``history`` holds the earlier validation records of this run, oldest first. First result
     wins: the detector selected in the recipe answers.
@@ -164,45 +160,25 @@ def cvmkd_run_error(state: RunState, error: BaseException) -> None:
 
 
 @hookspec
-def cvmkd_export(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 1 of 6: write the trained model (a model package), and record it in
-    ``summary.outputs``. Finalize phases always fire in this order, also after a failed run
-    (``summary.status`` says how it ended): ``cvmkd_export``, ``cvmkd_evaluate``,
-    ``cvmkd_quantize``, ``cvmkd_finalize``, ``cvmkd_record_outcome``, then ``summary.json`` is
-    written, then ``cvmkd_report``."""
-
-
-@hookspec
-def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 2: score the final models on the test split and set
-    ``summary.evaluation`` (a :class:`~cvmkd_core.state.TestEvaluation`)."""
-
-
-@hookspec
-def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 3: quantize the final student with the recipe's ``[[quantize]]`` and
-    append every variant to ``summary.quantized``."""
-
-
-@hookspec
 def cvmkd_finalize(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 4: judge and finish the run: the retention gate sets ``summary.gate``
-    (a :class:`~cvmkd_core.state.GateVerdict`); loggers close.
-
-    Implementations may add entries to ``summary.outputs`` and ``summary.extra``.
+    """Finish the run: always called, also after a failed run (``summary.status`` says how it
+    ended). Implementations add to ``summary.outputs``, ``summary.results`` and ``summary.extra``,
+    may judge the run (``summary.verdicts``), and close what they opened. A plugin that runs
+    phases of its own (export, test evaluation, quantization) runs them from a wrapper of this
+    hook, so they come before every plain implementation; ``state.phase`` names the one running.
     """
 
 
 @hookspec
 def cvmkd_record_outcome(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 5: the summary is complete (status, gate, wall time): record the outcome
-    where a plugin keeps it, such as the metadata of every model package."""
+    """The summary is complete (status, verdicts, wall time): record the outcome where a plugin
+    keeps it, such as the metadata of the files the run wrote. ``summary.json`` is written next."""
 
 
 @hookspec
 def cvmkd_report(state: RunState, summary: RunSummary) -> None:
-    """Finalize, phase 6: ``summary.json`` is written; write reports from the run's files. A
-    failing reporter should warn, not fail the run."""
+    """``summary.json`` is written; write reports from the run's files. A failing reporter
+    should warn, not fail the run."""
 
 
 @hookspec

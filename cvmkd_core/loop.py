@@ -36,10 +36,9 @@
         raise
     finally:                                             # always, also after an error
         event("run_end")
-        cvmkd_export(state, summary)                     # the trained model's package
-        cvmkd_evaluate(state, summary)                   # summary.evaluation: the test split
-        cvmkd_quantize(state, summary)                   # summary.quantized: [[quantize]] variants
-        cvmkd_finalize(state, summary)                   # summary.gate; loggers close
+        cvmkd_finalize(state, summary)                   # wrappers first: a plugin's own phases
+                                                         # (export, evaluate, quantize); then
+                                                         # verdicts; loggers close
         summary.wall_seconds = time since start          # finalize included
         cvmkd_record_outcome(state, summary)             # e.g. stamp the model packages
         write summary.json
@@ -76,6 +75,7 @@ from cvmkd_core.errors import CheckpointError, CvmkdError
 from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import Recipe
+from cvmkd_core.rundir import RESUME_CHANGES
 from cvmkd_core.state import Event, Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
 
 log = logging.getLogger("cvmkd")
@@ -92,6 +92,8 @@ def instantiate_components(plugins: Plugins, state: RunState) -> None:
         component = plugins.registry.get(ref.kind, ref.name)
         obj = component.factory(ref.config) if component.config is not None else component.factory()
         state.components[path] = obj
+        if ref.kind == "trainer" and "." not in path:
+            state.trainer = obj
         if _has_hookimpls(obj):
             name = f"{ref.kind}:{ref.name}@{path}"
             if plugins.pm.has_plugin(name):  # the session's earlier run: its instance is done
@@ -227,7 +229,7 @@ class Loop:
                 hook.cvmkd_check(state=state)
             world = state.world
             if not world.main:
-                world.barrier()  # rank 0 sets up first: it builds the tokenizer and caches the others read
+                world.barrier()  # rank 0 sets up first: it builds the caches the others read
             hook.cvmkd_setup(state=state)
             if world.main:
                 world.barrier()
@@ -404,7 +406,7 @@ class Loop:
     def _resume(self) -> None:
         state = self.state
         if not self.checkpoints.entries():
-            # interrupted before its first checkpoint (during the teacher stage, say)
+            # interrupted before its first checkpoint (during a stage run before training, say)
             log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
             state.emit(Event.RESUME, step=0, checkpoint=None)
             return
@@ -417,7 +419,7 @@ class Loop:
             atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
-        changes = state.scratch.get("resume_changes") or {}
+        changes = state.stash.get(RESUME_CHANGES, {})
         for key, (before, after) in changes.items():
             log.warning("resumed with %s = %r (the run was started with %r)", key, after, before)
         state.emit(
@@ -452,17 +454,16 @@ class Loop:
         if not state.world.main:
             return  # rank 0 exports, evaluates, writes the summary and reports
         hook = self.pm.hook
-        stage = "run_end"
         state.finalizing = True
+        state.phase = "run_end"
         try:
             state.emit(Event.RUN_END, status=summary.status, step=state.step, iterations=state.iterations)
-            for phase in (hook.cvmkd_export, hook.cvmkd_evaluate, hook.cvmkd_quantize, hook.cvmkd_finalize):
-                stage = phase.name
-                phase(state=state, summary=summary)
+            state.phase = "finalize"
+            hook.cvmkd_finalize(state=state, summary=summary)
             # the wall time covers finalize too (test evaluation, quantization, export)
             summary.wall_seconds = round(state.elapsed(), 3)
             summary.extra["invocation_seconds"] = round(time.time() - state.started_at, 3)
-            stage = "cvmkd_record_outcome"
+            state.phase = "record_outcome"
             hook.cvmkd_record_outcome(state=state, summary=summary)
         except BaseException as exc:
             if failed is None:
@@ -475,8 +476,8 @@ class Loop:
                 else:
                     summary.status = "failed"
                     summary.error = f"finalize: {type(exc).__name__}: {exc}"
-                summary.extra["failed_in"] = stage.removeprefix("cvmkd_")
-                if stage != "cvmkd_record_outcome":
+                summary.extra["failed_in"] = state.phase
+                if state.phase != "record_outcome":
                     # the packages written so far say that the run failed, not that it completed
                     with contextlib.suppress(Exception):
                         hook.cvmkd_record_outcome(state=state, summary=summary)

@@ -70,6 +70,8 @@ class Plugins:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        # every plugin, as it is registered, may declare hooks of its own
+        self.pm.hook.cvmkd_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
         self.registry = Registry()
         self.infos: dict[str, PluginInfo] = {}
         self._blocked = _split_env(ENV_BLOCK)
@@ -84,7 +86,7 @@ class Plugins:
         try:
             self.pm.register(plugin, name=info.name)
         except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"plugin {info.label}: {_explain(plugin, exc)}") from None
+            raise PluginLoadError(f"plugin {info.label}: {_explain(self.pm, plugin, exc)}") from None
         except ValueError as exc:  # the same name registered twice
             raise PluginLoadError(f"plugin {info.label}: {exc}") from None
         self.infos[info.name] = info
@@ -155,7 +157,7 @@ class Plugins:
             plugin_name = self.pm.get_name(exc.plugin) or repr(exc.plugin)
             info = self.infos.get(plugin_name)
             label = info.label if info else plugin_name
-            raise PluginLoadError(f"plugin {label}: {_explain(exc.plugin, exc)}") from None
+            raise PluginLoadError(f"plugin {label}: {_explain(self.pm, exc.plugin, exc)}") from None
 
     # --- registration ---------------------------------------------------------------------------
 
@@ -236,7 +238,15 @@ class Plugins:
         return out
 
 
-def _explain(plugin: Any, exc: pluggy.PluginValidationError) -> str:
+def add_hookspecs(pm: pluggy.PluginManager, module: Any) -> None:
+    """Declare ``module``'s hooks once, however many plugins of one distribution ask for it in
+    their ``cvmkd_addhooks``."""
+    caller = getattr(pm.hook, next(n for n in dir(module) if pm.parse_hookspec_opts(module, n)), None)
+    if caller is None or caller.spec is None:
+        pm.add_hookspecs(module)
+
+
+def _explain(pm: pluggy.PluginManager, plugin: Any, exc: pluggy.PluginValidationError) -> str:
     """pluggy's validation messages span several lines; say the same in one."""
     for attr in dir(plugin):
         if not attr.startswith("cvmkd_"):
@@ -244,10 +254,10 @@ def _explain(plugin: Any, exc: pluggy.PluginValidationError) -> str:
         function = getattr(plugin, attr, None)
         if function is None or getattr(function, "cvmkd_impl", None) is None:
             continue
-        spec = getattr(hookspecs, attr, None)
-        if spec is None:
+        caller = getattr(pm.hook, attr, None)
+        if caller is None or caller.spec is None:
             return f"unknown hook {attr!r} (a misspelt name?); hooks are listed in docs/hooks.md"
-        accepted = list(inspect.signature(spec).parameters)
+        accepted = list(inspect.signature(caller.spec.function).parameters)
         given = list(inspect.signature(function).parameters)
         extra = [a for a in given if a not in accepted]
         if extra:

@@ -14,6 +14,7 @@ from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.errors import RunDirError
 from cvmkd_core.files import atomic_write_text
 from cvmkd_core.recipe import Recipe
+from cvmkd_core.stash import StashKey
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +27,8 @@ SUMMARY_FILE = "summary.json"
 HISTORY_FILE = "validation/history.jsonl"
 DEFAULT_TRAIN_LOG = "train.jsonl"
 LOCK_FILE = ".lock"
+#: the recipe keys a resumed run changed, ``{key: (before, after)}`` (``prepare_run_dir``)
+RESUME_CHANGES: StashKey[dict[str, tuple[Any, Any]]] = StashKey("resume_changes")
 #: recipe keys a resumed run may change (``--set`` on ``--resume``): where the run ends and what it
 #: runs on. Every other difference from the run's recipe.toml is refused.
 CHANGEABLE_ON_RESUME = ("run.steps", "run.device")

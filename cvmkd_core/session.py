@@ -18,7 +18,7 @@ from cvmkd_core.recipe import (
     read_recipe_tables,
     structure_recipe,
 )
-from cvmkd_core.rundir import RECIPE_FILE, prepare_run_dir, run_dir_for, run_dir_lock
+from cvmkd_core.rundir import RECIPE_FILE, RESUME_CHANGES, prepare_run_dir, run_dir_for, run_dir_lock
 from cvmkd_core.state import RunState, RunSummary
 
 
@@ -89,7 +89,7 @@ def run_session(
         return Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True), path
     # one writer per run directory, from before anything is written until the run has ended
     with run_dir_lock(path, create=not resume):
-        state.scratch["resume_changes"] = prepare_run_dir(
+        state.stash[RESUME_CHANGES] = prepare_run_dir(
             path, session.recipe, resume=resume, registry=session.plugins.registry
         )
         world.barrier()

@@ -6,11 +6,14 @@ import enum
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from cvmkd_core.distributed import SINGLE, World
+from cvmkd_core.stash import Stash, StashKey
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import pluggy
@@ -66,19 +69,6 @@ class ValidationResult:
 
 
 @attrs.frozen
-class TranslationSample:
-    """One validation's translations, as ``cvmkd_analyze`` sees them (all lists aligned)."""
-
-    step: int
-    sources: list[str]
-    references: list[str]
-    hypotheses: list[str]
-    #: the previous validation's hypotheses of the same sentences, or None at the first one
-    previous: list[str] | None = None
-    previous_step: int | None = None
-
-
-@attrs.frozen
 class ValidationRecord:
     """One validation: where in the run it happened, its scores, and the details that explain
     them (see ``docs/validation.md`` for the keys the built-in validation writes)."""
@@ -111,35 +101,14 @@ class Rollback:
     stop: bool = False
 
 
-@attrs.define
-class TestEvaluation:
-    """The final models scored on the test split (``cvmkd_evaluate``); the full record, with
-    translations and the error analysis, is in ``file``."""
+@attrs.frozen
+class Verdict:
+    """A plugin's judgement of the finished run. ``cvmkd run`` prints the line of a failed one on
+    stderr; a failed, enforced verdict makes the run exit with status 3, every output kept."""
 
-    __test__ = False  # not a pytest test class
-
-    split: str
-    sentences: int
-    beam_size: int
-    #: scores of every selected metric and the composite, by model: "student", "teacher"
-    scores: dict[str, dict[str, float]]
-    #: the student's share of the teacher's normalised score, per score key (None: not measurable)
-    retention: dict[str, float | None] = attrs.field(factory=dict)
-    file: str | None = None
-
-
-@attrs.define
-class GateVerdict:
-    """The retention gate's decision on the final models (``cvmkd_finalize``). ``passed`` is
-    None when there was nothing to judge; ``verdict`` says why, in one line."""
-
-    passed: bool | None
-    verdict: str
-    threshold: float | None = None
-    scores: list[str] = attrs.field(factory=list)
-    #: one check per model and score: {"model", "score", "retention", "passed"}
-    checks: list[dict[str, Any]] = attrs.field(factory=list)
-    #: False: a failed gate is reported but does not fail the run (exit status 0)
+    line: str
+    failed: bool
+    #: False: a failed verdict is reported but does not fail the run (exit status 0)
     enforced: bool = True
 
 
@@ -155,16 +124,25 @@ class RunSummary:
     error: str | None = None
     last_validation: dict[str, Any] | None = None
     outputs: dict[str, str] = attrs.field(factory=dict)
-    #: the final models on the test split (``cvmkd_evaluate``)
-    evaluation: TestEvaluation | None = None
-    #: every quantized variant of the student, accepted or not (``cvmkd_quantize``)
-    quantized: list[dict[str, Any]] = attrs.field(factory=list)
-    #: the retention gate's verdict (``cvmkd_finalize``)
-    gate: GateVerdict | None = None
+    #: what plugins add under keys of their own (``summary.results[KEY]``), written to
+    #: ``summary.json`` under each key's name, between ``outputs`` and ``extra``
+    results: Stash = attrs.field(factory=Stash)
     extra: dict[str, Any] = attrs.field(factory=dict)
+    #: the plugins' judgements of the finished run (``cvmkd run`` prints and acts on them)
+    verdicts: list[Verdict] = attrs.field(factory=list)
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return self.results[key]
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self.results[key] = value
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        out = attrs.asdict(self, filter=lambda a, _: a.name not in ("results", "extra", "verdicts"))
+        for key, value in self.results.items():
+            out[key.name] = attrs.asdict(value) if attrs.has(type(value)) else value
+        out["extra"] = self.extra
+        return out
 
 
 @attrs.define(eq=False)
@@ -193,8 +171,11 @@ class RunState:
     interrupted: bool = False
     #: the signal that interrupted the run (SIGINT, SIGTERM), if one did
     interrupted_by: str | None = None
-    #: training is over and the loop exports, evaluates, quantizes and finalizes
+    #: training is over and the loop finalizes
     finalizing: bool = False
+    #: the finalize phase in progress (``finalize``, or a phase a plugin runs in it: ``export``...),
+    #: named in the summary when it fails
+    phase: str = ""
     #: a rollback asked for between validations; the loop performs it after the current step
     pending_rollback: Rollback | None = None
     history: list[ValidationRecord] = attrs.field(factory=list)
@@ -204,10 +185,13 @@ class RunState:
     components: dict[str, Any] = attrs.field(factory=dict)
     #: the stream of training batches; the trainer sets it in cvmkd_run_start
     batches: Iterator[Any] | None = None
-    #: the trainer's objects (models, optimizer, tokenizer...), by name
+    #: the recipe's trainer component (the one that performs the step); plugins that work with
+    #: it check it against the contract they need (an ABC or Protocol of the plugin that owns it)
+    trainer: Any = None
+    #: the trainer's objects (models, optimizer...), by name
     objects: dict[str, Any] = attrs.field(factory=dict)
-    #: free space for plugins, keyed by plugin name
-    scratch: dict[str, Any] = attrs.field(factory=dict)
+    #: what plugins share during a run, under typed keys (:class:`~cvmkd_core.stash.StashKey`)
+    stash: Stash = attrs.field(factory=Stash)
     started_at: float = attrs.field(factory=time.time)
     #: wall-clock seconds earlier invocations of this run spent up to the checkpoint it resumed from
     earlier_seconds: float = 0.0

@@ -429,12 +429,12 @@ def cvmkd_finalize(state, summary):
 #: a test evaluation in which the student keeps half of the teacher's composite score
 HALF_AS_GOOD = """\
 from cvmkd_core import hookimpl
-from cvmkd_core.state import TestEvaluation
+from cvmkd_validation.records import EVALUATION, TestEvaluation
 
 
 @hookimpl
 def cvmkd_evaluate(summary):
-    summary.evaluation = TestEvaluation(
+    summary[EVALUATION] = TestEvaluation(
         split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5}
     )
 """

@@ -154,8 +154,8 @@ def test_plugins_lists_builtins_in_text_and_json(capsys, monkeypatch: pytest.Mon
     assert listed["progress"]["hooks"] == ["cvmkd_event", "cvmkd_finalize", "cvmkd_run_error", "cvmkd_step_end"]
     # the translation stack comes from plugin distributions, listed with their hooks
     assert listed["validation"]["distribution"] == "cvmkd-validation"
-    assert listed["validation"]["hooks"] == ["cvmkd_check", "cvmkd_register", "cvmkd_validate"]
-    assert listed["nmt"]["hooks"] == ["cvmkd_record_outcome", "cvmkd_register", "cvmkd_register_commands"]
+    assert listed["validation"]["hooks"] == ["cvmkd_addhooks", "cvmkd_check", "cvmkd_register", "cvmkd_validate"]
+    assert listed["nmt"]["hooks"] == ["cvmkd_register", "cvmkd_register_commands"]
 
 
 PLUGIN_PYPROJECT = """

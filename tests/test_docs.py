@@ -9,12 +9,26 @@ import attrs
 
 from cvmkd_core import hookspecs
 from cvmkd_core.recipe import ComponentRef, Recipe
+from cvmkd_validation import hookspecs as validation_hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+#: the core's hooks, and those the bundled plugins declare (``cvmkd_addhooks``)
+SPEC_MODULES = (hookspecs, validation_hookspecs)
+
+
+def _hooks() -> list[tuple[str, object]]:
+    return [
+        (name, obj)
+        for module in SPEC_MODULES
+        for name, obj in inspect.getmembers(module, inspect.isfunction)
+        if name.startswith("cvmkd_") and obj.__module__ == module.__name__
+    ]
+
+
 def _hook_names() -> list[str]:
-    return [name for name, obj in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("cvmkd_")]
+    return [name for name, _ in _hooks()]
 
 
 def test_every_hook_has_a_section_in_the_hooks_reference() -> None:
@@ -26,8 +40,7 @@ def test_every_hook_has_a_section_in_the_hooks_reference() -> None:
 
 
 def test_every_hook_is_typed_and_has_a_docstring() -> None:
-    for name in _hook_names():
-        spec = getattr(hookspecs, name)
+    for name, spec in _hooks():
         assert inspect.getdoc(spec), name
         assert all(p.annotation is not inspect.Parameter.empty for p in inspect.signature(spec).parameters.values()), (
             name

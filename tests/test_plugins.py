@@ -181,3 +181,44 @@ def test_autoload_can_be_disabled_and_plugins_blocked(fake_entry_points, monkeyp
     infos = build_plugins().infos
     assert "one" not in infos and "two" in infos
     assert "cvmkd.jsonl" not in infos  # a built-in can be blocked like any other
+
+
+def test_a_plugin_declares_a_hook_of_its_own_that_others_implement(write) -> None:
+    # the declaring plugin: its spec module, cvmkd_addhooks, and the phase it runs at finalize
+    write(
+        "greeting_specs.py",
+        """
+        from cvmkd_core.hookspecs import hookspec
+
+        @hookspec
+        def greeting_said(text):
+            "Someone said hello."
+        """,
+    )
+    declarer = write(
+        "greeter.py",
+        """
+        import sys
+        sys.path.insert(0, __file__.rsplit("/", 1)[0])
+        import greeting_specs
+        from cvmkd_core import hookimpl
+        from cvmkd_core.plugins import add_hookspecs
+
+        @hookimpl
+        def cvmkd_addhooks(pluginmanager):
+            add_hookspecs(pluginmanager, greeting_specs)
+            add_hookspecs(pluginmanager, greeting_specs)  # a second declaration changes nothing
+        """,
+    )
+    heard: list[str] = []
+    listener = types.SimpleNamespace(greeting_said=hookimpl(lambda text: heard.append(text)))
+    plugins = build_plugins([declarer], entry_points=False)
+    plugins.add_plugin(listener, name="listener", source="test")
+    plugins.check_pending()
+    plugins.pm.hook.greeting_said(text="hello")
+    assert heard == ["hello"]
+    # without the declaring plugin, implementing the hook is a misspelt name like any other
+    bare = build_plugins(entry_points=False)
+    bare.add_plugin(types.SimpleNamespace(greeting_said=hookimpl(lambda text: None)), name="lost", source="test")
+    with pytest.raises(PluginLoadError, match="plugin lost: unknown hook 'greeting_said'"):
+        bare.check_pending()

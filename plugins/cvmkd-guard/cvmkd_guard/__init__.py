@@ -58,20 +58,21 @@ run ended with) and ``iterations_executed``; validation records and checkpoint n
 too (``step_00000009_it00000009_rolled_back.json``, then ``step_00000009_it00000012.json``).
 
 **The retention gate** (``cvmkd_finalize``, the phase after the test evaluation and the
-quantization) reads ``summary.evaluation.retention``, the student's share of the teacher's
+quantization) reads ``summary[EVALUATION].retention``, the student's share of the teacher's
 normalised score per key (1.0: as good as the teacher), and every accepted quantized model's
-``summary.quantized[i]["retention"]``. It passes when
+``summary[QUANTIZED][i]["retention"]``. It passes when
 each checked retention of ``gate_scores`` is at least ``retention_threshold``; a retention that
 cannot be measured (the teacher's normalised score is 0) is listed and not counted. It writes::
 
-    summary.gate = GateVerdict(threshold=0.9, scores=["composite", "bleu"], passed=True,
+    summary[GATE] = GateVerdict(threshold=0.9, scores=["composite", "bleu"], passed=True,
                                checks=[{"model": "student", "score": "composite",
                                         "retention": 1.01, "passed": True}, ...],
                                verdict="retention gate passed: ...")
 
 and logs the verdict. ``passed`` is None when there is no evaluation to judge (the run failed,
 was interrupted or stopped before it, or the trainer does not score a test split); the verdict
-says why. ``cvmkd run`` exits with status 3 when ``passed`` is false; every output is kept. With
+says why. When ``passed`` is false it adds a failed, enforced ``Verdict`` to ``summary.verdicts``:
+``cvmkd run`` prints it and exits with status 3; every output is kept. With
 ``gate_action = "warn"`` the verdict is recorded as well (``enforced`` false) and the run exits 0.
 """
 
@@ -87,8 +88,9 @@ import attrs
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
 from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.state import GateVerdict, Rollback, RunState, RunSummary, StepResult, ValidationRecord
+from cvmkd_core.state import Rollback, RunState, RunSummary, StepResult, ValidationRecord, Verdict
 from cvmkd_validation.metrics import ScoreSpec
+from cvmkd_validation.records import EVALUATION, GATE, QUANTIZED, GateVerdict
 from cvmkd_validation.validation import score_specs
 
 __version__ = "0.1.0"
@@ -451,9 +453,10 @@ class Guard:
     @hookimpl
     def cvmkd_finalize(self, summary: RunSummary) -> None:
         # the finalize phases before this one scored the test split and quantized the student
+        evaluation = summary[EVALUATION]
         judged = {
-            "evaluation": {"retention": summary.evaluation.retention} if summary.evaluation is not None else None,
-            "quantized": [q for q in summary.quantized if q.get("accepted")],
+            "evaluation": {"retention": evaluation.retention} if evaluation is not None else None,
+            "quantized": [q for q in summary[QUANTIZED] if q.get("accepted")],
             "stop_reason": summary.extra.get("stop_reason"),
         }
         gate = retention_gate(
@@ -463,12 +466,18 @@ class Guard:
             threshold=self.config.retention_threshold,
             scores=self.config.gate_scores,
         )
-        summary.gate = GateVerdict(**gate, enforced=self.config.gate_action == "fail")
+        enforced = self.config.gate_action == "fail"
+        summary[GATE] = GateVerdict(**gate, enforced=enforced)
         if gate["passed"] is False:
-            enforced = summary.gate.enforced
             log.warning(
                 "%s%s", gate["verdict"], "" if enforced else ' (guard.gate_action = "warn": the run does not fail)'
             )
+            line = str(gate["verdict"])
+            if not line.startswith("retention gate failed"):
+                line = f"retention gate failed: {line}"
+            if not enforced:
+                line += " (a warning only: the recipe does not enforce the gate)"
+            summary.verdicts.append(Verdict(line=line, failed=True, enforced=enforced))
         else:
             log.info("%s", gate["verdict"])
 

@@ -17,8 +17,8 @@ from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.state import TestEvaluation
 from cvmkd_testing import TOY_RECIPE, toy_plugin_manager
+from cvmkd_validation.records import EVALUATION, GATE, TestEvaluation
 
 # The toy weight converges by step 6 (exact 100); sabotage after step 7; validated at 9.
 RECIPE = (
@@ -145,7 +145,7 @@ class FakeEvaluation:
 
     @hookimpl
     def cvmkd_evaluate(self, summary: Any) -> None:
-        summary.evaluation = TestEvaluation(
+        summary[EVALUATION] = TestEvaluation(
             split="test", sentences=1, beam_size=1, scores={}, retention={"composite": 0.5}
         )
 
@@ -154,10 +154,9 @@ def test_the_gate_judges_the_evaluation_of_the_phase_before(plugins: Plugins) ->
     # registered before the guard component, and yet judged: the phases order them, not pluggy
     plugins.add_plugin(FakeEvaluation(), name="fake-evaluation", source="test")
     summary, _ = run(plugins, ["run.steps=3"])
-    assert summary.gate.passed is False
-    assert (
-        summary.gate.verdict == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
-    )
+    gate = summary[GATE]
+    assert gate is not None and gate.passed is False
+    assert gate.verdict == "retention gate failed: student composite 50.0% of the teacher, below the threshold 90%"
 
 
 def test_an_unknown_score_fails_before_training(plugins: Plugins) -> None:

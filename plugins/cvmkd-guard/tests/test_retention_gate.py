@@ -8,8 +8,9 @@ import logging
 import attrs
 import pytest
 
-from cvmkd_core.state import RunSummary, TestEvaluation
+from cvmkd_core.state import RunSummary
 from cvmkd_guard import Guard, GuardConfig, retention_gate
+from cvmkd_validation.records import EVALUATION, GATE, TestEvaluation
 
 
 def evaluation(**retention: float | None) -> dict:
@@ -132,19 +133,17 @@ def test_without_an_evaluation_the_gate_is_not_evaluated(status: str, error: str
 
 def test_the_hook_writes_the_gate_into_the_summary_and_logs_the_verdict(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cvmkd")
-    summary = RunSummary(
-        status="completed",
-        evaluation=TestEvaluation(
-            split="test",
-            sentences=10,
-            beam_size=1,
-            scores={},
-            retention=evaluation(composite=0.97, bleu=0.93)["retention"],
-        ),
+    summary = RunSummary(status="completed")
+    summary[EVALUATION] = TestEvaluation(
+        split="test",
+        sentences=10,
+        beam_size=1,
+        scores={},
+        retention=evaluation(composite=0.97, bleu=0.93)["retention"],
     )
     Guard(GuardConfig(retention_threshold=0.95, gate_scores=["bleu"])).cvmkd_finalize(summary=summary)
-    assert summary.gate is not None
-    gate = attrs.asdict(summary.gate)
+    assert summary[GATE] is not None
+    gate = attrs.asdict(summary[GATE])
     assert gate["threshold"] == 0.95 and gate["scores"] == ["bleu"] and gate["passed"] is False
     assert gate["verdict"] == "retention gate failed: student bleu 93.0% of the teacher, below the threshold 95%"
     (logged,) = [r for r in caplog.records if r.getMessage() == gate["verdict"]]

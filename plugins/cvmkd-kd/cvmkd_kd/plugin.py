@@ -58,3 +58,20 @@ def cvmkd_register(register: Any) -> None:
     register.section("student", StudentConfig)
     register.loss("kd", KDLoss, config=KDConfig)
     register.loss("ce", CELoss, config=CEConfig)
+
+
+@hookimpl
+def cvmkd_record_outcome(state: Any, summary: Any) -> None:
+    """Record the run's provenance and outcome (test scores, gate verdict, status, wall time) in
+    every model package, now that the summary is complete."""
+    import logging
+
+    from cvmkd_nmt.provenance import stamp_packages
+    from cvmkd_validation.records import EVALUATION, GATE
+
+    try:
+        stamp_packages(state, summary, state.plugins, evaluation=summary[EVALUATION], gate=summary[GATE])
+    except Exception as exc:  # the packages stay loadable without it; say so, don't fail the run
+        logging.getLogger("cvmkd").warning(
+            "could not record the run's outcome in the model packages: %s: %s", type(exc).__name__, exc
+        )

@@ -21,13 +21,18 @@ import torch
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.files import atomic_write_json
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.stash import StashKey
 from cvmkd_core.state import RunState, RunSummary
 from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_budget
 from cvmkd_nmt.model.translate import source_batches
 from cvmkd_validation.metrics import COMPOSITE, retention
+from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, QUANTIZED
 from cvmkd_validation.validation import score_all, score_specs
 
 log = logging.getLogger("cvmkd")
+
+#: the fp32 model's scores and speeds the variants were compared with (``quantization.json``)
+QUANTIZATION_BASELINE: StashKey[dict[str, Any]] = StashKey("quantization_baseline")
 
 
 #: each speed is the best of this many timings: one timing of a 2-core CPU varied by ±20% between
@@ -233,7 +238,7 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
             "within the quality budget" if ok else f"OVER the quality budget ({losses})",
         )
         results.append(entry)
-    state.scratch["quantization_baseline"] = baseline
+    state.stash[QUANTIZATION_BASELINE] = baseline
     return results
 
 
@@ -242,21 +247,18 @@ def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
     """Finalize phase 3: quantize the trained student with every ``[[quantize]]`` component.
     Works with any trainer that keeps its float model in ``model`` and its ``RunData`` in
     ``data``; the test evaluation (phase 2) gives the scores the variants are compared with."""
-    import json
-
-    trainer = state.components.get("distill")
-    if summary.status not in ("completed", "stopped") or summary.evaluation is None or not state.selected("quantizer"):
+    trainer = state.trainer
+    if summary.status not in ("completed", "stopped") or summary[EVALUATION] is None or not state.selected("quantizer"):
         return
     if getattr(trainer, "model", None) is None or getattr(trainer, "data", None) is None:
         return
-    evaluation = json.loads(open(summary.evaluation.file, encoding="utf-8").read()) if summary.evaluation.file else {}
-    variants = quantize_all(trainer, state, evaluation)
+    variants = quantize_all(trainer, state, state.stash.get(EVALUATION_RECORD, {}))
     if not variants:
         return
     atomic_write_json(
         state.run_dir / "quantization.json",
         {
-            "baseline": state.scratch.get("quantization_baseline"),
+            "baseline": state.stash.get(QUANTIZATION_BASELINE, None),
             "variants": variants,
         },
     )
@@ -276,7 +278,7 @@ def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
         "budget",
         "error",
     )
-    summary.quantized = [{k: v.get(k) for k in keep} for v in variants]
+    summary[QUANTIZED] = [{k: v.get(k) for k in keep} for v in variants]
     for v in variants:
         if v.get("package"):
             summary.outputs[f"model-{v['name']}"] = v["package"]

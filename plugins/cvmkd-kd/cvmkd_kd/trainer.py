@@ -107,6 +107,8 @@ class Seq2SeqTrainer:
         self.stream: BatchStream | None = None
         self.cache: Any = None
         self.teacher_info: dict[str, Any] = {}
+        #: what the summary records of this trainer (``extra.trainer``): model, device, hardware...
+        self.run_info: dict[str, Any] = {}
         self.scaler: Any = None
         self._ce_config: Any = None
         self._rows: bool | None = None
@@ -183,7 +185,7 @@ class Seq2SeqTrainer:
         state.batches = self.stream
         state.objects.update(model=self.model, tokenizer=tokenizer, data=self.data, role=self.role)
         parameters = count_parameters(self.model)
-        state.scratch["trainer"] = {
+        self.run_info = {
             "role": self.role,
             "parameters": parameters,
             "device": str(self.device),
@@ -461,7 +463,7 @@ class Seq2SeqTrainer:
 
         if self.model is None or summary.status not in ("completed", "stopped"):
             return
-        summary.extra.setdefault("trainer", state.scratch.get("trainer", {}))
+        summary.extra.setdefault("trainer", self.run_info)
         path = save_package(state.run_dir / "model", self.model, self.data.tokenizer, self._metadata(state, summary))  # type: ignore[union-attr]
         summary.outputs["model"] = str(path)
 

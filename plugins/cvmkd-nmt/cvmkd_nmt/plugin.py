@@ -253,19 +253,3 @@ def cvmkd_register_commands(cli: Any) -> None:
         configure=_export_arguments,
         run=_export,
     )
-
-
-@hookimpl
-def cvmkd_record_outcome(state: Any, summary: Any) -> None:
-    """Record the run's provenance and outcome (gate verdict, status, wall time) in every model
-    package, now that the summary is complete."""
-    import logging
-
-    from cvmkd_nmt.provenance import stamp_packages
-
-    try:
-        stamp_packages(state, summary, state.plugins)
-    except Exception as exc:  # the packages stay loadable without it; say so, don't fail the run
-        logging.getLogger("cvmkd").warning(
-            "could not record the run's outcome in the model packages: %s: %s", type(exc).__name__, exc
-        )

@@ -77,10 +77,12 @@ def _gate_for(gate: Any, model: str) -> dict[str, Any] | None:
     }
 
 
-def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
+def stamp_packages(state: Any, summary: Any, plugins: Any, evaluation: Any = None, gate: Any = None) -> list[Path]:
     """Merge the run's provenance and outcome into every package the run wrote (the outputs
-    named ``model`` and ``model-*``); returns the packages stamped. A package that cannot be
-    read is left as it is and named in a warning."""
+    named ``model`` and ``model-*``); returns the packages stamped. ``evaluation`` (split,
+    scores and retention by model) and ``gate`` (an attrs record of the retention gate) are the
+    run's test evaluation and verdict, when it has them. A package that cannot be read is left as
+    it is and named in a warning."""
     from cvmkd_core.files import atomic_write_json
     from cvmkd_nmt.hardware import describe_hardware
     from cvmkd_nmt.model.package import METADATA
@@ -120,7 +122,6 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
         if key == "model":
             student_meta = meta
             meta.setdefault("quantization", {"scheme": "none", "bits": 32})
-            evaluation = summary.evaluation
             if evaluation is not None:
                 role = meta.get("role", "student")
                 meta["split"] = evaluation.split
@@ -141,9 +142,9 @@ def stamp_packages(state: Any, summary: Any, plugins: Any) -> list[Path]:
             meta["failed_in"] = summary.extra.get("failed_in")
         meta.setdefault("hardware", describe_hardware(torch.device("cpu")))
         gate_name = "student" if key == "model" else key[len("model-") :]
-        gate = _gate_for(attrs.asdict(summary.gate) if summary.gate is not None else None, gate_name)
-        if gate is not None:
-            meta["gate"] = gate
+        verdict = _gate_for(attrs.asdict(gate) if gate is not None else None, gate_name)
+        if verdict is not None:
+            meta["gate"] = verdict
         atomic_write_json(path, meta)
         stamped.append(directory)
     return stamped

@@ -118,7 +118,7 @@ class QatInt8:
         self.started_at: int | None = None
 
     def _student(self, state: RunState) -> Any:
-        return getattr(state.components.get("distill"), "model", None)
+        return getattr(state.trainer, "model", None)
 
     def _sync(self, state: RunState) -> None:
         model = self._student(state)

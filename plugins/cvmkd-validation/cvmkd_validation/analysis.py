@@ -14,7 +14,10 @@ import re
 from typing import Any
 
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.state import RunState, TranslationSample
+from cvmkd_core.plugins import add_hookspecs
+from cvmkd_core.state import RunState
+from cvmkd_validation import hookspecs
+from cvmkd_validation.records import TranslationSample
 
 log = logging.getLogger("cvmkd")
 
@@ -204,6 +207,11 @@ def _summary(f: dict[str, Any]) -> str:
         w = f["worst"][0]
         parts.append(f"worst (chrF {w['chrf']:.1f}): {w['hypothesis'][:60]!r}")
     return "; ".join(parts)
+
+
+@hookimpl
+def cvmkd_addhooks(pluginmanager: Any) -> None:
+    add_hookspecs(pluginmanager, hookspecs)
 
 
 @hookimpl

@@ -1,4 +1,6 @@
-"""Test evaluation (``cvmkd_evaluate``, finalize phase 2): the trained model, and its teacher when
+"""The finalize phases of a distillation run (``cvmkd_export``, ``cvmkd_evaluate``,
+``cvmkd_quantize``, fired in that order by this module's ``cvmkd_finalize`` wrapper), and test
+evaluation (``cvmkd_evaluate``, phase 2): the trained model, and its teacher when
 the trainer has one, translate the test split and are scored with every selected metric; the
 student's errors there are analysed. The full record goes to ``evaluation.json``; the test split's
 sources and references and each model's translations go beside it as plain text, one line per
@@ -16,9 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.state import RunState, RunSummary, TestEvaluation, TranslationSample
+from cvmkd_core.plugins import add_hookspecs
+from cvmkd_core.state import RunState, RunSummary
+from cvmkd_validation import hookspecs
 from cvmkd_validation.analysis import analyse
 from cvmkd_validation.metrics import retention
+from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, GATE, QUANTIZED, TestEvaluation, TranslationSample
 from cvmkd_validation.validation import _lines, score_all, score_specs
 
 log = logging.getLogger("cvmkd")
@@ -90,8 +95,27 @@ def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = N
 
 
 @hookimpl
+def cvmkd_addhooks(pluginmanager: Any) -> None:
+    add_hookspecs(pluginmanager, hookspecs)
+
+
+@hookimpl(wrapper=True)
+def cvmkd_finalize(state: RunState, summary: RunSummary) -> Any:
+    """The phases first, in their order; then every plain ``cvmkd_finalize`` (the gate...)."""
+    # summary.json holds them, in this order, even when nothing sets them
+    summary.results.setdefault(EVALUATION, None)
+    summary.results.setdefault(QUANTIZED, [])
+    summary.results.setdefault(GATE, None)
+    for name in hookspecs.PHASES:
+        state.phase = name.removeprefix("cvmkd_")
+        getattr(state.pm.hook, name)(state=state, summary=summary)
+    state.phase = "finalize"
+    return (yield)
+
+
+@hookimpl
 def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
-    trainer = state.components.get("distill")
+    trainer = state.trainer
     if summary.status not in ("completed", "stopped") or not isinstance(trainer, TestTranslator):
         return
     if getattr(trainer, "model", True) is None:
@@ -102,8 +126,9 @@ def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
         record["models"] = trainer.measure_models(state)
     path = state.run_dir / EVALUATION_FILE
     atomic_write_json(path, record)
+    state.stash[EVALUATION_RECORD] = record
     role = getattr(trainer, "role", "student")
-    summary.evaluation = TestEvaluation(
+    summary[EVALUATION] = evaluation = TestEvaluation(
         split=record["split"],
         sentences=record["sentences"],
         beam_size=record["beam_size"],
@@ -112,7 +137,7 @@ def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
         file=str(path),
     )
     summary.outputs["evaluation"] = str(path)
-    for key, share in summary.evaluation.retention.items():
+    for key, share in evaluation.retention.items():
         if share is not None:
             log.info(
                 "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",

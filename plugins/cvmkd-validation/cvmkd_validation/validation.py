@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from cvmkd_core.errors import CvmkdError, MetricError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.state import RunState, TranslationSample, ValidationRecord, ValidationResult
+from cvmkd_core.plugins import add_hookspecs
+from cvmkd_core.stash import StashKey
+from cvmkd_core.state import RunState, ValidationRecord, ValidationResult
+from cvmkd_validation import hookspecs
 from cvmkd_validation.metrics import (
     COMPOSITE,
     PairedTestMetric,
@@ -36,6 +39,7 @@ from cvmkd_validation.metrics import (
     metric_specs,
     retention,
 )
+from cvmkd_validation.records import TranslationSample
 from cvmkd_validation.statistics import deltas, paired_bootstrap
 
 if TYPE_CHECKING:
@@ -53,7 +57,8 @@ class Translator(Protocol):
     def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
 
 
-MEMORY = "cvmkd.validation"
+#: what one validation keeps for the next: the previous translations, the teacher's scores
+MEMORY: StashKey[dict[str, Any]] = StashKey("cvmkd.validation", dict)
 
 
 def selected_metrics(state: RunState) -> list[tuple[str, Any]]:
@@ -122,7 +127,12 @@ def _weights(state: RunState) -> dict[str, float]:
 
 
 def _memory(state: RunState) -> dict[str, Any]:
-    return state.scratch.setdefault(MEMORY, {})
+    return state.stash[MEMORY]
+
+
+@hookimpl
+def cvmkd_addhooks(pluginmanager: Any) -> None:
+    add_hookspecs(pluginmanager, hookspecs)
 
 
 @hookimpl
@@ -144,7 +154,7 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
     metrics = selected_metrics(state)
     if not metrics:
         return None
-    trainer = state.components.get("distill")
+    trainer = state.trainer
     if not isinstance(trainer, Translator):
         # typed as its base class: cvmkd_core makes TrainerRef at runtime, which mypy cannot use as a type
         distill: ComponentRef = state.recipe.distill

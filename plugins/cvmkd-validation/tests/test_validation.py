@@ -15,7 +15,6 @@ from cvmkd_core.errors import MetricError
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.state import TranslationSample
 from cvmkd_testing import TOY_RECIPE
 from cvmkd_validation.analysis import analyse, repeated_unit
 from cvmkd_validation.metrics import (
@@ -26,6 +25,7 @@ from cvmkd_validation.metrics import (
     metric_specs,
     retention,
 )
+from cvmkd_validation.records import EVALUATION, TestEvaluation, TranslationSample
 from cvmkd_validation.statistics import paired_bootstrap
 
 SPECS = {
@@ -252,3 +252,56 @@ def test_a_composite_weight_on_an_unknown_score_stops_before_the_run(write, toy_
     assert capsys.readouterr().err.strip() == (
         f"error: {recipe}: validation.composite: no selected metric returns 'bleu'; available scores: exact"
     )
+
+
+class PhaseRecorder:
+    """Records the finalize hooks, in the order they fire."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def cvmkd_export(self, state: Any) -> None:
+        self.calls.append(f"export ({state.phase})")
+
+    @hookimpl
+    def cvmkd_evaluate(self, state: Any, summary: Any) -> None:
+        self.calls.append(f"evaluate ({state.phase})")
+        summary[EVALUATION] = TestEvaluation(split="test", sentences=0, beam_size=1, scores={})
+
+    @hookimpl
+    def cvmkd_quantize(self, state: Any) -> None:
+        self.calls.append(f"quantize ({state.phase})")
+
+    @hookimpl(tryfirst=True)
+    def cvmkd_finalize(self, state: Any, summary: Any) -> None:
+        self.calls.append(f"finalize ({state.phase}), evaluation {'set' if summary[EVALUATION] else 'not set'}")
+
+    @hookimpl
+    def cvmkd_record_outcome(self, state: Any) -> None:
+        self.calls.append(f"record_outcome ({state.phase})")
+
+    @hookimpl
+    def cvmkd_report(self, state: Any) -> None:
+        self.calls.append("report")
+
+
+def test_the_finalize_phases_fire_in_their_stated_order(write, toy_plugins: Plugins) -> None:
+    # registered last and tryfirst, and yet its plain cvmkd_finalize comes after the phases
+    recorder = PhaseRecorder()
+    toy_plugins.add_plugin(recorder, name="phases", source="test")
+    try:
+        summary, run_dir = _run(write, toy_plugins, [])
+    finally:
+        toy_plugins.remove_plugin("phases")
+    assert recorder.calls == [
+        "export (export)",
+        "evaluate (evaluate)",
+        "quantize (quantize)",
+        "finalize (finalize), evaluation set",
+        "record_outcome (record_outcome)",
+        "report",
+    ]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert list(saved)[-4:] == ["evaluation", "quantized", "gate", "extra"]
+    assert saved["evaluation"]["split"] == "test" and saved["quantized"] == [] and saved["gate"] is None
