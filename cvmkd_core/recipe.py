@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import re
@@ -33,7 +34,7 @@ from cvmkd_core.config import (
     structure_collect,
 )
 from cvmkd_core.errors import ComponentError, RecipeError
-from cvmkd_core.registry import Registry
+from cvmkd_core.registry import KINDS, Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,21 +81,20 @@ class ComponentRef:
         return {"name": self.name, **_drop_none(settings)}
 
 
-def _ref_class(kind: str) -> type[ComponentRef]:
+@functools.cache
+def component_ref(kind: str) -> type[ComponentRef]:
+    """The attrs class of a recipe's reference to a component of ``kind``
+    (:data:`~cvmkd_core.registry.KINDS`), as a field type: ``loss: component_ref("loss")``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
     cls = type(f"{kind.title()}Ref", (ComponentRef,), {"kind": kind, "__module__": __name__})
     return attrs.frozen(cls)
 
 
-LossRef = _ref_class("loss")
-MetricRef = _ref_class("metric")
-DetectorRef = _ref_class("detector")
-QuantizerRef = _ref_class("quantizer")
-ReporterRef = _ref_class("reporter")
-CorpusRef = _ref_class("corpus")
-ModelRef = _ref_class("model")
-LoggerRef = _ref_class("logger")
-TrainerRef = _ref_class("trainer")
-ExporterRef = _ref_class("exporter")
+TrainerRef = component_ref("trainer")
+DetectorRef = component_ref("detector")
+ReporterRef = component_ref("reporter")
+LoggerRef = component_ref("logger")
 
 
 def _structure_ref(value: Any, cls: type[ComponentRef]) -> ComponentRef:
@@ -165,15 +165,14 @@ class Recipe:
     """A whole recipe. Sections not given take the defaults shown in ``docs/recipes.md``."""
 
     run: RunConfig = attrs.field(factory=RunConfig)
-    corpus: CorpusRef | None = None  # type: ignore[valid-type]
+    #: the trainer: the component that builds the run and performs the step
     distill: TrainerRef = attrs.field(factory=lambda: TrainerRef(name="kd"))  # type: ignore[valid-type]
+    #: the degradation detector (``cvmkd_check_degradation``)
     guard: DetectorRef | None = None  # type: ignore[valid-type]
-    quantize: list[QuantizerRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     reports: list[ReporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
-    #: the formats the finished student is exported to (``[[exports]] name = "ctranslate2"``)
-    exports: list[ExporterRef] = attrs.field(factory=list)  # type: ignore[valid-type]
     loggers: list[LoggerRef] = attrs.field(factory=lambda: [LoggerRef(name="jsonl")])  # type: ignore[valid-type]
-    #: the tables plugins own (``register.section``), structured by their config classes
+    #: the tables plugins own (``register.section``, ``register.slot``), structured by their
+    #: config classes or as references to components
     sections: dict[str, Any] = attrs.field(factory=dict)
 
     def section(self, name: str) -> Any:
@@ -390,8 +389,19 @@ def _structure_with_sections(data: dict[str, Any], registry: Registry | None) ->
     if registry is None:  # nothing to structure plugin tables with: keep them as read
         return result if problems else attrs.evolve(result, sections=rest)
     sections: dict[str, Any] = {}
-    names = registry.names("section")
-    for name in names:
+    for name in registry.names("slot"):
+        kind, many = registry.get("slot", name).factory()
+        table = rest.pop(name, None)
+        if table is None:
+            sections[name] = [] if many else None
+            continue
+        value = structure_collect(table, list[component_ref(kind)] if many else component_ref(kind), name)  # type: ignore[misc,arg-type]
+        if isinstance(value, list) and value and isinstance(value[0], str):  # the problems found
+            problems.extend(line if line.startswith(f"{name}") else f"{name}: {line}" for line in value)
+        else:
+            sections[name] = value
+    names = sorted([*registry.names("section"), *registry.names("slot")])
+    for name in registry.names("section"):
         table = rest.pop(name, {})
         if not isinstance(table, dict):
             problems.append(f"{name}: expected a table, got {describe(table)}")
@@ -443,16 +453,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry: 
 
 __all__ = [
     "ComponentRef",
-    "LossRef",
-    "MetricRef",
-    "DetectorRef",
-    "QuantizerRef",
-    "ReporterRef",
-    "CorpusRef",
-    "ModelRef",
-    "LoggerRef",
-    "TrainerRef",
-    "ExporterRef",
+    "component_ref",
     "RunConfig",
     "Recipe",
     "load_recipe",

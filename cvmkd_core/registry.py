@@ -16,21 +16,25 @@ import attrs
 
 from cvmkd_core.errors import ComponentError
 
-KINDS: tuple[str, ...] = (
-    "loss",
-    "metric",
-    "detector",
-    "quantizer",
-    "reporter",
-    "corpus",
-    "model",
-    "logger",
-    "trainer",
-    "section",
-    "package",
-    "exporter",
-    "loader",
-)
+#: Every kind of component, listed once, with what a component of the kind is: ``register.<kind>
+#: (name, factory, config=None)`` adds one (``package``, ``section`` and ``loader`` take other
+#: arguments, below), and a recipe refers to one with ``component_ref(kind)``.
+KINDS: dict[str, str] = {
+    "loss": "a distillation loss: factory(config) returns a callable computing the loss",
+    "metric": "a quality metric scored on the model's output",
+    "detector": "a degradation detector deciding on rollbacks",
+    "quantizer": "a quantization backend",
+    "reporter": "a report writer run at finalize",
+    "corpus": "a source of training and held-out data",
+    "model": "a model architecture",
+    "logger": "a metrics logger (JSONL, TensorBoard, ...)",
+    "trainer": "a trainer: builds models and data at run start and performs the step",
+    "section": "a top-level recipe table a plugin owns, structured by its config class",
+    "package": "a model folder shipped with a plugin, accepted by name wherever a model folder is",
+    "exporter": "an export format: export(package, out, quantization=None), recognizes(folder), translator(folder, device)",
+    "loader": "a model format read from a folder: recognizes(folder), load(folder, device)",
+    "slot": "a top-level recipe table, or array of tables, a plugin owns that selects components of one kind",
+}
 
 
 @attrs.frozen
@@ -124,63 +128,35 @@ class Registrar:
             )
         )
 
-    def loss(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A distillation loss: ``factory(config)`` returns a callable computing the loss."""
-        self._add("loss", name, factory, config)
+    def component(self, kind: str, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
+        """Add a component of ``kind`` (one of :data:`KINDS`); ``register.metric(...)`` and the
+        like are this with the kind filled in."""
+        self._add(kind, name, factory, config)
 
-    def metric(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A quality metric scored on the student's translations."""
-        self._add("metric", name, factory, config)
-
-    def detector(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A degradation detector deciding on rollbacks."""
-        self._add("detector", name, factory, config)
-
-    def quantizer(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A quantization backend."""
-        self._add("quantizer", name, factory, config)
-
-    def reporter(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A report writer run at finalize."""
-        self._add("reporter", name, factory, config)
-
-    def corpus(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A parallel-corpus source."""
-        self._add("corpus", name, factory, config)
-
-    def model(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A model architecture."""
-        self._add("model", name, factory, config)
-
-    def logger(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A metrics logger (JSONL, TensorBoard, ...)."""
-        self._add("logger", name, factory, config)
-
-    def trainer(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """A trainer: builds models and data at run start and performs the step."""
-        self._add("trainer", name, factory, config)
-
-    def exporter(self, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """An export format (``cvmkd export --format NAME``, ``[[exports]]``): ``factory(config)``
-        returns an object with ``export(package, out, quantization=None) -> dict``,
-        ``recognizes(folder) -> bool`` and ``translator(folder, device)`` for ``cvmkd translate``."""
-        self._add("exporter", name, factory, config)
+    def __getattr__(self, kind: str) -> Callable[..., None]:
+        if kind not in KINDS:
+            raise AttributeError(f"register has no method {kind!r}; the kinds are {', '.join(KINDS)}")
+        return lambda name, factory, config=None: self._add(kind, name, factory, config)
 
     def loader(self, name: str, factory: Callable[..., Any]) -> None:
-        """A model format read from a folder (a Hugging Face ``save_pretrained`` folder, say):
-        ``factory()`` returns an object with ``recognizes(folder) -> bool`` and
-        ``load(folder, device) -> (model, tokenizer, metadata)``; wherever a model package is
-        accepted (``[teacher] checkpoint``, ``cvmkd translate --model``) such a folder is too."""
+        """A model format read from a folder: ``factory()`` returns an object with
+        ``recognizes(folder) -> bool`` and ``load(folder, device)``."""
         self._add("loader", name, factory, None)
 
     def package(self, name: str, path: str | Path) -> None:
-        """A model shipped with the plugin (a pre-trained teacher): a folder accepted by name
-        wherever a model folder is (``[teacher] checkpoint = "bible-fr-en"``)."""
+        """A model folder shipped with the plugin, accepted by name wherever a folder is."""
         folder = Path(path)
         self._add("package", name, lambda: folder, None)
 
+    def slot(self, name: str, kind: str, many: bool = False) -> None:
+        """A top-level recipe key this plugin owns that selects components of ``kind``: one
+        (``[name]`` with ``name = "..."``, or a bare name; absent: None) or, with ``many``, an
+        array of tables (``[[name]]``; absent: empty). Read it with ``recipe.section(name)``."""
+        if kind not in KINDS:
+            raise ComponentError(f"plugin {self._plugin!r}: slot {name!r} selects unknown kind {kind!r}")
+        self._add("slot", name, lambda: (kind, many), None)
+
     def section(self, name: str, config: type) -> None:
-        """A top-level recipe table this plugin owns (``[teacher]``, ``[tokenizer]``): structured
-        by ``config``, an attrs class whose fields all have defaults; read it with
-        ``recipe.section(name)``."""
+        """A top-level recipe table this plugin owns, structured by ``config`` (an attrs class
+        whose fields all have defaults); read it with ``recipe.section(name)``."""
         self._add("section", name, config, config)

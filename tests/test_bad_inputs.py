@@ -701,7 +701,7 @@ CASES: list[Case] = [
         "",
         0,
         kd=True,
-        stdout="ok: kd.toml: 6 components (corpus=files, distill=kd, distill.loss=kd, loggers[0]=jsonl, "
+        stdout="ok: kd.toml: 6 components (distill=kd, distill.loss=kd, loggers[0]=jsonl, corpus=files, "
         "student.model=cvm, teacher.model=cvm)",
         check=_loss_temperature_is_one,
     ),

@@ -222,3 +222,24 @@ def test_a_plugin_declares_a_hook_of_its_own_that_others_implement(write) -> Non
     bare.add_plugin(types.SimpleNamespace(greeting_said=hookimpl(lambda text: None)), name="lost", source="test")
     with pytest.raises(PluginLoadError, match="plugin lost: unknown hook 'greeting_said'"):
         bare.check_pending()
+
+
+def test_every_kind_is_listed_once_and_an_unknown_one_is_named() -> None:
+    from cvmkd_core.recipe import component_ref
+    from cvmkd_core.registry import KINDS, Registrar, Registry
+
+    registry = Registry()
+    register = Registrar(registry, "kinds")
+    plain = [k for k in KINDS if k not in ("package", "section", "loader", "slot")]
+    for kind in plain:
+        getattr(register, kind)(f"a-{kind}", ExactMatch)
+        assert component_ref(kind).kind == kind and component_ref(kind) is component_ref(kind)
+    register.component("metric", "another", ExactMatch)
+    assert registry.names("metric") == ["a-metric", "another"]
+    assert sorted(c.kind for c in registry.all()) == sorted([*plain, "metric"])
+    with pytest.raises(AttributeError, match="register has no method 'metrics'; the kinds are loss, metric"):
+        register.metrics("x", ExactMatch)
+    with pytest.raises(ComponentError, match="registered unknown component kind 'metrics'"):
+        register.component("metrics", "x", ExactMatch)
+    with pytest.raises(ValueError, match="unknown component kind 'metrics'"):
+        component_ref("metrics")

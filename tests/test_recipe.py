@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cvmkd_core import hookimpl
 from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import Recipe, apply_overrides, load_recipe, parse_override, read_recipe_tables
@@ -166,9 +168,7 @@ CATALOGUE = [
     (
         "unknown top-level section",
         "[trainning]\nsteps = 10\n",
-        [
-            "recipe: unknown key 'trainning'; known keys: corpus, distill, exports, guard, loggers, quantize, reports, run, validation"
-        ],
+        ["recipe: unknown key 'trainning'; known keys: distill, guard, loggers, reports, run, validation"],
     ),
     (
         "value not among the choices",
@@ -208,8 +208,8 @@ CATALOGUE = [
     ),
     (
         "list entry without a name",
-        "[[quantize]]\nbits = 4\n",
-        ["quantize[0]: missing 'name': which quantizer to use"],
+        "[[reports]]\ntitle = 4\n",
+        ["reports[0]: missing 'name': which reporter to use"],
     ),
     (
         "table where a list is expected",
@@ -283,3 +283,37 @@ def test_a_default_component_gets_its_own_default_components(write) -> None:
     assert recipe.distill.name == "kd"
     assert recipe.distill.config.loss.name == "kd"
     assert recipe.distill.config.loss.config.temperature == 6.0
+
+
+class Slots:
+    """A plugin owning two recipe slots: one metric, and an array of them."""
+
+    @hookimpl
+    def cvmkd_register(self, register: Any) -> None:
+        register.slot("judge", "metric")
+        register.slot("judges", "metric", many=True)
+
+
+def test_a_plugin_owns_recipe_slots_that_select_components(write, toy_plugins: Plugins) -> None:
+    toy_plugins.add_plugin(Slots(), name="slots", source="test")
+    try:
+        recipe = load_recipe(write("r.toml", TOY_RECIPE), registry=toy_plugins.registry)
+        assert recipe.section("judge") is None and recipe.section("judges") == []
+        text = 'judge = "exact"\n' + TOY_RECIPE + '\n[[judges]]\nname = "exact"\n[[judges]]\nname = "exact"\n'
+        recipe = load_recipe(write("slots.toml", text), registry=toy_plugins.registry)
+        assert recipe.section("judge").name == "exact" and len(recipe.section("judges")) == 2
+        assert [(label, path) for label, path, _ in recipe.selected("metric")][:3] == [
+            ("exact", "judge"),
+            ("exact-0", "judges[0]"),
+            ("exact-1", "judges[1]"),
+        ]
+        assert recipe.to_dict()["judges"] == [{"name": "exact"}, {"name": "exact"}]
+        bad = 'judge = "nope"\n' + TOY_RECIPE + '\n[[judges]]\nlabel = "x"\n'
+        with pytest.raises(RecipeError) as info:
+            load_recipe(write("bad.toml", bad), registry=toy_plugins.registry)
+        assert info.value.problems == [
+            "judge: unknown metric 'nope'; available: exact",
+            "judges[0]: missing 'name': which metric to use",
+        ]
+    finally:
+        toy_plugins.remove_plugin("slots")

@@ -29,9 +29,14 @@ class CTranslate2Translator:
         self.hf = (self.folder / "tokenizer-hf").is_dir()
         self.tokenizer: Any
         if self.hf:
-            from cvmkd_hf.tokenizer import HfTokenizer
+            from cvmkd_nmt.model.package import tokenizer_format
 
-            self.tokenizer = HfTokenizer(self.folder / "tokenizer-hf")
+            reader = tokenizer_format("hf")
+            if reader is None:
+                raise ModelError(
+                    f"{self.folder}: its tokenizer is a Hugging Face tokenizer: install the plugin cvmkd-hf"
+                )
+            self.tokenizer = reader(self.folder / "tokenizer-hf")
         else:
             self.tokenizer = Tokenizer.load(self.folder / TOKENIZER)
         self.max_len = int(self.metadata["export"].get("max_len", 512))

@@ -13,7 +13,7 @@ import torch
 
 from cvmkd_core.config import structure
 from cvmkd_core.errors import MetricError, RecipeError
-from cvmkd_core.recipe import MetricRef, Recipe, load_recipe
+from cvmkd_core.recipe import Recipe, component_ref, load_recipe
 from cvmkd_core.registry import Registry
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
@@ -307,7 +307,7 @@ def test_a_recipe_selects_the_guard_with_its_settings(tmp_path: Path) -> None:
 
 def test_the_watched_and_gated_scores_must_exist(tmp_path: Path) -> None:
     state = state_for(tmp_path)
-    state.recipe = Recipe(sections={"validation": ValidationConfig(metrics=[MetricRef(name="exact")])})
+    state.recipe = Recipe(sections={"validation": ValidationConfig(metrics=[component_ref("metric")(name="exact")])})
     state.components["validation.metrics[0]"] = ExactMatch()
     with pytest.raises(MetricError) as caught:
         Guard(GuardConfig(score="bleu")).cvmkd_check(state=state)

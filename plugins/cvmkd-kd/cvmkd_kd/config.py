@@ -6,7 +6,9 @@ from __future__ import annotations
 import attrs
 
 from cvmkd_core.config import between, ge, gt, one_of
-from cvmkd_core.recipe import ModelRef
+from cvmkd_core.recipe import component_ref
+
+ModelRef = component_ref("model")
 
 
 @attrs.frozen

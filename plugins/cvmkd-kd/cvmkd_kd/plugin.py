@@ -58,6 +58,8 @@ def cvmkd_register(register: Any) -> None:
     register.section("student", StudentConfig)
     register.loss("kd", KDLoss, config=KDConfig)
     register.loss("ce", CELoss, config=CEConfig)
+    # [[quantize]]: the quantizers the finalize phase cvmkd_quantize runs on the trained student
+    register.slot("quantize", "quantizer", many=True)
 
 
 @hookimpl

@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from cvmkd_nmt.model.translate import source_batches
 from cvmkd_validation.metrics import COMPOSITE, retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, QUANTIZED
 from cvmkd_validation.validation import score_all, score_specs
+
+if TYPE_CHECKING:
+    from cvmkd_kd.trainer import Seq2SeqTrainer
 
 log = logging.getLogger("cvmkd")
 
@@ -98,7 +101,7 @@ def _file_bytes(directory: Path) -> int:
     return (directory / WEIGHTS).stat().st_size
 
 
-def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+def quantize_all(trainer: Seq2SeqTrainer, state: RunState, evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     """Run every selected quantizer on the student; measure, budget-check and package each."""
     from cvmkd_nmt.model.package import save_package
     from cvmkd_nmt.model.translate import translate
@@ -245,12 +248,14 @@ def quantize_all(trainer: Any, state: RunState, evaluation: dict[str, Any]) -> l
 @hookimpl
 def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
     """Finalize phase 3: quantize the trained student with every ``[[quantize]]`` component.
-    Works with any trainer that keeps its float model in ``model`` and its ``RunData`` in
-    ``data``; the test evaluation (phase 2) gives the scores the variants are compared with."""
+    Works with the trainers of this plugin (``Seq2SeqTrainer``: the float model in ``model``,
+    the ``RunData`` in ``data``); the test evaluation (phase 2) gives the scores the variants are compared with."""
+    from cvmkd_kd.trainer import Seq2SeqTrainer
+
     trainer = state.trainer
     if summary.status not in ("completed", "stopped") or summary[EVALUATION] is None or not state.selected("quantizer"):
         return
-    if getattr(trainer, "model", None) is None or getattr(trainer, "data", None) is None:
+    if not isinstance(trainer, Seq2SeqTrainer) or trainer.model is None or trainer.data is None:
         return
     variants = quantize_all(trainer, state, state.stash.get(EVALUATION_RECORD, {}))
     if not variants:

@@ -63,7 +63,7 @@ def teacher_held_out(state: RunState, metadata: dict[str, Any], splits: Any) -> 
     recorded = (metadata.get("recipe") or {}).get("corpus")
     if not isinstance(recorded, dict) or not recorded.get("name"):
         return {"checked": False, "reason": "the teacher package does not record its corpus"}
-    corpus = state.recipe.corpus
+    corpus = state.recipe.section("corpus")
     if corpus is None or recorded["name"] != corpus.name:
         return {"checked": False, "reason": f"the teacher was trained on the corpus {recorded['name']!r}"}
     try:
@@ -193,9 +193,8 @@ class KDTrainer(Seq2SeqTrainer):
             ),
             distill=TrainerRef(name="teacher", config=teacher),
             guard=None,
-            quantize=[],
             reports=[],
-            exports=[],
+            sections={**recipe.sections, "quantize": [], "exports": []},
         )
         stage_dir = state.run_dir / "teacher"
         log.info("training the teacher: %d steps in %s (cached afterwards as %s)", teacher.steps, stage_dir, cached)

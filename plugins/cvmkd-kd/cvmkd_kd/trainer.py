@@ -18,7 +18,7 @@ import torch
 from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.errors import CorpusError, ModelError
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.recipe import LossRef
+from cvmkd_core.recipe import component_ref
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.config import TeacherConfig
 from cvmkd_kd.data import RunData, prepare_data
@@ -28,6 +28,9 @@ from cvmkd_nmt.data.batching import Batch, BatchStream, padded_width
 from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_nmt.model.presets import count_parameters
 from cvmkd_nmt.model.translate import translate
+from cvmkd_validation.contract import TranslationTrainer
+
+LossRef = component_ref("loss")
 
 log = logging.getLogger("cvmkd")
 
@@ -89,7 +92,7 @@ def learning_rate_at(step: int, base: float, warmup: int, schedule: str, total: 
     return base
 
 
-class Seq2SeqTrainer:
+class Seq2SeqTrainer(TranslationTrainer):
     """Trains a cvm model on the corpus; validation and test scoring translate with it."""
 
     role = "student"
@@ -273,7 +276,7 @@ class Seq2SeqTrainer:
     @hookimpl
     def cvmkd_check(self, state: RunState) -> None:
         component = state.components.get(f"{self.role}.model")
-        if state.recipe.quantize and component is not None and not getattr(component, "quantizable", True):
+        if state.recipe.section("quantize") and component is not None and not getattr(component, "quantizable", True):
             raise ModelError(
                 f"[[quantize]] works on cvm students; a {getattr(component, 'family', 'non-cvm')} student is "
                 'quantized when exported: [[exports]] name = "ctranslate2", quantization = "int8" (docs/export.md)'
@@ -477,6 +480,9 @@ class TeacherTrainer(Seq2SeqTrainer):
         super().__init__(config)
         self.start_package: Path | None = None
         self.initialised_from: dict[str, Any] = {}
+
+    def test_beam_sizes(self) -> list[int]:
+        return list(self.config.test_beam_sizes)
 
     def _model_component(self, state: RunState) -> Any:
         # a teacher recipe names its model in [distill.model]; a teacher stage copies [teacher]

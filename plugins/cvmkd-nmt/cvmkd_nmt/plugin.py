@@ -174,6 +174,10 @@ def cvmkd_register(register: Any) -> None:
     register.model("cvm", CvmModel, config=CvmSpec)
     register.corpus("files", FilesCorpus, config=FilesConfig)
     register.section("tokenizer", TokenizerConfig)
+    # the recipe keys that select a corpus and the formats the finished model is exported to
+    # ([[exports]] name = "ctranslate2")
+    register.slot("corpus", "corpus")
+    register.slot("exports", "exporter", many=True)
 
 
 # --- commands and the run's outcome ---------------------------------------------------------------

@@ -39,6 +39,7 @@ from cvmkd_core.state import RunState
 from cvmkd_nmt.contracts import QuantizationResult
 from cvmkd_quant_torch import qat
 from cvmkd_quant_torch.static import StaticInt8, StaticInt8Config
+from cvmkd_validation.contract import TranslationTrainer
 
 __version__ = "0.1.0"
 
@@ -118,7 +119,7 @@ class QatInt8:
         self.started_at: int | None = None
 
     def _student(self, state: RunState) -> Any:
-        return getattr(state.trainer, "model", None)
+        return state.trainer.model if isinstance(state.trainer, TranslationTrainer) else None
 
     def _sync(self, state: RunState) -> None:
         model = self._student(state)

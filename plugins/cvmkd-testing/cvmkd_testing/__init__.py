@@ -20,6 +20,7 @@ from cvmkd_core.config import ge, gt
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.registry import Registrar
 from cvmkd_core.state import RunState, StepResult
+from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import ScoreSpec
 
 #: A recipe for the toy trainer: six steps, validated every three.
@@ -60,8 +61,9 @@ class ToyConfig:
     """when > 0, the weight is thrown far off after this step (for rollback tests)"""
 
 
-class ToyTrainer:
-    """Fit ``w`` to ``target`` on random inputs; translate exactly while ``|w - target| < 0.5``."""
+class ToyTrainer(TranslationTrainer):
+    """Fit ``w`` to ``target`` on random inputs; translate exactly while ``|w - target| < 0.5``.
+    It has no test split, so a toy run ends without a test evaluation."""
 
     def __init__(self, config: ToyConfig) -> None:
         self.config = config

@@ -8,7 +8,9 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import ConfigValueError, ge, gt
-from cvmkd_core.recipe import MetricRef
+from cvmkd_core.recipe import component_ref
+
+MetricRef = component_ref("metric")
 
 
 def _weights(instance: Any, attribute: attrs.Attribute, value: dict[str, float]) -> None:

@@ -6,15 +6,15 @@ student's errors there are analysed. The full record goes to ``evaluation.json``
 sources and references and each model's translations go beside it as plain text, one line per
 sentence (``test.src``, ``test.ref``, ``test.<model>.hyp``), so anyone can score them again.
 
-It works with any trainer that offers the :class:`TestTranslator` methods; a trainer may also offer
-``measure_models(state) -> {name: {...}}`` (size and speed of its models), stored as ``models``.
+It works with any :class:`~cvmkd_validation.contract.TranslationTrainer` that has a test split;
+the size and speed of its models (``measure_models``) are stored as ``models``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
@@ -22,6 +22,7 @@ from cvmkd_core.plugins import add_hookspecs
 from cvmkd_core.state import RunState, RunSummary
 from cvmkd_validation import hookspecs
 from cvmkd_validation.analysis import analyse
+from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, GATE, QUANTIZED, TestEvaluation, TranslationSample
 from cvmkd_validation.validation import _lines, score_all, score_specs
@@ -31,36 +32,26 @@ log = logging.getLogger("cvmkd")
 EVALUATION_FILE = "evaluation.json"
 
 
-@runtime_checkable
-class TestTranslator(Protocol):
-    """What test evaluation needs from the trainer."""
-
-    #: "student" or "teacher": the name the trained model's scores are stored under
-    role: str
-
-    def test_data(self, state: RunState) -> tuple[list[str], list[str], str]:
-        """Sources, references and the split's name ("test", or "valid" without a test split)."""
-        ...
-
-    def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
-
-
-def evaluate(state: RunState, trainer: Any, *, extra_beams: list[int] | None = None) -> dict[str, Any]:
+def evaluate(
+    state: RunState, trainer: TranslationTrainer, test: tuple[list[str], list[str], str], extra_beams: list[int]
+) -> dict[str, Any]:
     """Score the trained model (and the teacher) on the test split; returns the full record."""
-    sources, references, split = trainer.test_data(state)
+    sources, references, split = test
     beam = state.recipe.section("validation").beam_size
-    role = getattr(trainer, "role", "student")
+    role = trainer.role
     result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
     outputs: dict[str, list[str]] = {}
-    who = [role] + (["teacher"] if role != "teacher" and hasattr(trainer, "teacher_translations") else [])
-    for name in who:
+    for name in [role] + (["teacher"] if role != "teacher" else []):
         started = time.perf_counter()
-        if name == role:
-            hypotheses = trainer.translate(state, sources, beam_size=beam)
-        else:  # the teacher's are cached: the same teacher is scored once on the same sentences
-            hypotheses = trainer.teacher_translations(state, sources, beam_size=beam)
-            if hypotheses is None:
-                continue
+        # the teacher's are cached: the same teacher is scored once on the same sentences
+        translated = (
+            trainer.translate(state, sources, beam_size=beam)
+            if name == role
+            else trainer.teacher_translations(state, sources, beam_size=beam)
+        )
+        if translated is None:
+            continue
+        hypotheses = translated
         seconds = time.perf_counter() - started
         outputs[name] = hypotheses
         result[name] = {
@@ -116,18 +107,18 @@ def cvmkd_finalize(state: RunState, summary: RunSummary) -> Any:
 @hookimpl
 def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
     trainer = state.trainer
-    if summary.status not in ("completed", "stopped") or not isinstance(trainer, TestTranslator):
+    if summary.status not in ("completed", "stopped") or not isinstance(trainer, TranslationTrainer):
         return
-    if getattr(trainer, "model", True) is None:
+    test = trainer.test_data(state)
+    if trainer.model is None or test is None:
         return
-    extra_beams = list(getattr(getattr(trainer, "config", None), "test_beam_sizes", None) or [])
-    record = evaluate(state, trainer, extra_beams=extra_beams)
-    if hasattr(trainer, "measure_models"):
-        record["models"] = trainer.measure_models(state)
+    record = evaluate(state, trainer, test, trainer.test_beam_sizes())
+    if models := trainer.measure_models(state):
+        record["models"] = models
     path = state.run_dir / EVALUATION_FILE
     atomic_write_json(path, record)
     state.stash[EVALUATION_RECORD] = record
-    role = getattr(trainer, "role", "student")
+    role = trainer.role
     summary[EVALUATION] = evaluation = TestEvaluation(
         split=record["split"],
         sentences=record["sentences"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from cvmkd_core.errors import CvmkdError, MetricError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
@@ -28,6 +28,7 @@ from cvmkd_core.plugins import add_hookspecs
 from cvmkd_core.stash import StashKey
 from cvmkd_core.state import RunState, ValidationRecord, ValidationResult
 from cvmkd_validation import hookspecs
+from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import (
     COMPOSITE,
     PairedTestMetric,
@@ -46,15 +47,6 @@ if TYPE_CHECKING:
     from cvmkd_core.recipe import ComponentRef
 
 log = logging.getLogger("cvmkd")
-
-
-@runtime_checkable
-class Translator(Protocol):
-    """What validation needs from the trainer: held-out text and a way to translate it."""
-
-    def validation_data(self, state: RunState) -> tuple[list[str], list[str]]: ...
-
-    def translate(self, state: RunState, sources: list[str], beam_size: int = 1) -> list[str]: ...
 
 
 #: what one validation keeps for the next: the previous translations, the teacher's scores
@@ -155,7 +147,7 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
     if not metrics:
         return None
     trainer = state.trainer
-    if not isinstance(trainer, Translator):
+    if not isinstance(trainer, TranslationTrainer):
         # typed as its base class: cvmkd_core makes TrainerRef at runtime, which mypy cannot use as a type
         distill: ComponentRef = state.recipe.distill
         raise CvmkdError(f"trainer {distill.name!r} cannot translate, so metrics cannot score it")
@@ -265,10 +257,10 @@ def _best(history: list[ValidationRecord]) -> ValidationRecord | None:
 
 
 def _teacher(
-    state: RunState, trainer: Any, sources: list[str], references: list[str], memory: dict[str, Any]
+    state: RunState, trainer: TranslationTrainer, sources: list[str], references: list[str], memory: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The teacher's scores on the validation sentences: translated and scored once per run."""
-    if not state.recipe.section("validation").teacher or not hasattr(trainer, "teacher_translations"):
+    if not state.recipe.section("validation").teacher:
         return None
     cached = memory.get("teacher")
     if cached is not None and cached["sources"] == len(sources):

@@ -157,6 +157,16 @@ def load_model_folder(
     return load_package(directory, device)
 
 
+def tokenizer_format(name: str) -> Any:
+    """The tokenizer class another distribution provides for a format of its own (the entry-point
+    group ``cvmkd.tokenizers``: ``hf`` from cvmkd-hf), or None when none is installed."""
+    import importlib.metadata
+
+    for entry_point in importlib.metadata.entry_points(group="cvmkd.tokenizers", name=name):
+        return entry_point.load()
+    return None
+
+
 def load_package(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[CvmTransformer, Any, dict[str, Any]]:
@@ -195,13 +205,12 @@ def load_package(
                 ) from None
             raise ModelError(f"model package {directory}: {WEIGHTS} does not fit {CONFIG} ({exc})") from None
     if hf_tokenizer:  # a student of a Hugging Face teacher speaks its tokenizer
-        try:
-            from cvmkd_hf.tokenizer import HfTokenizer
-        except ImportError:
+        reader = tokenizer_format("hf")
+        if reader is None:
             raise ModelError(
                 f"model package {directory}: its tokenizer is a Hugging Face tokenizer: install the plugin cvmkd-hf"
-            ) from None
-        tokenizer: Any = HfTokenizer(directory / HF_TOKENIZER, vocab_size=config.vocab_size)
+            )
+        tokenizer: Any = reader(directory / HF_TOKENIZER, vocab_size=config.vocab_size)
     else:
         tokenizer = Tokenizer.load(directory / TOKENIZER)
     if tokenizer.vocab_size != config.vocab_size:
