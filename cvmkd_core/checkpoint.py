@@ -1,7 +1,7 @@
 """Checkpoints: one file per validated step, written atomically, listed in a checksummed manifest.
 
-``checkpoints/manifest.json`` records each checkpoint's step, file, sha256 and composite
-score. The last ``keep`` checkpoints and the best one are kept. Loading verifies the checksum;
+``checkpoints/manifest.json`` records each checkpoint's step, file, sha256 and score (the rank
+its validation gave it). The last ``keep`` checkpoints and the best one are kept. Loading verifies the checksum;
 a damaged checkpoint is reported and skipped in favour of the previous one. Payloads hold only
 tensors and plain Python values, loaded with ``torch.load(weights_only=True)``.
 """

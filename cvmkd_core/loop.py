@@ -17,7 +17,7 @@
             if a hook called state.request_rollback(decision):   # a non-finite loss, say
                 roll back as below; continue
             if state.step % run.validate_every == 0 or state.step == run.steps:
-                scores, details = merge(cvmkd_validate(state))   # duplicate keys are an error
+                scores, details, rank = merge(cvmkd_validate(state))   # duplicate keys are an error
                 record = ValidationRecord(state.step, scores, details)
                 event("validation", record)
                 decision = cvmkd_check_degradation(state, record, history)   # firstresult
@@ -109,15 +109,20 @@ def _has_hookimpls(obj: Any) -> bool:
     )
 
 
-def _merge_validation(results: list[Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """One record's scores and details from every ``cvmkd_validate`` result."""
+def _merge_validation(results: list[Any]) -> tuple[dict[str, float], dict[str, Any], float | None]:
+    """One record's scores and details, and the checkpoint's rank, from every ``cvmkd_validate`` result."""
     scores: dict[str, float] = {}
     details: dict[str, Any] = {}
+    rank: float | None = None
     for result in results:
         if result is None:
             continue
         if isinstance(result, ValidationResult):
             part_scores, part_details = result.scores, result.details
+            if result.rank is not None:
+                if rank is not None:
+                    raise PluginError("two plugins returned the rank of a validation")
+                rank = float(result.rank)
         elif isinstance(result, dict):
             part_scores, part_details = result, {}
         else:
@@ -130,7 +135,7 @@ def _merge_validation(results: list[Any]) -> tuple[dict[str, float], dict[str, A
             if key in details:
                 raise PluginError(f"two plugins returned the validation detail {key!r}")
             details[key] = value
-    return scores, details
+    return scores, details, rank
 
 
 def _core_payload(state: RunState) -> dict[str, Any]:
@@ -310,7 +315,7 @@ class Loop:
                 state.request_stop(stop)
             return
         started = time.perf_counter()
-        scores, details = _merge_validation(hook.cvmkd_validate(state=state))
+        scores, details, rank = _merge_validation(hook.cvmkd_validate(state=state))
         seconds = time.perf_counter() - started
         state.validation_seconds += seconds
         elapsed = max(state.elapsed(), 1e-9)
@@ -342,20 +347,19 @@ class Loop:
         self._store_record(record)
         state.history.append(record)
         state.emit(Event.VALIDATION, **record.to_dict())
-        self._checkpoint(record)
+        self._checkpoint(record, rank)
         state.world.from_main((None, state.stop_reason if state.stop_requested else None))
 
-    def _checkpoint(self, record: ValidationRecord | None) -> None:
+    def _checkpoint(self, record: ValidationRecord | None, rank: float | None = None) -> None:
         """Every plugin adds its state; the payload is written once, atomically. ``record`` is
-        None for the checkpoint written on an interrupt (it is never the best). Rank 0 alone
-        writes: the other ranks' weights are the same."""
+        None for the checkpoint written on an interrupt (it is never the best); ``rank`` is what
+        the validation ranks it by. Rank 0 alone writes: the other ranks' weights are the same."""
         state = self.state
         if not state.world.main:
             return
         payload: dict[str, Any] = {"core": _core_payload(state)}
         self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
-        score = record.scores.get("composite") if record is not None else None
-        entry = self.checkpoints.save(state.step, state.iterations, payload, score=score)
+        entry = self.checkpoints.save(state.step, state.iterations, payload, score=rank)
         state.emit(
             Event.CHECKPOINT, step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None
         )

@@ -66,6 +66,9 @@ class ValidationResult:
 
     scores: dict[str, float]
     details: dict[str, Any] = attrs.field(factory=dict)
+    #: the figure the run's checkpoints are ranked by (higher is better; the best checkpoint is
+    #: the highest); one implementation at most gives it
+    rank: float | None = None
 
 
 @attrs.frozen

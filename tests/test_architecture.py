@@ -152,7 +152,7 @@ DOMAIN_WORDS_LEFT = {
     "sentence": 0,
     "distil": 12,
     "quantiz": 9,
-    "composite": 3,
+    "composite": 1,
     "gate": 0,
     "metric": 17,
 }

@@ -15,7 +15,7 @@ from cvmkd_core.loop import PluginError
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
-from cvmkd_core.state import Rollback
+from cvmkd_core.state import Rollback, ValidationResult
 from cvmkd_testing import TOY_RECIPE
 
 
@@ -226,6 +226,26 @@ def test_duplicate_validation_keys_are_an_error(write, toy_plugins: Plugins) -> 
     toy_plugins.add_plugin(DuplicateScore(), name="dup", source="test")
     with pytest.raises(PluginError, match="two plugins returned the validation score 'exact'"):
         run_session(_session(write, toy_plugins))
+
+
+class Ranker:
+    """Ranks each validation by minus its step: the first checkpoint is the best."""
+
+    @hookimpl
+    def cvmkd_validate(self, state: Any) -> ValidationResult:
+        return ValidationResult(scores={"early": float(state.step)}, rank=-float(state.step))
+
+
+def test_checkpoints_are_ranked_by_the_rank_a_validation_gives(write, toy_plugins: Plugins) -> None:
+    # the validation plugin ranks by the composite score; a second rank is an error
+    toy_plugins.add_plugin(Ranker(), name="ranker", source="test")
+    with pytest.raises(PluginError, match="two plugins returned the rank of a validation"):
+        run_session(_session(write, toy_plugins))
+    toy_plugins.remove_plugin("validation")
+    summary, run_dir = run_session(_session(write, toy_plugins, overrides=["run.name=ranked"]))
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert [(e["step"], e["score"]) for e in manifest["checkpoints"]] == [(3, -3.0), (6, -6.0)]
+    assert manifest["best"] == manifest["checkpoints"][0]["file"]
 
 
 class DropDetector:

@@ -236,7 +236,7 @@ def cvmkd_validate(state: RunState) -> ValidationResult | None:
         "sentence_scores": sentence_scores,
     }
     log.info("%s", summary_line(state.step, scores, details))
-    return ValidationResult(scores=scores, details=details)
+    return ValidationResult(scores=scores, details=details, rank=scores.get(COMPOSITE))
 
 
 # --- the parts ------------------------------------------------------------------------------
