@@ -154,12 +154,9 @@ def resume_command(args: argparse.Namespace, run_dir: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cvmkd_core.session import open_session, run_session
-
-    if args.quiet:  # the progress plugin (cvmkd-monitor) prints lines instead of a bar
-        os.environ["CVMKD_PROGRESS"] = "lines"
     from cvmkd_core.loop import Terminated
     from cvmkd_core.rundir import RECIPE_FILE, run_dir_for
+    from cvmkd_core.session import open_session, run_session
 
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone reports
     if rank:

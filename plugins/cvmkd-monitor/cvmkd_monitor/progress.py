@@ -24,14 +24,17 @@ log = logging.getLogger("cvmkd.progress")
 
 INTERVAL_SECONDS = 30.0
 
-#: "auto": a bar on a terminal, lines otherwise; "lines": always lines; "off": nothing.
-#: ``cvmkd run --quiet`` sets CVMKD_PROGRESS=lines; a user may set it too.
+#: "auto": a bar on a terminal, lines otherwise; "lines": always lines; "off": nothing. A user
+#: may set CVMKD_PROGRESS; under ``cvmkd run --quiet`` (cvmkd's log level above INFO) "auto"
+#: means lines.
 MODES = ("auto", "lines", "off")
 ENV_MODE = "CVMKD_PROGRESS"
 
 
 def _mode() -> str:
     mode = os.environ.get(ENV_MODE, "auto")
+    if mode == "auto" and logging.getLogger("cvmkd").getEffectiveLevel() > logging.INFO:
+        return "lines"  # --quiet: no bar, the periodic lines alone
     return mode if mode in MODES else "auto"
 
 
