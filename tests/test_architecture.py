@@ -181,3 +181,29 @@ def test_the_domain_word_count_sees_a_new_word(word: str, tmp_path: Path, monkey
     (core / "new.py").write_text(f"# the {word.upper()} of a run\n", "utf-8")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert domain_words()[word] == DOMAIN_WORDS_LEFT[word] + 1
+
+
+def test_the_picture_in_the_architecture_doc_is_the_declared_graph() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text("utf-8")
+    block = text.split("```mermaid", 1)[1].split("```", 1)[0]
+    names: dict[str, str] = {}
+    drawn: set[tuple[str, str, bool]] = set()
+    for line in block.splitlines():
+        for node, label in re.findall(r"(\w+)\[([\w-]+)\]", line):
+            names[node] = label
+        edge = re.match(r"\s*(\w+)(?:\[[\w-]+\])?\s*(-->|-\.->)\s*(\w+)", line)
+        if edge:
+            drawn.add((edge.group(1), edge.group(3), edge.group(2) == "-.->"))
+    edges = {(names[a], names[b], optional) for a, b, optional in drawn}
+    dists = distributions()
+    declared = set()
+    for dist in dists:
+        project = _project(ROOT if dist == CORE else ROOT / "plugins" / dist)
+        required = {_name(d) for d in project.get("dependencies", [])} & set(dists)
+        optional = _dependencies(project) & set(dists) - required
+        if dist != CORE:
+            others = required - {CORE}
+            # the core is drawn only for distributions with no other dependency in the repository
+            declared |= {(dist, target, False) for target in (others or {CORE})}
+            declared |= {(dist, target, True) for target in optional}
+    assert edges == declared

@@ -141,29 +141,21 @@ class HfSeq2Seq(torch.nn.Module):
         max_len_b: int = 10,
         device: torch.device | str = "cpu",
     ) -> list[list[str]]:
-        """The ``nbest`` best translations of each source (best first), in order."""
-        from cvmkd_nmt.data.batching import pad_rows
+        """The ``nbest`` best translations of each source (best first), in order, through cvmkd's
+        one decoding loop with ``generate`` of transformers as the decoder."""
+        from cvmkd_nmt.model.translate import decode_batches
 
         tok = self.tokenizer
         encoded = [ids[: self.config.max_len - 1] + [tok.eos_id] for ids in tok.encode(sources)]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        results: list[list[str]] = [[] for _ in sources]
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                src = pad_rows([encoded[i] for i in chunk], tok.pad_id).to(device)
-                longest = max(len(encoded[i]) for i in chunk)
-                max_new = max(1, min(int(max_len_a * longest + max_len_b), self.config.max_len - 1))
-                with torch.inference_mode():
-                    out = self._generate(src, max(beam_size, nbest), nbest, max_new).tolist()
-                texts = tok.decode(self._strip(row) for row in out)
-                for j, i in enumerate(chunk):
-                    results[i] = texts[j * nbest : (j + 1) * nbest]
-        finally:
-            self.train(was_training)
-        return results
+
+        def decode(src: torch.Tensor, rows: list[int]) -> list[list[str]]:
+            longest = max(len(encoded[i]) for i in rows)
+            max_new = max(1, min(int(max_len_a * longest + max_len_b), self.config.max_len - 1))
+            out = self._generate(src, max(beam_size, nbest), nbest, max_new).tolist()
+            texts = tok.decode(self._strip(row) for row in out)
+            return [texts[j * nbest : (j + 1) * nbest] for j in range(len(rows))]
+
+        return decode_batches(self, encoded, tok.pad_id, batch_size, device, decode)
 
     def save_folder(self, directory: Path, half: bool = False) -> None:
         """The model as ``save_pretrained`` writes it, with its tokenizer's own files beside it,

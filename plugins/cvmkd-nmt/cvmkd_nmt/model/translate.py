@@ -10,7 +10,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +46,38 @@ def source_batches(
     return [pad_rows(encoded[start : start + batch_size], tokenizer.pad_id) for start in range(0, end, batch_size)]
 
 
+def decode_batches(
+    model: Any,
+    encoded: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str,
+    decode: Callable[[torch.Tensor, list[int]], list[list[str]]],
+) -> list[list[str]]:
+    """The one decoding loop every translation goes through (cvm models, Hugging Face models,
+    ``cvmkd translate``, validation, the teacher's passes): sentences sorted by length, padded
+    batches of ``batch_size``, the model in eval mode and inference mode, the results put back in
+    the sources' order. ``decode(src, rows)`` turns a batch (the rows' indices in ``encoded``)
+    into each row's n-best texts, best first."""
+    from cvmkd_nmt.data.batching import pad_rows
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: list[list[str]] = [[] for _ in encoded]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src = pad_rows([encoded[i] for i in chunk], pad_id).to(device)
+            with torch.inference_mode():
+                texts = decode(src, chunk)
+            for i, hyps in zip(chunk, texts):
+                results[i] = hyps
+    finally:
+        model.train(was_training)
+    return results
+
+
 def translate(
     model: Any,
     tokenizer: Any,
@@ -58,43 +90,10 @@ def translate(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
 ) -> list[str]:
-    """Translations of ``sources`` in their order. Sentences longer than the model's maximum
-    length are cut (their tail is not translated)."""
-    from cvmkd_nmt.data.batching import pad_rows
-    from cvmkd_nmt.model.decoding import beam_search, greedy_decode
-
-    if hasattr(model, "translate_texts"):  # a model of another library (a Hugging Face teacher)
-        return [
-            hyps[0] if hyps else ""
-            for hyps in model.translate_texts(
-                sources,
-                beam_size=beam_size,
-                batch_size=batch_size,
-                max_len_a=max_len_a,
-                max_len_b=max_len_b,
-                device=device,
-            )
-        ]
-    device = torch.device(device)
-    encoded = encode_sources(tokenizer, sources, model.config.max_len)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    results: list[str] = [""] * len(sources)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            src = pad_rows([encoded[i] for i in chunk], tokenizer.pad_id).to(device)
-            with torch.inference_mode(), autocast(device, precision):
-                if beam_size > 1:
-                    ids = beam_search(model, src, beam_size=beam_size, max_len_a=max_len_a, max_len_b=max_len_b)
-                else:
-                    ids = greedy_decode(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
-            for i, text in zip(chunk, tokenizer.decode(ids)):
-                results[i] = text
-    finally:
-        model.train(was_training)
-    return results
+    """Translations of ``sources`` in their order: greedy, or the best of a beam search. Sentences
+    longer than the model's maximum length are cut (their tail is not translated)."""
+    lists = _translate(model, tokenizer, sources, beam_size, None, batch_size, device, precision, max_len_a, max_len_b)
+    return [hyps[0] if hyps else "" for hyps in lists]
 
 
 def translate_nbest(
@@ -111,8 +110,25 @@ def translate_nbest(
     max_len_b: int = 10,
 ) -> list[list[str]]:
     """The ``nbest`` best beam-search translations of each of ``sources``, best first."""
-    from cvmkd_nmt.data.batching import pad_rows
-    from cvmkd_nmt.model.decoding import beam_search_nbest
+    return _translate(model, tokenizer, sources, beam_size, nbest, batch_size, device, precision, max_len_a, max_len_b)
+
+
+def _translate(
+    model: Any,
+    tokenizer: Any,
+    sources: list[str],
+    beam_size: int,
+    nbest: int | None,
+    batch_size: int,
+    device: torch.device | str,
+    precision: str,
+    max_len_a: float,
+    max_len_b: int,
+) -> list[list[str]]:
+    """``nbest`` None: the one best (greedy with a beam of one); else the n best of a beam
+    search. A model of another library (a Hugging Face model) decodes with its own engine
+    (``translate_texts``), through the same loop."""
+    from cvmkd_nmt.model.decoding import beam_search, beam_search_nbest, greedy_decode
 
     if hasattr(model, "translate_texts"):  # a model of another library (a Hugging Face teacher)
         return [
@@ -120,7 +136,7 @@ def translate_nbest(
             for hyps in model.translate_texts(
                 sources,
                 beam_size=beam_size,
-                nbest=nbest,
+                nbest=nbest or 1,
                 batch_size=batch_size,
                 max_len_a=max_len_a,
                 max_len_b=max_len_b,
@@ -128,24 +144,22 @@ def translate_nbest(
             )
         ]
     device = torch.device(device)
-    encoded = encode_sources(tokenizer, sources, model.config.max_len)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    results: list[list[str]] = [[] for _ in sources]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            src = pad_rows([encoded[i] for i in chunk], tokenizer.pad_id).to(device)
-            with torch.inference_mode(), autocast(device, precision):
+
+    def decode(src: torch.Tensor, rows: list[int]) -> list[list[str]]:
+        with autocast(device, precision):
+            if nbest is not None:
                 lists = beam_search_nbest(
                     model, src, beam_size=beam_size, nbest=nbest, max_len_a=max_len_a, max_len_b=max_len_b
                 )
-            for i, hyps in zip(chunk, lists):
-                results[i] = tokenizer.decode(hyps) if hyps else [""]
-    finally:
-        model.train(was_training)
-    return results
+                return [tokenizer.decode(hyps) if hyps else [""] for hyps in lists]
+            if beam_size > 1:
+                ids = beam_search(model, src, beam_size=beam_size, max_len_a=max_len_a, max_len_b=max_len_b)
+            else:
+                ids = greedy_decode(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
+        return [[text] for text in tokenizer.decode(ids)]
+
+    encoded = encode_sources(tokenizer, sources, model.config.max_len)
+    return decode_batches(model, encoded, tokenizer.pad_id, batch_size, device, decode)
 
 
 def _umask() -> int:
