@@ -124,3 +124,51 @@ def test_errors(tmp_path: Path) -> None:
         bible_splits("fr-en", valid_size=20_000, test_size=20_000)
     with pytest.raises(CorpusError, match="no such corpus file"):
         load_bible_pairs("fr-en", db_path=tmp_path / "missing.db")
+
+
+def test_other_translations_are_extra_pairs_and_extra_sources_never_holding_a_held_out_verse() -> None:
+    from cvmkd_corpus_bible.bible import BIBLES, _held_out, extra_training_sources, load_translation
+
+    train, valid, test = bible_splits("fr-en")
+    more, valid2, test2 = bible_splits("fr-en", extra_pairs=["o", "5"])
+    assert (valid2, test2) == (valid, test) and more[: len(train)] == train  # the main split is unchanged
+    extra = more[len(train) :]
+    assert len(extra) == 2 * len(train)  # every training verse in both other translations
+    assert {p.tgt for p in extra} == {p.tgt for p in train}  # paired with the same WEB verses
+
+    refs, _, valid_refs, test_refs = _held_out("fr-en", 1000, 1000, 1234, None)
+    held_out = valid_refs | test_refs
+    assert len(held_out) == 2000
+    extra_sources = {p.src for p in extra}
+    for code in ("o", "5"):
+        verses = load_translation(code)
+        training_text = {verses[r] for r in refs if r not in held_out and verses.get(r)}
+        # by verse reference: a held-out verse's wording in this translation is a training source
+        # only where the very same words are also another verse's, one the model may train on
+        leaked = [r for r in held_out if verses[r] in extra_sources and verses[r] not in training_text]
+        assert leaked == []
+    sources = extra_training_sources("fr-en", ["o", "5"])
+    assert sources == [p.src for p in extra]
+    assert BIBLES["o"][0] == BIBLES["5"][0] == "fr"
+
+
+def test_other_translations_are_normalised_like_the_main_ones() -> None:
+    from cvmkd_corpus_bible.bible import load_translation
+
+    darby, ostervald, kjv = load_translation("5"), load_translation("o"), load_translation("k")
+    for verses in (darby, ostervald, kjv):
+        assert len(verses) == 31_102
+        assert not any(re.search(r"[#`’\[\]]|\(\d+:\d+[ab]?\)|\*\*\*", t) for t in verses.values())
+    assert darby[(43, 11, 35)] == "Jésus pleura."
+    assert ostervald[(19, 22, 2)].startswith("Mon Dieu, je crie le jour")
+    assert darby[(5, 32, 17)].startswith("Ils ont sacrifié aux démons qui ne sont point Dieu,")
+
+
+def test_a_translation_of_another_language_is_refused_in_one_line() -> None:
+    from cvmkd_corpus_bible.plugin import BibleConfig
+
+    with pytest.raises(Exception, match="extra_pairs: 'k' is not another fr translation; for fr-en: o, 5"):
+        BibleConfig(direction="fr-en", extra_pairs=["k"])
+    with pytest.raises(CorpusError, match="'k' is not another fr translation"):
+        bible_splits("fr-en", extra_pairs=["k"])
+    assert BibleConfig(direction="en-fr", extra_sources=["k", "2", "3"]).extra_sources == ["k", "2", "3"]

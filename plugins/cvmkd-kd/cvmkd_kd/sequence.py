@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +53,21 @@ class SequenceKDConfig:
     batch_size: int = attrs.field(default=64, validator=gt(0))
     chunk_size: int = attrs.field(default=2000, validator=gt(0))
     """sentences per cache file: how much an interrupted pass can lose"""
+    extra_sources: list[str] = attrs.field(factory=list)
+    """files of source-language text the teacher translates too, beside the training sources:
+    one sentence per line, or a ``.tsv`` (first column) or ``.jsonl`` (``src``) file, each
+    possibly ``.gz``; with the corpus's own extra sources (``[corpus] extra_sources``), the
+    student trains on the union (``targets`` "teacher" or "both")"""
 
     def __attrs_post_init__(self) -> None:
         from cvmkd_core.config import ConfigValueError
 
         if self.nbest > self.beam_size:
             raise ConfigValueError(f"nbest ({self.nbest}) must not exceed beam_size ({self.beam_size})")
+        if self.extra_sources and self.targets == "reference":
+            raise ConfigValueError(
+                'extra_sources are translated by the teacher: they need targets = "teacher" or "both"'
+            )
 
 
 def cache_key(
@@ -140,21 +149,42 @@ def teacher_targets(
     return out, info
 
 
-def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig) -> Any:
+def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig, extra: Sequence[str] = ()) -> Any:
     """``data`` training on the teacher's translations (``teacher``; the reference where the
-    teacher gave nothing) or on both (``both``)."""
+    teacher gave nothing) or on both (``both``). ``hypotheses`` holds the translations of the
+    training sources, then of the ``extra`` sources, whose pairs (source, translation) join the
+    training data in either case; an extra source the teacher gave nothing for is left out."""
     tokenizer = data.tokenizer
-    teacher_ids = getattr(tokenizer, "encode_targets", tokenizer.encode)(hypotheses)
+    encode_targets = getattr(tokenizer, "encode_targets", tokenizer.encode)
+    pairs = len(data.train_tgt)
+    teacher_ids = encode_targets(hypotheses[:pairs])
     teacher_ids = [ids if ids else ref for ids, ref in zip(teacher_ids, data.train_tgt)]
+    kept = [(s, ids) for s, ids in zip(tokenizer.encode(list(extra)), encode_targets(hypotheses[pairs:])) if ids]
+    extra_src, extra_tgt = [s for s, _ in kept], [ids for _, ids in kept]
     digest = hashlib.sha256("\n".join(hypotheses).encode()).hexdigest()[:16]
+    label = f"{digest}+{len(kept)}" if extra else digest
     if config.targets == "teacher":
-        return attrs.evolve(data, train_tgt=teacher_ids, targets=f"teacher:{digest}")
+        return attrs.evolve(
+            data, train_src=data.train_src + extra_src, train_tgt=teacher_ids + extra_tgt, targets=f"teacher:{label}"
+        )
     return attrs.evolve(
         data,
-        train_src=data.train_src + data.train_src,
-        train_tgt=data.train_tgt + teacher_ids,
-        targets=f"both:{digest}",
+        train_src=data.train_src + data.train_src + extra_src,
+        train_tgt=data.train_tgt + teacher_ids + extra_tgt,
+        targets=f"both:{label}",
     )
+
+
+def extra_sources(config: SequenceKDConfig, corpus_extra: list[str], held_out: set[str]) -> tuple[list[str], int]:
+    """The extra source text the teacher translates: the corpus's, then each file's, in order,
+    without the sentences validation or test score (``held_out``); and how many were left out."""
+    from cvmkd_nmt.data.readers import read_sources
+
+    text = list(corpus_extra)
+    for path in config.extra_sources:
+        text.extend(read_sources(path))
+    kept = [s for s in text if s not in held_out]
+    return kept, len(text) - len(kept)
 
 
 def ship_targets(

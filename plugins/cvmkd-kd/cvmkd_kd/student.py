@@ -158,6 +158,12 @@ class KDTrainer(Seq2SeqTrainer):
             self.teacher_info["student_tokenizer"] = {"own": True, "vocab_size": self.data.tokenizer.vocab_size}
         if self.config.sequence.targets != "reference":
             self.data = self._sequence_targets(state)
+        elif self.data is not None and self.data.splits.extra_sources:
+            log.warning(
+                "the corpus offers %d extra sources, which only sequence-level KD uses "
+                '([distill.sequence] targets = "teacher" or "both"): not used',
+                len(self.data.splits.extra_sources),
+            )
         if self.uses_teacher and self.config.teacher_outputs == "cached":
             self.cache = self._teacher_outputs(state)
 
@@ -235,14 +241,27 @@ class KDTrainer(Seq2SeqTrainer):
 
     def _sequence_targets(self, state: RunState) -> Any:
         """Sequence-level KD: the training data with the teacher's translations as targets."""
-        from cvmkd_kd.sequence import SHIPPED_SETTINGS, cache_key, shipped_targets, teacher_targets, with_targets
+        from cvmkd_kd.sequence import (
+            SHIPPED_SETTINGS,
+            cache_key,
+            extra_sources,
+            shipped_targets,
+            teacher_targets,
+            with_targets,
+        )
         from cvmkd_nmt.model.translate import translate_nbest
 
         assert self.data is not None
         config = self.config.sequence
         tokenizer = self.teacher_tokenizer  # the teacher reads and writes text with its own
-        train = self.data.splits.train
-        sources, references = [p[0] for p in train], [p[1] for p in train]
+        splits = self.data.splits
+        held_out = {p[0] for p in splits.valid} | {p[0] for p in splits.test}
+        extra, left_out = extra_sources(config, splits.extra_sources, held_out)
+        if left_out:
+            log.warning("sequence-level KD: %d extra sources are validation or test sources: left out", left_out)
+        # the teacher translates the training sources, then the extra text (no references)
+        sources = [p[0] for p in splits.train] + extra
+        references = [p[1] for p in splits.train] + [""] * len(extra)
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         key = cache_key(weights, tokenizer.sha256, sources, references, config, f"{self.device}|{self.precision}")
         directory = state.recipe.run.cache_path() / "teacher-targets" / key[:24]
@@ -270,13 +289,15 @@ class KDTrainer(Seq2SeqTrainer):
             log.info("sequence-level KD: the teacher's translations shipped with its package (%s)", info["path"])
         else:
             log.info(
-                "sequence-level KD: the teacher translates %d training sources (beam %d, %d-best), cached in %s",
+                "sequence-level KD: the teacher translates %d sources (%d of them extra text; beam %d, %d-best), cached in %s",
                 len(sources),
+                len(extra),
                 config.beam_size,
                 config.nbest,
                 directory,
             )
             hypotheses, info = teacher_targets(translate, sources, references, config, directory)
+        info.update(extra_sources=len(extra), extra_left_out=left_out)
         self.teacher_info["sequence_kd"] = info
         log.info(
             "sequence-level KD targets ready: %d translated, %d reused from the cache, %.0fs",
@@ -284,7 +305,7 @@ class KDTrainer(Seq2SeqTrainer):
             info["reused"],
             info["seconds"],
         )
-        return with_targets(self.data, hypotheses, config)
+        return with_targets(self.data, hypotheses, config, extra)
 
     def _teacher_outputs(self, state: RunState) -> Any:
         """The teacher's top-k log-probabilities over the training set, computed once and cached."""

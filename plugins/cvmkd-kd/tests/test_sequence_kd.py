@@ -179,3 +179,89 @@ def test_evaluation_translations_shipped_with_the_teacher_package_are_scored_ins
         open_session(tmp_path / "recipe.toml", ["run.name=beam2", f"validation.beam_size={beam + 1}"])
     )
     assert (run_dir3 / "validation" / "teacher.hyp.txt").read_text().splitlines() != shipped["valid"]
+
+
+def test_extra_sources_are_read_from_every_format_plain_or_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    from cvmkd_core.errors import CorpusError
+    from cvmkd_nmt.data.readers import read_sources
+
+    (tmp_path / "plain.txt").write_text("first line\n\n  second line  \n", "utf-8")
+    (tmp_path / "plain.txt.gz").write_bytes(gzip.compress(b"first line\nsecond line\n"))
+    (tmp_path / "pairs.tsv.gz").write_bytes(gzip.compress(b"first line\tref one\nsecond line\tref two\n"))
+    (tmp_path / "pairs.jsonl").write_text('{"src": "first line", "tgt": "x"}\n{"src": "second line"}\n', "utf-8")
+    for name in ("plain.txt", "plain.txt.gz", "pairs.tsv.gz", "pairs.jsonl"):
+        assert read_sources(tmp_path / name) == ["first line", "second line"], name
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(b"first line\n")[:-6])
+    (tmp_path / "empty.txt").write_text("\n\n", "utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"tgt": "x"}\n', "utf-8")
+    with pytest.raises(CorpusError, match="cut.txt.gz: not a complete gzip file"):
+        read_sources(tmp_path / "cut.txt.gz")
+    with pytest.raises(CorpusError, match="empty.txt: no source sentences"):
+        read_sources(tmp_path / "empty.txt")
+    with pytest.raises(CorpusError, match='bad.jsonl: line 1: expected a JSON object with a string under "src"'):
+        read_sources(tmp_path / "bad.jsonl")
+    with pytest.raises(CorpusError, match="no such corpus file"):
+        read_sources(tmp_path / "missing.txt")
+
+
+def test_extra_sources_need_the_teachers_targets() -> None:
+    from cvmkd_core.config import ConfigValueError
+
+    with pytest.raises(
+        ConfigValueError, match='extra_sources are translated by the teacher: they need targets = "teacher"'
+    ):
+        SequenceKDConfig(extra_sources=["mono.txt"])
+
+
+def test_the_teacher_translates_extra_text_once_and_the_student_trains_on_the_union(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_tiny_corpus(tmp_path)
+    # extra text: new sentences, plus one that is a held-out source, which must be left out
+    (tmp_path / "mono.txt").write_text("le chien dort\nla maison est grande\nle chat mange\n", "utf-8")
+    recipe = TINY_KD_RECIPE + '\n[distill.sequence]\ntargets = "teacher"\nextra_sources = ["mono.txt"]\n'
+    (tmp_path / "recipe.toml").write_text(recipe)
+    torch.set_num_threads(1)
+    session = open_session(tmp_path / "recipe.toml")
+    from cvmkd_core.session import prepare_state
+    from cvmkd_kd.data import prepare_data
+
+    data = prepare_data(prepare_state(session, tmp_path / "not-written"))
+    held_out = {p[0] for p in data.splits.valid} | {p[0] for p in data.splits.test}
+    (tmp_path / "mono.txt").write_text(
+        "le chien dort\nla maison est grande\nle chat mange\n" + f"{sorted(held_out)[0]}\n", "utf-8"
+    )
+    summary, run_dir = run_session(session)
+    assert summary.status == "completed"
+    info = json.loads((run_dir / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
+    assert (info["extra_sources"], info["extra_left_out"]) == (3, 1)
+    assert info["sentences"] == len(data.splits.train) + 3 and info["translated"] == info["sentences"]
+    cached = [line for f in sorted(Path(info["path"]).glob("chunk_*.txt")) for line in f.read_text().splitlines()]
+    assert len(cached) == len(data.splits.train) + 3
+
+    # the student's training data is the union: the pairs with the teacher's targets, then the extra text
+    from cvmkd_kd.sequence import with_targets
+
+    hypotheses = cached
+    extra = ["le chien dort", "la maison est grande", "le chat mange"]
+    union = with_targets(data, hypotheses, SequenceKDConfig(targets="teacher"), extra)
+    assert len(union.train_src) == len(data.train_src) + sum(1 for h in hypotheses[-3:] if h.strip())
+    assert union.train_src[len(data.train_src) :] == [
+        ids for ids, h in zip(data.tokenizer.encode(extra), hypotheses[-3:]) if h.strip()
+    ]
+    kept = len(union.train_src) - len(data.train_src)
+    both = with_targets(data, hypotheses, SequenceKDConfig(targets="both"), extra)
+    assert len(both.train_src) == 2 * len(data.train_src) + kept
+    assert (
+        union.targets
+        != with_targets(data, hypotheses[: len(data.train_src)], SequenceKDConfig(targets="teacher")).targets
+    )
+
+    # other extra text is another cache key: translated anew, the pairs' chunks included
+    (tmp_path / "mono.txt").write_text("le chien dort\n", "utf-8")
+    _, run_dir2 = run_session(open_session(tmp_path / "recipe.toml", ["run.name=other"]))
+    info2 = json.loads((run_dir2 / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
+    assert info2["path"] != info["path"] and info2["extra_sources"] == 1

@@ -1,10 +1,13 @@
-"""Read parallel corpora (TSV, two line-aligned files, JSONL) into sentence pairs, filter and split them.
+"""Read parallel corpora (TSV, two line-aligned files, JSONL) into sentence pairs, filter and split
+them; read source-language text alone (those formats, or one sentence per line). A file whose
+name ends in ``.gz`` is read through gzip.
 
 Every problem is reported as a :class:`~cvmkd_core.errors.CorpusError` naming the file and the line.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -21,6 +24,7 @@ __all__ = [
     "filter_pairs",
     "read_jsonl",
     "read_parallel",
+    "read_sources",
     "read_tsv",
     "split_pairs",
 ]
@@ -56,10 +60,14 @@ def _read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
     p = Path(path)
     try:
         data = p.read_bytes()
+        if p.name.endswith(".gz"):
+            data = gzip.decompress(data)
     except FileNotFoundError:
         raise CorpusError(f"no such corpus file: {path}") from None
     except IsADirectoryError:
         raise CorpusError(f"{path}: is a directory, not a corpus file") from None
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise CorpusError(f"{path}: not a complete gzip file ({e})") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
     if data.startswith(b"\xef\xbb\xbf"):  # a BOM written by some Windows editors is not text
@@ -199,6 +207,32 @@ def read_jsonl(path: PathLike, src_key: str = "src", tgt_key: str = "tgt", skip_
             continue
         pairs.append(Pair(src, tgt))
     return _finish(pairs, skipped, path)
+
+
+def read_sources(path: PathLike) -> list[str]:
+    """Source-language sentences without references, from a file in any format the ``files``
+    corpus reads, told by its name (``.gz`` after it is read through gzip): ``.tsv`` (the first
+    column), ``.jsonl`` (the ``src`` key), or anything else: plain text, one sentence per line.
+    Blank lines are skipped; an empty result is an error naming the file."""
+    name = Path(path).name.removesuffix(".gz")
+    sentences: list[str] = []
+    for number, line in _read_lines(path):
+        text = line
+        if name.endswith(".tsv"):
+            text = line.split("\t", 1)[0]
+        elif name.endswith(".jsonl") and line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("src"), str):
+                raise CorpusError(f'{path}: line {number}: expected a JSON object with a string under "src"')
+            text = obj["src"]
+        if text.strip():
+            sentences.append(text.strip())
+    if not sentences:
+        raise CorpusError(f"{path}: no source sentences (an empty file)")
+    return sentences
 
 
 def filter_pairs(
