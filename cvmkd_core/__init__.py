@@ -1,4 +1,4 @@
-"""cvmkd: knowledge distillation of neural machine-translation models, with proof.
+"""cvmkd's core: the event loop, the plugin manager, recipes, checkpoints and the run directory.
 
 Plugins import the hook marker from here::
 

@@ -5,7 +5,7 @@ NCCL on GPUs).
 rank from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Rank 0 is the
 run's only writer: it prepares the run directory, validates, checkpoints, logs, packages and
 reports. The other ranks train in step with it and run only the plugins that declare
-``cvmkd_all_ranks = True`` (the trainer, quantization-aware training); they learn from rank 0
+``cvmkd_all_ranks = True`` (the trainer, and the plugins that change the model it trains); they learn from rank 0
 what each validation decided (keep going, roll back, stop) and load the same checkpoints.
 
 A plain ``cvmkd run`` is a world of one: nothing here changes it.
@@ -24,7 +24,7 @@ import attrs
 log = logging.getLogger("cvmkd")
 
 #: how long a rank waits for the others at a meeting point; rank 0 builds the caches and the
-#: tokenizer and validates while the others wait, which may take long on a first run
+#: shared caches and validates while the others wait, which may take long on a first run
 WAIT = datetime.timedelta(hours=int(os.environ.get("CVMKD_DIST_TIMEOUT_HOURS", "6")))
 
 

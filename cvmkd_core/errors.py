@@ -46,10 +46,6 @@ class PluginLoadError(CvmkdError):
     """A plugin failed to import or register, or a hook file is invalid."""
 
 
-class CorpusError(CvmkdError):
-    """A corpus is missing, empty, misaligned or not valid UTF-8; the message names file and line."""
-
-
 class RunDirError(CvmkdError):
     """The run directory exists already, or cannot be written."""
 
@@ -74,11 +70,12 @@ class CheckpointError(CvmkdError):
 
 
 class ModelError(CvmkdError):
-    """A model or its package is incompatible or damaged (for example a vocabulary mismatch)."""
+    """A model or its package is incompatible or damaged (for example a size mismatch)."""
 
 
-class MetricError(CvmkdError):
-    """A metric is misconfigured (unknown composite key...) or returned something unusable."""
+class CheckError(CvmkdError):
+    """Settings that do not fit together, refused by a ``cvmkd_check`` implementation: reported
+    as a recipe error, with the recipe's path, before anything runs."""
 
 
 class ReportError(CvmkdError):

@@ -53,7 +53,7 @@ def cvmkd_register(register: Registrar) -> None:
     recipe section::
 
         register.loss("kd", KDLoss, config=KDConfig)
-        register.metric("bleu", Bleu, config=BleuConfig)
+        register.metric("words", WordCount)
 
     The kinds are :data:`cvmkd_core.registry.KINDS`. Two plugins registering the same kind and
     name is an error naming both.
@@ -86,13 +86,13 @@ def cvmkd_setup(state: RunState) -> None:
 @hookspec
 def cvmkd_run_start(state: RunState) -> None:
     """Set up before the first step, after the trainer's ``cvmkd_setup``: open loggers, prepare
-    quantization-aware training, read the models in ``state.objects``."""
+    read the models in ``state.objects``."""
 
 
 @hookspec
 def cvmkd_step_start(state: RunState, batch: Any) -> None:
     """Before each training iteration (``cvmkd_step``): schedules that change the model, such as
-    switching quantization-aware training on at its step."""
+    switching a training mode on at its step."""
 
 
 @hookspec(firstresult=True)
@@ -164,7 +164,7 @@ def cvmkd_finalize(state: RunState, summary: RunSummary) -> None:
     """Finish the run: always called, also after a failed run (``summary.status`` says how it
     ended). Implementations add to ``summary.outputs``, ``summary.results`` and ``summary.extra``,
     may judge the run (``summary.verdicts``), and close what they opened. A plugin that runs
-    phases of its own (export, test evaluation, quantization) runs them from a wrapper of this
+    phases of its own (export, test evaluation...) runs them from a wrapper of this
     hook, so they come before every plain implementation; ``state.phase`` names the one running.
     """
 

@@ -464,7 +464,7 @@ class Loop:
             state.emit(Event.RUN_END, status=summary.status, step=state.step, iterations=state.iterations)
             state.phase = "finalize"
             hook.cvmkd_finalize(state=state, summary=summary)
-            # the wall time covers finalize too (test evaluation, quantization, export)
+            # the wall time covers finalize too, every plugin's phases in it
             summary.wall_seconds = round(state.elapsed(), 3)
             summary.extra["invocation_seconds"] = round(time.time() - state.started_at, 3)
             state.phase = "record_outcome"

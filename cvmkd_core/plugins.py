@@ -199,7 +199,7 @@ class Plugins:
 
     def fresh(self) -> Plugins:
         """A new manager with the same plugins and none of this run's component instances
-        (used to run a stage, such as training the teacher, through the same hooks)."""
+        (used to run a stage, a run inside the run, through the same hooks)."""
         other = build_plugins(self.hook_files, entry_points=self.entry_points)
         for name, plugin in self.extra:
             other.add_plugin(plugin, name=name, source="extra")

@@ -154,7 +154,7 @@ class RunConfig:
     keep_checkpoints: int = attrs.field(default=2, validator=ge(1))
     hook_files: list[str] = attrs.field(factory=list)
     cache_dir: str = ""
-    """where tokenizers, trained teachers and teacher outputs are cached; empty: <output_dir>/.cache"""
+    """where plugins cache what they build once and reuse (trained models, their outputs...); empty: <output_dir>/.cache"""
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / ".cache"

@@ -20,7 +20,7 @@ from cvmkd_core.errors import ComponentError
 #: (name, factory, config=None)`` adds one (``package``, ``section`` and ``loader`` take other
 #: arguments, below), and a recipe refers to one with ``component_ref(kind)``.
 KINDS: dict[str, str] = {
-    "loss": "a distillation loss: factory(config) returns a callable computing the loss",
+    "loss": "a training loss: factory(config) returns a callable computing the loss",
     "metric": "a quality metric scored on the model's output",
     "detector": "a degradation detector deciding on rollbacks",
     "quantizer": "a quantization backend",

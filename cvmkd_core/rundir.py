@@ -37,7 +37,7 @@ CHANGEABLE_ON_RESUME = ("run.steps", "run.device")
 class RunFiles:
     """Where a run directory keeps each file: the one layout every reader of runs (reports,
     ``cvmkd monitor``, ``cvmkd compare``) goes through. The step log is where the recipe's
-    ``jsonl`` logger wrote it; a stage (the teacher trained in the run) is a run of its own."""
+    ``jsonl`` logger wrote it; a stage (a model the run trains first) is a run of its own."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

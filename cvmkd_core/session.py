@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 
 from cvmkd_core.distributed import current_world, leave_to_main
-from cvmkd_core.errors import MetricError, RecipeError
+from cvmkd_core.errors import CheckError, RecipeError
 from cvmkd_core.loop import Loop, instantiate_components
 from cvmkd_core.plugins import Plugins, build_plugins
 from cvmkd_core.recipe import (
@@ -70,7 +70,7 @@ def prepare_state(session: Session, run_dir: Path) -> RunState:
     instantiate_components(session.plugins, state)
     try:
         session.plugins.pm.hook.cvmkd_check(state=state)
-    except MetricError as exc:  # a score the recipe names that no selected metric returns
+    except CheckError as exc:  # settings that do not fit together (a score no selected metric returns)
         raise RecipeError(str(exc), source=str(session.recipe_path)) from None
     return state
 
@@ -98,7 +98,7 @@ def run_session(
 
 
 def run_stage(parent: RunState, recipe: Recipe, run_dir: Path) -> RunSummary:
-    """Run ``recipe`` as a stage of ``parent`` (the teacher before the student) through the same
+    """Run ``recipe`` as a stage of ``parent`` (a model trained first, inside the run) through the same
     loop and the same plugins, with fresh component instances, in ``run_dir``.
 
     An interrupted stage whose folder holds checkpoints is resumed; one without is started anew.

@@ -161,7 +161,7 @@ class RunState:
     pm: pluggy.PluginManager
     registry: Registry
     run_dir: Path
-    #: the Plugins object that built ``pm``; a stage (the teacher) builds a fresh one from it
+    #: the Plugins object that built ``pm``; a stage builds a fresh one from it
     plugins: Any = None
     step: int = 0
     iterations: int = 0

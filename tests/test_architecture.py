@@ -139,22 +139,22 @@ DOMAIN_WORDS = (
 #: what the core still says of the domain, per word: a ratchet. A new occurrence fails; when
 #: one is removed, lower its count here (the test says which).
 DOMAIN_WORDS_LEFT = {
-    "translat": 4,
-    "bleu": 3,
+    "translat": 3,
+    "bleu": 0,
     "chrf": 0,
-    "teacher": 7,
-    "student": 1,
-    "corpus": 4,
+    "teacher": 1,
+    "student": 0,
+    "corpus": 2,
     "corpora": 0,
-    "tokeniz": 2,
+    "tokeniz": 0,
     "tokenis": 0,
-    "vocab": 1,
+    "vocab": 0,
     "sentence": 0,
-    "distil": 12,
-    "quantiz": 9,
-    "composite": 1,
+    "distil": 10,
+    "quantiz": 4,
+    "composite": 0,
     "gate": 0,
-    "metric": 17,
+    "metric": 13,
 }
 
 

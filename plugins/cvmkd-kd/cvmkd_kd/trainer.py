@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from cvmkd_core.config import ge, gt, one_of
-from cvmkd_core.errors import CorpusError, ModelError
+from cvmkd_core.errors import ModelError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.recipe import component_ref
 from cvmkd_core.state import RunState, RunSummary, StepResult
@@ -25,6 +25,7 @@ from cvmkd_kd.data import RunData, prepare_data
 from cvmkd_kd.loss import compiled_kernels, resolve_compile
 from cvmkd_kd.sequence import SequenceKDConfig
 from cvmkd_nmt.data.batching import Batch, BatchStream, padded_width
+from cvmkd_nmt.errors import CorpusError
 from cvmkd_nmt.hardware import autocast, describe_hardware, resolve_device, resolve_precision
 from cvmkd_nmt.model.presets import count_parameters
 from cvmkd_nmt.model.translate import translate

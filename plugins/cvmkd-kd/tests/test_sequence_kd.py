@@ -184,8 +184,8 @@ def test_evaluation_translations_shipped_with_the_teacher_package_are_scored_ins
 def test_extra_sources_are_read_from_every_format_plain_or_gzip(tmp_path: Path) -> None:
     import gzip
 
-    from cvmkd_core.errors import CorpusError
     from cvmkd_nmt.data.readers import read_sources
+    from cvmkd_nmt.errors import CorpusError
 
     (tmp_path / "plain.txt").write_text("first line\n\n  second line  \n", "utf-8")
     (tmp_path / "plain.txt.gz").write_bytes(gzip.compress(b"first line\nsecond line\n"))

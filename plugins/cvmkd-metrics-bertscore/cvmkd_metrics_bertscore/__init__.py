@@ -43,8 +43,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import attrs  # noqa: E402
 
 from cvmkd_core.config import gt, one_of  # noqa: E402
-from cvmkd_core.errors import MetricError  # noqa: E402
 from cvmkd_core.hookspecs import hookimpl  # noqa: E402
+from cvmkd_validation.errors import MetricError  # noqa: E402
 from cvmkd_validation.metrics import ScoreSpec  # noqa: E402
 
 __version__ = "0.1.0"

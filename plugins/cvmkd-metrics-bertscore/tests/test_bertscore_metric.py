@@ -15,10 +15,11 @@ import torch
 
 import cvmkd_metrics_bertscore
 from cvmkd_core.config import structure
-from cvmkd_core.errors import MetricError, RecipeError
+from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import build_plugins
 from cvmkd_core.registry import Registrar, Registry
 from cvmkd_metrics_bertscore import KEYS, BertScore, BertScoreConfig, default_model_dir
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import metric_specs
 
 REF = "a cat was sitting on the mat"

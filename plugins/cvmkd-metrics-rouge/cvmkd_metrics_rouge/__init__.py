@@ -35,8 +35,8 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import one_of
-from cvmkd_core.errors import MetricError
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import ScoreSpec
 
 __version__ = "0.1.0"

@@ -7,10 +7,11 @@ from rouge_score import rouge_scorer
 
 import cvmkd_metrics_rouge
 from cvmkd_core.config import structure
-from cvmkd_core.errors import MetricError, RecipeError
+from cvmkd_core.errors import RecipeError
 from cvmkd_core.plugins import build_plugins
 from cvmkd_core.registry import Registrar, Registry
 from cvmkd_metrics_rouge import Rouge, RougeConfig, split_sentences
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import metric_specs
 
 HYPS = ["the cat sat on the mat", "in the beginning god created the heaven", "and the earth was void"]

@@ -10,9 +10,9 @@ from typing import Any
 import attrs
 
 from cvmkd_core.config import ConfigValueError, ge, gt, one_of
-from cvmkd_core.errors import CorpusError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_nmt.contracts import CorpusSplits
+from cvmkd_nmt.errors import CorpusError
 from cvmkd_nmt.model.presets import PRESETS
 
 

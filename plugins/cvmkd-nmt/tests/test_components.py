@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cvmkd_core.config import structure
-from cvmkd_core.errors import CorpusError, RecipeError
+from cvmkd_core.errors import RecipeError
+from cvmkd_nmt.errors import CorpusError
 from cvmkd_nmt.plugin import CvmModel, CvmSpec, FilesConfig, FilesCorpus
 
 

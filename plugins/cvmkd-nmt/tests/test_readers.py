@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_core.errors import CorpusError, CvmkdError
+from cvmkd_core.errors import CvmkdError
 from cvmkd_nmt.data.readers import (
     Pair,
     PairList,
@@ -18,6 +18,7 @@ from cvmkd_nmt.data.readers import (
     read_tsv,
     split_pairs,
 )
+from cvmkd_nmt.errors import CorpusError
 
 
 def write(path: Path, data: str | bytes) -> Path:

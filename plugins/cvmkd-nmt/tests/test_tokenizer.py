@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cvmkd_core.errors import CorpusError, ModelError
+from cvmkd_core.errors import ModelError
 from cvmkd_nmt.data.readers import Pair
 from cvmkd_nmt.data.tokenizer import MODEL_FILENAME, Tokenizer, train_tokenizer
+from cvmkd_nmt.errors import CorpusError
 
 FR = [
     "le chat mange la souris",

@@ -31,7 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from cvmkd_core.errors import MetricError
+from cvmkd_validation.errors import MetricError
 
 COMPOSITE = "composite"
 

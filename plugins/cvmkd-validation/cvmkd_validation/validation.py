@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cvmkd_core.errors import CvmkdError, MetricError
+from cvmkd_core.errors import CvmkdError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.plugins import add_hookspecs
@@ -29,6 +29,7 @@ from cvmkd_core.stash import StashKey
 from cvmkd_core.state import RunState, ValidationRecord, ValidationResult
 from cvmkd_validation import hookspecs
 from cvmkd_validation.contract import TranslationTrainer
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import (
     COMPOSITE,
     PairedTestMetric,

@@ -11,12 +11,12 @@ import pytest
 
 from cvmkd_core import hookimpl
 from cvmkd_core.cli import main
-from cvmkd_core.errors import MetricError
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import load_recipe
 from cvmkd_core.session import Session, run_session
 from cvmkd_testing import TOY_RECIPE
 from cvmkd_validation.analysis import analyse, repeated_unit
+from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import (
     COMPOSITE,
     ScoreSpec,

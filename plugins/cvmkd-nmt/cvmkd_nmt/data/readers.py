@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from cvmkd_core.errors import CorpusError
+from cvmkd_nmt.errors import CorpusError
 
 __all__ = [
     "Pair",

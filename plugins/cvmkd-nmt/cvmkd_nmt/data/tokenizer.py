@@ -18,8 +18,9 @@ from typing import Any
 
 import sentencepiece as spm
 
-from cvmkd_core.errors import CorpusError, ModelError
+from cvmkd_core.errors import ModelError
 from cvmkd_nmt.cache import record_digest, verified_cache_file
+from cvmkd_nmt.errors import CorpusError
 
 from .readers import Pair
 
