@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from cvmkd_core.config import one_of
+from cvmkd_core.config import ConfigValueError, inside_run_dir, one_of
 from cvmkd_core.errors import ModelError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_ctranslate2.convert import QUANTIZATIONS
@@ -34,14 +34,30 @@ FORMAT = "ctranslate2"
 METADATA = "cvmkd.json"
 
 
+#: what a run directory holds of its own: an export never goes there
+RUN_FOLDERS = ("checkpoints", "validation", "model", "reports", "teacher", "logs")
+
+
+def _export_folder(instance: Any, attribute: Any, value: str) -> None:
+    if not value:
+        return
+    inside_run_dir(instance, attribute, value)
+    first = Path(value).parts[0] if Path(value).parts else ""
+    if value in (".", "./") or not Path(value).name or first in RUN_FOLDERS:
+        raise ConfigValueError(
+            f"must name a new folder inside the run directory, not one of the run's own, got {value!r}"
+        )
+
+
 @attrs.frozen
 class CTranslate2Config:
     """``[[exports]] name = "ctranslate2"``."""
 
     quantization: str = attrs.field(default="int8", validator=one_of(*QUANTIZATIONS))
     """CTranslate2's weight type: int8 (the CPU default), int8_float32, int16, float16, float32..."""
-    folder: str = ""
-    """where in the run directory; empty: ``model-ctranslate2``"""
+    folder: str = attrs.field(default="", validator=_export_folder)
+    """where in the run directory (a new folder of its own); empty: ``model-<label>``, the label
+    being ``ctranslate2``, or ``ctranslate2-<index>`` when several entries export"""
 
 
 def is_export(folder: Path) -> bool:
@@ -134,15 +150,33 @@ class CTranslate2Exporter:
 
     # --- as a recipe's [[exports]] entry: at the end of the run -------------------------------
 
+    def _label(self, state: Any) -> str:
+        return next((s.label for s in state.selected("exporter") if s.component is self), FORMAT)
+
+    def _folder(self, state: Any) -> str:
+        return self.config.folder or f"model-{self._label(state)}"
+
+    @hookimpl
+    def cvmkd_check(self, state: Any) -> None:
+        from cvmkd_core.errors import CheckError
+
+        folders = [
+            s.component._folder(state) for s in state.selected("exporter") if isinstance(s.component, type(self))
+        ]
+        twice = sorted({f for f in folders if folders.count(f) > 1})
+        if twice:
+            raise CheckError(f"exports: two entries write the folder {twice[0]!r}; give each its own folder")
+
     @hookimpl(trylast=True)
     def cvmkd_finalize(self, state: Any, summary: Any) -> None:
         package = summary.outputs.get("model")
         if not package or summary.status not in ("completed", "stopped"):
             return
-        out = state.run_dir / (self.config.folder or f"model-{FORMAT}")
+        label = self._label(state)
+        out = state.run_dir / self._folder(state)
         info = self.export(Path(package), out)
-        summary.outputs[f"model-{FORMAT}"] = str(out)
-        summary.extra.setdefault("exports", {})[FORMAT] = info
+        summary.outputs[f"model-{label}"] = str(out)
+        summary.extra.setdefault("exports", {})[label] = info
         log.info(
             "exported the student to CTranslate2 (%s): %s, %.1f MB",
             info["quantization"],
@@ -160,6 +194,9 @@ def _install(
     import ctranslate2
 
     started = time.perf_counter()
+    if out.exists() and not is_export(out) and (not out.is_dir() or any(out.iterdir())):
+        # an earlier export is replaced; anything else is somebody's data
+        raise ModelError(f"{out} exists and is not a CTranslate2 export: choose another folder (it is left as it is)")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

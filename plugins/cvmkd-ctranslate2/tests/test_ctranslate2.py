@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cvmkd_core.cli import main
+from cvmkd_core.errors import ModelError
 from cvmkd_ctranslate2 import CTranslate2Config, CTranslate2Exporter, is_export
 from cvmkd_ctranslate2.convert import convert
 from cvmkd_ctranslate2.translate import CTranslate2Translator
@@ -155,3 +156,56 @@ def test_a_recipe_ends_with_its_ctranslate2_student(trained: Path, monkeypatch: 
     # the export's metadata is stamped with the run's outcome, as every package of the run
     meta = json.loads((trained / folder / "cvmkd.json").read_text())
     assert meta["status"] == "completed" and meta["run"]["name"] == "e" and meta["export"]["format"] == "ctranslate2"
+
+
+@pytest.mark.parametrize(
+    ("exports", "error"),
+    [
+        (
+            '[[exports]]\nname = "ctranslate2"\nfolder = "../victim"\n',
+            "must be a relative path inside the run directory",
+        ),
+        ('[[exports]]\nname = "ctranslate2"\nfolder = "."\n', "must name a new folder inside the run directory"),
+        ('[[exports]]\nname = "ctranslate2"\nfolder = "checkpoints"\n', "not one of the run's own, got 'checkpoints'"),
+        ('[[exports]]\nname = "ctranslate2"\nfolder = "/tmp/x"\n', "must be a relative path inside the run directory"),
+        (
+            '[[exports]]\nname = "ctranslate2"\nfolder = "ct2"\n[[exports]]\nname = "ctranslate2"\nfolder = "ct2"\n',
+            "exports: two entries write the folder 'ct2'",
+        ),
+    ],
+)
+def test_an_export_folder_outside_the_run_or_of_the_run_is_refused_before_anything_runs(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], exports: str, error: str
+) -> None:
+    monkeypatch.chdir(trained)
+    victim = trained / "victim"
+    victim.mkdir(exist_ok=True)
+    (victim / "precious.txt").write_text("keep")
+    (trained / "bad.toml").write_text(TEACHER.replace("steps = 80", "steps = 2") + "\n" + exports)
+    assert main(["run", "bad.toml", "--run-dir", "bad", "--quiet"]) == 2
+    assert error in capsys.readouterr().err
+    assert (victim / "precious.txt").read_text() == "keep" and not (trained / "bad").exists()
+
+
+def test_two_exports_go_to_two_folders_and_an_existing_folder_is_never_replaced(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(trained)
+    two = '[[exports]]\nname = "ctranslate2"\n[[exports]]\nname = "ctranslate2"\nquantization = "float32"\n'
+    (trained / "two.toml").write_text(TEACHER.replace("steps = 80", "steps = 2") + "\n" + two)
+    assert main(["run", "two.toml", "--run-dir", "two", "--quiet"]) == 0
+    summary = json.loads((trained / "two" / "summary.json").read_text())
+    assert {k: Path(v).name for k, v in summary["outputs"].items() if k.startswith("model-ctranslate2")} == {
+        "model-ctranslate2-0": "model-ctranslate2-0",
+        "model-ctranslate2-1": "model-ctranslate2-1",
+    }
+    quantized = {k: v["quantization"] for k, v in summary["extra"]["exports"].items()}
+    assert quantized == {"ctranslate2-0": "int8", "ctranslate2-1": "float32"}
+    # a folder that is not an export is left as it is, whoever asks
+    keep = trained / "keep"
+    keep.mkdir(exist_ok=True)
+    (keep / "notes.txt").write_text("mine")
+    exporter = CTranslate2Exporter(CTranslate2Config())
+    with pytest.raises(ModelError, match="keep exists and is not a CTranslate2 export"):
+        exporter.export(trained / "two" / "model", keep)
+    assert (keep / "notes.txt").read_text() == "mine" and not list(trained.glob(".keep.*"))
