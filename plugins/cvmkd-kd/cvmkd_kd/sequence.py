@@ -104,13 +104,17 @@ def teacher_targets(
     directory: Path,
 ) -> tuple[list[str], dict[str, Any]]:
     """The teacher's translation of every source, from the cache in ``directory`` where it has
-    them, translating (``translate(batch) -> n-best lists``) and caching the missing chunks."""
+    them, translating (``translate(batch) -> n-best lists``) and caching the missing chunks. A
+    chunk is reused only for the same sources (its file is named by their digest)."""
     started = time.perf_counter()
     chunks = [(i, min(i + config.chunk_size, len(sources))) for i in range(0, len(sources), config.chunk_size)]
     out: list[str] = []
     reused = translated = 0
     for index, (start, end) in enumerate(chunks):
-        path = directory / f"chunk_{index:05d}.txt"
+        # the file is named by the very sources it translates: another chunk size, or other
+        # sources at this position, is another file, never a wrong pairing
+        sources_digest = hashlib.sha256("\n".join(sources[start:end]).encode()).hexdigest()[:16]
+        path = directory / f"chunk_{index:05d}_{sources_digest}.txt"
         usable = verified_cache_file(path, "cached teacher translations")
         lines = path.read_text(encoding="utf-8").split("\n")[:-1] if usable else []
         if len(lines) == end - start:

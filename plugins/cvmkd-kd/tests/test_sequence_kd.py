@@ -265,3 +265,21 @@ def test_the_teacher_translates_extra_text_once_and_the_student_trains_on_the_un
     _, run_dir2 = run_session(open_session(tmp_path / "recipe.toml", ["run.name=other"]))
     info2 = json.loads((run_dir2 / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
     assert info2["path"] != info["path"] and info2["extra_sources"] == 1
+
+
+def test_a_cached_chunk_is_reused_only_for_the_very_sources_it_translates(tmp_path: Path) -> None:
+    first = FakeTeacher()
+    out, _ = teacher_targets(first, SOURCES, REFERENCES, SequenceKDConfig(targets="teacher", chunk_size=3), tmp_path)
+    # another chunk size: chunk 2 of one sentence was the last sentence's; it is not reused
+    other = FakeTeacher()
+    again, info = teacher_targets(
+        other, SOURCES, REFERENCES, SequenceKDConfig(targets="teacher", chunk_size=1), tmp_path
+    )
+    assert again == out and info["reused"] == 0 and sum(len(b) for b in other.calls) == len(SOURCES)
+    # other sources at the same positions: translated, not paired with the cached translations
+    changed = ["changed 0", *SOURCES[1:]]
+    fresh = FakeTeacher()
+    result, info = teacher_targets(
+        fresh, changed, REFERENCES, SequenceKDConfig(targets="teacher", chunk_size=3), tmp_path
+    )
+    assert result == [s.upper() for s in changed] and fresh.calls == [changed[:3]] and info["reused"] == 4
