@@ -200,6 +200,30 @@ def read_package_metadata(folder: Path) -> dict[str, Any]:
     return metadata
 
 
+#: what a Hugging Face folder's model is made of: every weight file and the configurations that
+#: change what it computes or generates
+IDENTITY_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+IDENTITY_CONFIGS = ("config.json", "generation_config.json")
+
+
+def folder_identity(folder: Path) -> str:
+    """One sha256 over every weight file (sharded or not, safetensors beside .bin included) and
+    ``config.json`` and ``generation_config.json``, each by name: two folders share it only when
+    their models are the same, so cached teacher outputs never pass from one to the other."""
+    import hashlib
+
+    from cvmkd_core.files import sha256_file
+
+    files = sorted({f for pattern in IDENTITY_FILES for f in folder.glob(pattern)})
+    files += [folder / name for name in IDENTITY_CONFIGS if (folder / name).is_file()]
+    if not any(f.suffix in (".safetensors", ".bin") for f in files):
+        raise ModelError(f"{folder}: no weight files (*.safetensors or *.bin)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 class HfLoader:
     """Loads a local Hugging Face seq2seq folder (``save_pretrained``), offline."""
 
@@ -212,8 +236,6 @@ class HfLoader:
         folder: Path, device: str | torch.device = "cpu", source_lang: str = "", target_lang: str = ""
     ) -> tuple[HfSeq2Seq, HfTokenizer, dict[str, Any]]:
         from transformers import AutoModelForSeq2SeqLM
-
-        from cvmkd_core.files import sha256_file
 
         quiet_transformers()
         package = read_package_metadata(folder)
@@ -232,14 +254,13 @@ class HfLoader:
             target_lang=target_lang,
         )
         wrapped = HfSeq2Seq(model.float().eval(), tokenizer).to(device)
-        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         if package:  # a student cvmkd saved: its metadata, and the files as they were written
             return wrapped, tokenizer, {**package, "architecture": wrapped.config.architecture}
         metadata = {
             "role": "teacher",
             "format": "huggingface",
             "architecture": wrapped.config.architecture,
-            "weights_sha256": sha256_file(weights[0]) if len(weights) == 1 else None,
+            "weights_sha256": folder_identity(folder),
             "tokenizer_sha256": tokenizer.sha256,
             **({"languages": tokenizer.languages} if tokenizer.languages else {}),
         }

@@ -318,3 +318,34 @@ def test_a_student_with_a_tokenizer_of_its_own_learns_from_the_teachers_translat
     err = capsys.readouterr().err.strip()
     assert "word-level KD compares the teacher's and the student's distributions" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_folders_identity_covers_every_weight_file_and_both_configurations(tmp_path: Path) -> None:
+    from cvmkd_core.errors import ModelError
+    from cvmkd_hf.model import folder_identity
+
+    def folder(name: str, files: dict[str, str]) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for file, text in files.items():
+            (path / file).write_text(text)
+        return path
+
+    sharded = {
+        "model-00001-of-00002.safetensors": "a",
+        "model-00002-of-00002.safetensors": "b",
+        "model.safetensors.index.json": "{}",
+        "config.json": "{}",
+    }
+    base = folder_identity(folder("base", sharded))
+    assert base == folder_identity(folder("same", sharded))
+    changed = [
+        {**sharded, "model-00002-of-00002.safetensors": "B"},  # another second shard
+        {**sharded, "pytorch_model.bin": "c"},  # .bin beside safetensors
+        {**sharded, "config.json": '{"d_model": 8}'},
+        {**sharded, "generation_config.json": '{"num_beams": 4}'},
+    ]
+    identities = [folder_identity(folder(f"other{i}", files)) for i, files in enumerate(changed)]
+    assert base not in identities and len(set(identities)) == len(identities)
+    with pytest.raises(ModelError, match="no weight files"):
+        folder_identity(folder("empty", {"config.json": "{}"}))
