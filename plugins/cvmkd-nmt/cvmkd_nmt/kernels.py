@@ -20,7 +20,10 @@ input row while it is in the L1 cache: 20-22 GB/s, 2.1-2.7x torch's product for 
 the same values, where the CPU has AVX512-VNNI.
 
 The shared library is compiled once per source and CPU (``-O3 -march=native``) into
-``$XDG_CACHE_HOME/cvmkd/kernels`` (default ``~/.cache``); where no C compiler is found or the build
+``$XDG_CACHE_HOME/cvmkd/kernels`` (default ``~/.cache``), a folder only its owner may write
+(0700); its sha256, recorded when it was built, is checked before every load, and a library that
+does not match is built again, never loaded. Where that folder is not private to the user, the
+library is built in a private temporary folder for the process. Where no C compiler is found or the build
 fails, :func:`dropout_kernel` and :func:`row_product` return None and :func:`int8_row_product`
 torch's kernel, and their callers use torch's operations (the same results: the dropout
 distribution; the float32 product within rounding; the int8 product exactly).
@@ -211,8 +214,40 @@ MAX_ROWS_INT8 = 2
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "cvmkd" / "kernels"
+    """The user's private kernel folder: ``$XDG_CACHE_HOME/cvmkd/kernels`` (``~/.cache`` without
+    it; a per-user temporary folder without a home), made 0700, or a fresh private temporary
+    folder where that one is another user's or others may write to it."""
+    root = os.environ.get("XDG_CACHE_HOME")
+    if not root:
+        try:
+            root = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no home in the password database
+            root = str(Path(tempfile.gettempdir()) / f"cvmkd-{os.getuid()}")
+    folder = Path(root) / "cvmkd" / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        status = folder.stat()
+        if status.st_uid != os.getuid() or status.st_mode & 0o022:
+            raise PermissionError(
+                f"{folder} is not private to this user (owner {status.st_uid}, mode {oct(status.st_mode & 0o777)})"
+            )
+    except OSError as error:
+        log.warning("cvmkd's C kernels: %s; building them in a private temporary folder", error)
+        return Path(tempfile.mkdtemp(prefix="cvmkd-kernels-"))
+    return folder
+
+
+def _trusted(library: Path) -> bool:
+    """Whether ``library`` is the one this user built: its own file, that nobody else may write,
+    matching the sha256 recorded when it was built."""
+    record = library.with_name(library.name + ".sha256")
+    try:
+        status = library.stat()
+        if status.st_uid != os.getuid() or status.st_mode & 0o022:
+            return False
+        return record.read_text("utf-8").strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return False
 
 
 def _cpu_key() -> str:
@@ -230,10 +265,11 @@ def _build() -> Path | None:
         return None
     key = hashlib.sha256("\n".join([SOURCE, *FLAGS, compiler, _cpu_key()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels-{key}.so"
-    if target.is_file():
+    if _trusted(target):
         return target
+    if target.exists():
+        log.warning("cvmkd's C kernels: %s does not match the library built here: building it again", target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             source = Path(scratch) / "kernels.c"
             source.write_text(SOURCE)
@@ -241,7 +277,14 @@ def _build() -> Path | None:
             subprocess.run(
                 [compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=120
             )
-            os.replace(built, target)  # atomic: a concurrent process sees the whole library or none
+            built.chmod(0o700)
+            digest = hashlib.sha256(built.read_bytes()).hexdigest()
+            record = Path(scratch) / "record"
+            record.write_text(digest + "\n", encoding="utf-8")
+            # atomic: a concurrent process sees the whole library or none; the record comes last,
+            # so a library without its record is built again rather than trusted
+            os.replace(built, target)
+            os.replace(record, target.with_name(target.name + ".sha256"))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
         log.warning(

@@ -33,6 +33,67 @@ def test_the_kernel_is_built_once_and_reused(fresh: Path) -> None:
     assert not [p for p in fresh.iterdir() if p.is_dir()]  # no scratch folder left behind
 
 
+PLANTED = """
+#include <stdio.h>
+__attribute__((constructor)) static void plant(void) {
+    FILE *f = fopen("%s", "w");
+    if (f) { fputs("planted code ran", f); fclose(f); }
+}
+"""
+
+
+def test_a_planted_or_damaged_library_is_never_loaded_but_built_again(fresh: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from cvmkd_nmt.hardware import find_compiler
+
+    assert kernels.dropout_kernel(torch.ones(3)) is not None
+    (library,) = fresh.glob("kernels-*.so")
+    assert oct(fresh.stat().st_mode & 0o777) == "0o700"
+    assert library.with_name(library.name + ".sha256").is_file()
+    marker = tmp_path / "marker.txt"
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED % marker)
+    compiler = find_compiler("CC", ("cc", "gcc", "clang"))
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    kernels._library.cache_clear()
+    assert kernels.dropout_kernel(torch.ones(3)) is not None  # built again, and it works
+    assert not marker.exists()  # the planted code never ran
+    assert kernels._trusted(library)
+    # a damaged library (one byte changed) is built again too
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    kernels._library.cache_clear()
+    assert kernels.dropout_kernel(torch.ones(3)) is not None and kernels._trusted(library)
+
+
+def test_a_kernel_folder_others_may_write_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    shared = tmp_path / "shared" / "cvmkd" / "kernels"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "shared"))
+    kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cvmkd"):
+            assert kernels.dropout_kernel(torch.ones(3)) is not None
+        assert "is not private to this user" in caplog.text
+        assert not list(shared.iterdir())  # nothing built where others may write
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_without_a_home_the_kernels_go_to_a_per_user_temporary_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import tempfile
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert kernels._cache_dir() == Path(tempfile.gettempdir()) / f"cvmkd-{os.getuid()}" / "cvmkd" / "kernels"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_values_are_torch_s_product_rounded_once(fresh: Path, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
