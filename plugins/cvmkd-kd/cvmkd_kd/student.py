@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import inspect
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,25 @@ log = logging.getLogger("cvmkd")
 
 #: bump when a cached teacher can no longer be trusted to match (training code changed meaning)
 TEACHER_CACHE_VERSION = "1"
+
+
+def _publish(folder: Path, target: Path) -> None:
+    """Move the complete ``folder`` to ``target`` by renames alone, so a reader sees a whole
+    teacher or none. A teacher already there (a damaged one, or another run's copy of the same
+    teacher) is moved aside first; if another run publishes between the two renames, its copy is
+    kept and this one dropped."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            target.rename(aside / "teacher")
+        try:
+            folder.rename(target)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            log.info("another run cached the same teacher meanwhile: %s is kept", target)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def teacher_key(state: RunState, data: Any) -> str:
@@ -210,24 +232,28 @@ class KDTrainer(Seq2SeqTrainer):
             raise KeyboardInterrupt  # the teacher stage wrote its checkpoint; --resume continues it
         if summary.status != "completed":
             raise ModelError(f"teacher training ended {summary.status}; see {stage_dir}")
-        tmp = cached.with_name(f".{cached.name}.tmp")
+        tmp: Path | None = None
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(stage_dir / "model", tmp)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # a folder of this process's own: concurrent runs caching the same teacher never
+            # write into each other's copy
+            tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", dir=cached.parent))
+            shutil.copytree(stage_dir / "model", tmp, dirs_exist_ok=True)
             metadata = read_metadata(tmp)
             metadata.update(
                 trained_in=str(stage_dir), teacher_key=key, training_seconds=round(time.perf_counter() - started, 1)
             )
             (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-            shutil.rmtree(cached, ignore_errors=True)
-            tmp.rename(cached)
+            _publish(tmp, cached)
         except OSError as exc:  # a full cache disk, say: the trained teacher stays in the run folder
-            shutil.rmtree(tmp, ignore_errors=True)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise ModelError(
                 f"cannot cache the trained teacher in {cached.parent}: {reason}; it is kept in {stage_dir}, and "
                 "--resume continues from there once there is room"
             ) from None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         model, _, _ = load_package(cached)
         self.teacher_info = {
             "source": "trained",

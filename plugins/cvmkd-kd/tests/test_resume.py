@@ -359,3 +359,38 @@ def test_a_ctrl_c_while_finalizing_stops_at_once_and_resume_finishes_the_outputs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["evaluation"]["scores"]["student"]
     assert json.loads((run_dir / "model/metadata.json").read_text())["status"] == "completed"
+
+
+def test_a_cached_teacher_is_published_whole_and_never_half_copied(tmp_path: Path) -> None:
+    import errno
+
+    from cvmkd_kd.student import _publish
+
+    def teacher(name: str, text: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+        return folder
+
+    target = tmp_path / "abc123"
+    _publish(teacher(".a", "first"), target)
+    assert (target / "model.safetensors").read_text() == "first"
+    _publish(teacher(".b", "second"), target)  # a damaged or older copy is replaced whole
+    assert (target / "model.safetensors").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123"]  # nothing left aside
+
+    # another run publishes between the two renames: its copy is kept, this one dropped
+    late = teacher(".c", "third")
+    original = Path.rename
+
+    def racing(self: Path, to: Path) -> Path:
+        if self == late:
+            to.mkdir()
+            (to / "model.safetensors").write_text("other run")
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        return original(self, to)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "rename", racing)
+        _publish(late, target)
+    assert (target / "model.safetensors").read_text() == "other run"
