@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cvmkd_core.session import open_session, prepare_state
     from cvmkd_kd.data import prepare_data
-    from cvmkd_kd.sequence import SHIPPED_SETTINGS, cache_key, ship_targets
+    from cvmkd_kd.sequence import SHIPPED_SETTINGS, cache_key, chunk_files, distillation_sources, ship_targets
     from cvmkd_nmt.cache import verified_cache_file
     from cvmkd_nmt.hardware import resolve_device, resolve_precision
     from cvmkd_nmt.model.package import load_model_folder, read_metadata, resolve_package
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.targets == "reference":
         print(f"error: {args.run} trains on the references: no teacher translations to ship", file=sys.stderr)
         return 2
-    sources = [p[0] for p in data.splits.train]
-    references = [p[1] for p in data.splits.train]
+    sources, references, _, _ = distillation_sources(data.splits, config)
     device = resolve_device(recipe.run.device)
     precision = resolve_precision(recipe.run.precision, device)
     weights = metadata.get("weights_sha256") or "unknown"
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cached = Path.cwd() / cached
     info = json.loads((cached / "info.json").read_text("utf-8")) if (cached / "info.json").is_file() else {}
     lines: list[str] = []
-    for index in range(0, (len(sources) + config.chunk_size - 1) // config.chunk_size):
-        chunk = cached / f"chunk_{index:05d}.txt"
+    for _, chunk in chunk_files(cached, sources, config.chunk_size):
         if not verified_cache_file(chunk, "cached teacher translations"):
             print(f"error: {chunk} is missing: the run's teacher pass has not finished", file=sys.stderr)
             return 2

@@ -96,6 +96,29 @@ def closest(hypotheses: list[str], reference: str) -> str:
     return hypotheses[max(range(len(scores)), key=lambda i: (scores[i], -i))]
 
 
+def chunk_files(directory: Path, sources: list[str], chunk_size: int) -> list[tuple[tuple[int, int], Path]]:
+    """The cache files of the teacher's translations of ``sources``: ``((start, end), path)`` per
+    chunk. A file is named by the very sources it translates: another chunk size, or other
+    sources at a position, is another file, never a wrong pairing."""
+    out = []
+    for index, start in enumerate(range(0, len(sources), chunk_size)):
+        end = min(start + chunk_size, len(sources))
+        digest = hashlib.sha256("\n".join(sources[start:end]).encode()).hexdigest()[:16]
+        out.append(((start, end), directory / f"chunk_{index:05d}_{digest}.txt"))
+    return out
+
+
+def distillation_sources(splits: Any, config: SequenceKDConfig) -> tuple[list[str], list[str], list[str], int]:
+    """What the teacher translates for a run: ``(sources, references, extra, left_out)``, the
+    training sources then the extra text (references "" for it), the extra text alone, and how
+    many extra sentences were left out as validation or test sources."""
+    held_out = {p[0] for p in splits.valid} | {p[0] for p in splits.test}
+    extra, left_out = extra_sources(config, splits.extra_sources, held_out)
+    sources = [p[0] for p in splits.train] + extra
+    references = [p[1] for p in splits.train] + [""] * len(extra)
+    return sources, references, extra, left_out
+
+
 def teacher_targets(
     translate: Callable[[list[str]], list[list[str]]],
     sources: list[str],
@@ -107,14 +130,9 @@ def teacher_targets(
     them, translating (``translate(batch) -> n-best lists``) and caching the missing chunks. A
     chunk is reused only for the same sources (its file is named by their digest)."""
     started = time.perf_counter()
-    chunks = [(i, min(i + config.chunk_size, len(sources))) for i in range(0, len(sources), config.chunk_size)]
     out: list[str] = []
     reused = translated = 0
-    for index, (start, end) in enumerate(chunks):
-        # the file is named by the very sources it translates: another chunk size, or other
-        # sources at this position, is another file, never a wrong pairing
-        sources_digest = hashlib.sha256("\n".join(sources[start:end]).encode()).hexdigest()[:16]
-        path = directory / f"chunk_{index:05d}_{sources_digest}.txt"
+    for (start, end), path in chunk_files(directory, sources, config.chunk_size):
         usable = verified_cache_file(path, "cached teacher translations")
         lines = path.read_text(encoding="utf-8").split("\n")[:-1] if usable else []
         if len(lines) == end - start:

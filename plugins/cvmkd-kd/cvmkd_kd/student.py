@@ -270,7 +270,7 @@ class KDTrainer(Seq2SeqTrainer):
         from cvmkd_kd.sequence import (
             SHIPPED_SETTINGS,
             cache_key,
-            extra_sources,
+            distillation_sources,
             shipped_targets,
             teacher_targets,
             with_targets,
@@ -280,14 +280,10 @@ class KDTrainer(Seq2SeqTrainer):
         assert self.data is not None
         config = self.config.sequence
         tokenizer = self.teacher_tokenizer  # the teacher reads and writes text with its own
-        splits = self.data.splits
-        held_out = {p[0] for p in splits.valid} | {p[0] for p in splits.test}
-        extra, left_out = extra_sources(config, splits.extra_sources, held_out)
+        # the teacher translates the training sources, then the extra text (no references)
+        sources, references, extra, left_out = distillation_sources(self.data.splits, config)
         if left_out:
             log.warning("sequence-level KD: %d extra sources are validation or test sources: left out", left_out)
-        # the teacher translates the training sources, then the extra text (no references)
-        sources = [p[0] for p in splits.train] + extra
-        references = [p[1] for p in splits.train] + [""] * len(extra)
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         key = cache_key(weights, tokenizer.sha256, sources, references, config, f"{self.device}|{self.precision}")
         directory = state.recipe.run.cache_path() / "teacher-targets" / key[:24]

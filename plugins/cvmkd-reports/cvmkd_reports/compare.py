@@ -12,12 +12,15 @@ plugins themselves. Markdown on stdout; with ``--out DIR`` also ``compare.md`` a
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from cvmkd_core.errors import CvmkdError, RunDirError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
 from cvmkd_validation.metrics import PairedTestMetric
+
+log = logging.getLogger("cvmkd")
 
 
 class CompareError(CvmkdError):
@@ -38,7 +41,25 @@ def _run(path: Path) -> dict[str, Any]:
             f"{path}: no {', '.join(missing)}: only a finished run that scored a test split can be compared "
             "(runs made before cvmkd wrote its test translations cannot)"
         )
-    evaluation = json.loads(files["evaluation.json"].read_text(encoding="utf-8"))
+    try:
+        evaluation = json.loads(files["evaluation.json"].read_text(encoding="utf-8"))
+        if not isinstance(evaluation, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise CompareError(
+            f"{files['evaluation.json']} is damaged ({exc}); run `cvmkd run ... --resume` to write it again"
+        ) from None
+    summary_path = path / "summary.json"
+    try:
+        status = json.loads(summary_path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status not in ("completed", "stopped"):
+        shown = f"ended {status}" if status else "has no readable summary.json"
+        raise CompareError(
+            f"{path} {shown}: its test files may be an earlier invocation's; compare finished runs "
+            "(--resume finishes it)"
+        )
     student = evaluation.get("student") or {}
     models = evaluation.get("models") or {}
     return {
@@ -50,6 +71,7 @@ def _run(path: Path) -> dict[str, Any]:
         "teacher_scores": (evaluation.get("teacher") or {}).get("scores") or {},
         "retention": evaluation.get("retention") or {},
         "size": models.get("student") or {},
+        "beam_size": evaluation.get("beam_size"),
     }
 
 
@@ -68,9 +90,15 @@ def compare(paths: list[Path], registry: Any, samples: int = 1000) -> dict[str, 
     """The comparison of the runs at ``paths``, the first being the baseline."""
     if len(paths) < 2:
         raise CompareError("give at least two run directories to compare")
+    if samples < 1:
+        raise CompareError(f"--samples must be at least 1 (a p-value needs resamples), got {samples}")
     runs = [_run(p) for p in paths]
     for other in runs[1:]:
         _same_test_set(runs[0], other)
+    beams = {run["path"]: run["beam_size"] for run in runs}
+    if len(set(beams.values())) > 1:
+        shown = ", ".join(f"{path} beam {beam}" for path, beam in beams.items())
+        log.warning("the runs decoded the test split differently (%s): their scores differ by decoding too", shown)
     metrics = []
     for name in ("bleu", "chrf", "ter"):  # each with its default settings, as runs score by default
         if name in registry.names("metric"):

@@ -97,3 +97,39 @@ def test_a_report_given_the_control_shows_the_gain_over_it(two_runs, tmp_path: P
     # without --baseline there is no such section
     assert main(["report", str(kd), "--out", str(tmp_path / "plain"), "--format", "markdown"]) == 0
     assert "Gain over training" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_unfinished_damaged_or_differently_decoded_runs_are_named_in_one_line(
+    two_runs, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    kd, ce = two_runs
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(kd, target)
+        return target
+
+    interrupted = copy("interrupted")
+    summary = json.loads((interrupted / "summary.json").read_text())
+    (interrupted / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    assert main(["compare", str(ce), str(interrupted)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {interrupted} ended interrupted: its test files may be an earlier invocation's")
+
+    damaged = copy("damaged")
+    (damaged / "evaluation.json").write_text('{"student": ')
+    assert main(["compare", str(ce), str(damaged)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {damaged / 'evaluation.json'} is damaged (")
+
+    for samples in ("0", "-3"):
+        assert main(["compare", str(ce), str(kd), "--samples", samples]) == 2
+        assert capsys.readouterr().err == (
+            f"error: --samples must be at least 1 (a p-value needs resamples), got {samples}\n"
+        )
+
+    beam = copy("beam")
+    evaluation = json.loads((beam / "evaluation.json").read_text())
+    (beam / "evaluation.json").write_text(json.dumps({**evaluation, "beam_size": 4}))
+    with caplog.at_level("WARNING", logger="cvmkd"):
+        assert main(["compare", str(ce), str(beam), "--samples", "50"]) == 0
+    assert "the runs decoded the test split differently" in caplog.text and "beam 4" in caplog.text
