@@ -107,8 +107,9 @@ class Damage:
 
     @staticmethod
     def _student(state: Any) -> Any:
-        trainer = state.components.get("distill")
-        return trainer if getattr(trainer, "role", None) == "student" else None  # not the teacher stage
+        from cvmkd_kd.student import KDTrainer
+
+        return state.trainer if isinstance(state.trainer, KDTrainer) else None  # not the teacher stage
 
     @hookimpl
     def cvmkd_step_end(self, state: Any) -> None:

@@ -113,6 +113,8 @@ class Seq2SeqTrainer(TranslationTrainer):
         self.teacher_info: dict[str, Any] = {}
         #: what the summary records of this trainer (``extra.trainer``): model, device, hardware...
         self.run_info: dict[str, Any] = {}
+        #: the package the weights started from (``init_from``), when they did
+        self.initialised_from: dict[str, Any] = {}
         self.scaler: Any = None
         self._ce_config: Any = None
         self._rows: bool | None = None
@@ -198,7 +200,7 @@ class Seq2SeqTrainer(TranslationTrainer):
             "hardware": describe_hardware(self.device),
             "model_config": self.model.config.to_dict(),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
-            **({"initialised_from": start} if (start := getattr(self, "initialised_from", None)) else {}),
+            **({"initialised_from": self.initialised_from} if self.initialised_from else {}),
             **({"initialised": init} if (init := getattr(self.model, "initialised", None)) else {}),
             **({"distributed": self._distributed_info(world)} if world.size > 1 else {}),
         }
@@ -480,7 +482,6 @@ class TeacherTrainer(Seq2SeqTrainer):
     def __init__(self, config: TeacherConfig) -> None:
         super().__init__(config)
         self.start_package: Path | None = None
-        self.initialised_from: dict[str, Any] = {}
 
     def test_beam_sizes(self) -> list[int]:
         return list(self.config.test_beam_sizes)
