@@ -181,7 +181,9 @@ def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig, ext
     pairs = len(data.train_tgt)
     teacher_ids = encode_targets(hypotheses[:pairs])
     teacher_ids = [ids if ids else ref for ids, ref in zip(teacher_ids, data.train_tgt)]
-    kept = [(s, ids) for s, ids in zip(tokenizer.encode(list(extra)), encode_targets(hypotheses[pairs:])) if ids]
+    kept = []
+    if extra:  # some tokenizers (Hugging Face's) refuse an empty batch
+        kept = [(s, ids) for s, ids in zip(tokenizer.encode(list(extra)), encode_targets(hypotheses[pairs:])) if ids]
     extra_src, extra_tgt = [s for s, _ in kept], [ids for _, ids in kept]
     digest = hashlib.sha256("\n".join(hypotheses).encode()).hexdigest()[:16]
     label = f"{digest}+{len(kept)}" if extra else digest
