@@ -14,7 +14,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -23,14 +23,12 @@ from cvmkd_core.files import atomic_write_json
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.stash import StashKey
 from cvmkd_core.state import RunState, RunSummary
+from cvmkd_kd.trainer import Seq2SeqTrainer
 from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_budget
 from cvmkd_nmt.model.translate import source_batches
 from cvmkd_validation.metrics import COMPOSITE, retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, QUANTIZED
 from cvmkd_validation.validation import score_all, score_specs
-
-if TYPE_CHECKING:
-    from cvmkd_kd.trainer import Seq2SeqTrainer
 
 log = logging.getLogger("cvmkd")
 
@@ -250,8 +248,6 @@ def cvmkd_quantize(state: RunState, summary: RunSummary) -> None:
     """Finalize phase 3: quantize the trained student with every ``[[quantize]]`` component.
     Works with the trainers of this plugin (``Seq2SeqTrainer``: the float model in ``model``,
     the ``RunData`` in ``data``); the test evaluation (phase 2) gives the scores the variants are compared with."""
-    from cvmkd_kd.trainer import Seq2SeqTrainer
-
     trainer = state.trainer
     if summary.status not in ("completed", "stopped") or summary[EVALUATION] is None or not state.selected("quantizer"):
         return
