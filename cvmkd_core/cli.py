@@ -1,5 +1,5 @@
 """The ``cvmkd`` command. The core's own subcommands are ``run``, ``check`` and ``plugins``;
-every other one (``translate``, ``report``, ``monitor``, ``compare``...) comes from a plugin's
+every other one (``report``, ``monitor``, ``compare``...) comes from a plugin's
 ``cvmkd_register_commands`` hook.
 
 Errors a user can fix print one line each on stderr and exit with status 2; ``--debug`` shows
@@ -157,6 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cvmkd_core.loop import Terminated
     from cvmkd_core.rundir import RECIPE_FILE, run_dir_for
     from cvmkd_core.session import open_session, run_session
+    from cvmkd_core.state import SIGNAL
 
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone reports
     if rank:
@@ -185,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"interrupted at step {summary.final_step}; continue with: {resume_command(args, run_dir)}", file=sys.stderr
         )
-        return EXIT_TERMINATED if summary.extra.get("signal") == "SIGTERM" else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if summary.extra.get(SIGNAL, None) == "SIGTERM" else EXIT_INTERRUPTED
     failed = [v for v in summary.verdicts if v.failed]
     for verdict in failed:
         print(f"{verdict.line} ({run_dir})", file=sys.stderr)

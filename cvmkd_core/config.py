@@ -2,7 +2,7 @@
 
 Types are strict (TOML already typed every value: a string is never silently read as a
 number), unknown keys are refused, and every problem is collected with its recipe path, so a
-user sees all mistakes at once: ``distill.loss.temperature: must be > 0, got -1.0``.
+user sees all mistakes at once: ``guard.threshold: must be > 0, got -1.0``.
 Plugins use :func:`structure` and the validators below for their own config classes.
 """
 
@@ -186,8 +186,8 @@ def _make_converter() -> cattrs.Converter:
         def structure_attrs(value: Any, _t: Any) -> Any:
             if not isinstance(value, dict):
                 raise ConfigValueError(f"expected a table, got {describe(value)}")
-            # a component's settings without its name (``--set distill.loss.temperature=1`` on a
-            # recipe with no [distill.loss]) keep the component the field chooses by default
+            # a component's settings without its name (``--set guard.threshold=1`` on a recipe
+            # with no [guard] table) keep the component the field chooses by default
             missing = {k: n for k, n in defaults.items() if isinstance(value.get(k), dict) and "name" not in value[k]}
             if missing:
                 value = {**value, **{k: {"name": n, **value[k]} for k, n in missing.items()}}
@@ -270,7 +270,7 @@ def error_lines(exc: BaseException, path: str) -> list[str]:
 def structure(data: Any, cls: type, path: str = "") -> Any:
     """Structure ``data`` into ``cls``; raise :class:`RecipeError` listing every problem.
 
-    ``path`` is where ``data`` sits in the recipe (``"distill.loss"``), so messages point there.
+    ``path`` is where ``data`` sits in the recipe (``"guard"``), so messages point there.
     """
     problems = structure_collect(data, cls, path)
     if isinstance(problems, list):

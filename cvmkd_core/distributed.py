@@ -117,7 +117,7 @@ def keep_on_this_rank(plugin: Any) -> bool:
 
 def leave_to_main(pm: Any) -> list[str]:
     """On ranks other than 0: unregister every plugin that does not run on all ranks (loggers,
-    metrics, reports...), so that rank 0 alone writes. Returns their names."""
+    reporters...), so that rank 0 alone writes. Returns their names."""
     removed = []
     for name, plugin in list(pm.list_name_plugin()):
         if plugin is not None and not keep_on_this_rank(plugin):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from cvmkd_core.cli import Commands
     from cvmkd_core.recipe import Recipe
     from cvmkd_core.registry import Registrar
+    from cvmkd_core.stash import NamedStash
     from cvmkd_core.state import (
         Rollback,
         RunState,
@@ -52,11 +53,13 @@ def cvmkd_register(register: Registrar) -> None:
     name, a factory and optionally an attrs config class that structures the component's own
     recipe section::
 
-        register.loss("kd", KDLoss, config=KDConfig)
-        register.metric("words", WordCount)
+        register.detector("strict", StrictDetector, config=StrictConfig)
+        register.logger("csv", CsvLogger)
 
-    The kinds are :data:`cvmkd_core.registry.KINDS`. Two plugins registering the same kind and
-    name is an error naming both.
+    The kinds are the loop's own (:data:`cvmkd_core.registry.KINDS`) and those plugins declare
+    (``register.kind("loss", "a training loss")``), in any order of plugins. Two plugins
+    registering the same kind and name is an error naming both; a component of a kind nobody
+    declares is an error at start.
     """
 
 
@@ -132,10 +135,12 @@ def cvmkd_check_degradation(
 
 
 @hookspec
-def cvmkd_checkpoint(state: RunState, record: ValidationRecord | None, payload: dict[str, Any]) -> None:
+def cvmkd_checkpoint(state: RunState, record: ValidationRecord | None, payload: NamedStash) -> None:
     """Add state to the checkpoint written after a validation.
 
-    Each stateful plugin stores its ``state_dict()`` under its own key in ``payload``. The
+    Each stateful plugin stores its ``state_dict()`` under a key of its own
+    (``payload[MY_STATE] = ...``, a :class:`~cvmkd_core.stash.StashKey`; its name names the entry
+    in the file, and a name two keys share is an error). The
     core writes the payload once, atomically, after every implementation has run. ``record`` is
     the validation the checkpoint follows, or None for the checkpoint written when a run is
     interrupted. Store tensors and plain values only: checkpoints are read back with
@@ -144,8 +149,9 @@ def cvmkd_checkpoint(state: RunState, record: ValidationRecord | None, payload: 
 
 
 @hookspec
-def cvmkd_restore(state: RunState, payload: dict[str, Any], reason: str) -> None:
-    """Reload state from a checkpoint payload. ``reason`` is ``"resume"`` or ``"rollback"``."""
+def cvmkd_restore(state: RunState, payload: NamedStash, reason: str) -> None:
+    """Reload state from a checkpoint payload (``payload[MY_STATE]``, the key it was saved
+    under). ``reason`` is ``"resume"`` or ``"rollback"``."""
 
 
 @hookspec
@@ -162,7 +168,7 @@ def cvmkd_run_error(state: RunState, error: BaseException) -> None:
 @hookspec
 def cvmkd_finalize(state: RunState, summary: RunSummary) -> None:
     """Finish the run: always called, also after a failed run (``summary.status`` says how it
-    ended). Implementations add to ``summary.outputs``, ``summary.results`` and ``summary.extra``,
+    ended). Implementations add to ``summary.outputs``, ``summary.results`` and ``summary.extra`` (under typed keys),
     may judge the run (``summary.verdicts``), and close what they opened. A plugin that runs
     phases of its own (export, test evaluation...) runs them from a wrapper of this
     hook, so they come before every plain implementation; ``state.phase`` names the one running.

@@ -26,7 +26,7 @@
                     cvmkd_restore(state, payload, "rollback")
                     event("rollback")
                 else:
-                    payload = {"core": ...}
+                    payload = NamedStash(); payload[CORE_STATE] = ...
                     cvmkd_checkpoint(state, record, payload)   # each plugin adds its state
                     write payload atomically; event("checkpoint")
         if interrupted by a first Ctrl-C:
@@ -37,7 +37,7 @@
     finally:                                             # always, also after an error
         event("run_end")
         cvmkd_finalize(state, summary)                   # wrappers first: a plugin's own phases
-                                                         # (export, evaluate, quantize); then
+                                                         # (export, evaluate...); then
                                                          # verdicts; loggers close
         summary.wall_seconds = time since start          # finalize included
         cvmkd_record_outcome(state, summary)             # e.g. stamp the model packages
@@ -76,13 +76,30 @@ from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import Recipe
 from cvmkd_core.rundir import RESUME_CHANGES
-from cvmkd_core.state import Event, Rollback, RunState, RunSummary, ValidationRecord, ValidationResult
+from cvmkd_core.stash import NamedStash
+from cvmkd_core.state import (
+    CORE_STATE,
+    DISTRIBUTED,
+    FAILED_IN,
+    FINALIZE_ERROR,
+    INVOCATION_SECONDS,
+    SIGNAL,
+    STOP_REASON,
+    VALIDATION_TIME,
+    WORLD_SIZE,
+    Event,
+    Rollback,
+    RunState,
+    RunSummary,
+    ValidationRecord,
+    ValidationResult,
+)
 
 log = logging.getLogger("cvmkd")
 
 
 class PluginError(CvmkdError):
-    """A plugin broke the hook contract (no step result, duplicate metric keys...)."""
+    """A plugin broke the hook contract (no step result, duplicate score keys...)."""
 
 
 def instantiate_components(plugins: Plugins, state: RunState) -> None:
@@ -357,9 +374,10 @@ class Loop:
         state = self.state
         if not state.world.main:
             return
-        payload: dict[str, Any] = {"core": _core_payload(state)}
+        payload = NamedStash()
+        payload[CORE_STATE] = _core_payload(state)
         self.pm.hook.cvmkd_checkpoint(state=state, record=record, payload=payload)
-        entry = self.checkpoints.save(state.step, state.iterations, payload, score=rank)
+        entry = self.checkpoints.save(state.step, state.iterations, payload.to_dict(), score=rank)
         state.emit(
             Event.CHECKPOINT, step=state.step, file=entry.file, sha256=entry.sha256, validated=record is not None
         )
@@ -374,7 +392,7 @@ class Loop:
     def _rollback(self, decision: Rollback) -> None:
         state = self.state
         try:
-            entry, payload = self.checkpoints.load(decision.target)
+            entry, saved = self.checkpoints.load(decision.target)
         except CheckpointError as exc:
             reason = f"{decision.reason}; no checkpoint to roll back to ({exc})"
             log.error("stopping: %s", reason)
@@ -382,7 +400,8 @@ class Loop:
             state.request_stop(reason)
             return
         from_step = state.step
-        _restore_core(state, payload["core"], "rollback")
+        payload = NamedStash.from_dict(saved)
+        _restore_core(state, payload[CORE_STATE], "rollback")
         state.rollbacks += 1
         state.lr_scale *= decision.lr_factor
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="rollback")
@@ -414,8 +433,9 @@ class Loop:
             log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
             state.emit(Event.RESUME, step=0, checkpoint=None)
             return
-        entry, payload = self.checkpoints.load("last")
-        _restore_core(state, payload["core"], "resume")
+        entry, saved = self.checkpoints.load("last")
+        payload = NamedStash.from_dict(saved)
+        _restore_core(state, payload[CORE_STATE], "resume")
         if state.world.main:
             # validations after the checkpoint describe weights that are gone: the history file
             # is rewritten from the checkpoint's, so it matches the run that continues
@@ -440,21 +460,21 @@ class Loop:
         summary.rollbacks = state.rollbacks
         summary.wall_seconds = round(state.elapsed(), 3)
         if state.stop_reason:
-            summary.extra["stop_reason"] = state.stop_reason
+            summary.extra[STOP_REASON] = state.stop_reason
         if state.interrupted_by:
-            summary.extra["signal"] = state.interrupted_by
+            summary.extra[SIGNAL] = state.interrupted_by
         if state.history:
             last = state.history[-1].to_dict()
             summary.last_validation = {k: v for k, v in last.items() if k != "details"}
         wall = max(state.elapsed(), 1e-9)
-        summary.extra["validation"] = {
+        summary.extra[VALIDATION_TIME] = {
             "count": len(state.history),
             "seconds": round(state.validation_seconds, 2),
             "share_of_wall_time": round(state.validation_seconds / wall, 4),
         }
-        summary.extra["world_size"] = state.world.size
+        summary.extra[WORLD_SIZE] = state.world.size
         if state.world.size > 1:
-            summary.extra["distributed"] = state.world.to_dict()
+            summary.extra[DISTRIBUTED] = state.world.to_dict()
         if not state.world.main:
             return  # rank 0 exports, evaluates, writes the summary and reports
         hook = self.pm.hook
@@ -466,7 +486,7 @@ class Loop:
             hook.cvmkd_finalize(state=state, summary=summary)
             # the wall time covers finalize too, every plugin's phases in it
             summary.wall_seconds = round(state.elapsed(), 3)
-            summary.extra["invocation_seconds"] = round(time.time() - state.started_at, 3)
+            summary.extra[INVOCATION_SECONDS] = round(time.time() - state.started_at, 3)
             state.phase = "record_outcome"
             hook.cvmkd_record_outcome(state=state, summary=summary)
         except BaseException as exc:
@@ -476,11 +496,11 @@ class Loop:
                     summary.status = "interrupted"
                     summary.error = "interrupted while finalizing"
                     if state.interrupted_by:
-                        summary.extra["signal"] = state.interrupted_by
+                        summary.extra[SIGNAL] = state.interrupted_by
                 else:
                     summary.status = "failed"
                     summary.error = f"finalize: {type(exc).__name__}: {exc}"
-                summary.extra["failed_in"] = state.phase
+                summary.extra[FAILED_IN] = state.phase
                 if state.phase != "record_outcome":
                     # the packages written so far say that the run failed, not that it completed
                     with contextlib.suppress(Exception):
@@ -488,7 +508,7 @@ class Loop:
                 raise
             # the original error matters more; finalize's own failure is still reported
             log.error("finalize failed after the run failed: %s: %s", type(exc).__name__, exc)
-            summary.extra["finalize_error"] = f"{type(exc).__name__}: {exc}"
+            summary.extra[FINALIZE_ERROR] = f"{type(exc).__name__}: {exc}"
         finally:
             atomic_write_json(state.run_dir / "summary.json", summary.to_dict())
             # reports are written from the run's files, summary.json included; a failing

@@ -75,6 +75,7 @@ class Plugins:
         self.registry = Registry()
         self.infos: dict[str, PluginInfo] = {}
         self._blocked = _split_env(ENV_BLOCK)
+        self._undeclared: set[str] = set()
         #: how this manager was built, so :meth:`fresh` can build another like it
         self.hook_files: list[Path] = []
         self.entry_points = True
@@ -150,7 +151,9 @@ class Plugins:
         self._call_register(name, module)
 
     def check_pending(self) -> None:
-        """A hook implementation that matches no hook (a misspelt name) fails here, at start."""
+        """A hook implementation that matches no hook (a misspelt name), or a component of a
+        kind no loaded plugin declares is a warning, and an error once a recipe names it."""
+        self._warn_undeclared()
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -196,6 +199,20 @@ class Plugins:
         if source != "component":
             self.extra.append((name, plugin))
         self._call_register(name, plugin)
+        self._warn_undeclared()
+
+    def _warn_undeclared(self) -> None:
+        problems = {}
+        for plugin, problem in self.registry.undeclared().items():
+            info = self.infos.get(plugin)
+            problems[info.label if info else plugin] = problem
+        for label in self._undeclared - set(problems):  # a plugin added since declared the kind
+            self.registry.load_failures.pop(label, None)
+        for label, problem in problems.items():
+            if self.registry.load_failures.get(label) != problem:
+                self.registry.load_failures[label] = problem
+                warnings.warn(f"cvmkd plugin {label} {problem}", stacklevel=2)
+        self._undeclared = set(problems)
 
     def fresh(self) -> Plugins:
         """A new manager with the same plugins and none of this run's component instances

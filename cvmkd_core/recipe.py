@@ -1,8 +1,8 @@
 """Recipes: TOML files that name the components of a run and their settings.
 
 Loading goes: read TOML → merge the chain of ``extends`` → apply ``--set`` overrides →
-structure into frozen attrs classes. Component sections (``[distill.loss]``,
-``[[validation.metrics]]``...) name a registered component; each is structured by that
+structure into frozen attrs classes. Component sections (``[guard]``,
+``[[reports]]``...) name a registered component; each is structured by that
 component's own config class. All problems are collected and raised together as one
 :class:`~cvmkd_core.errors.RecipeError`, one line per problem with its path.
 """
@@ -34,7 +34,7 @@ from cvmkd_core.config import (
     structure_collect,
 )
 from cvmkd_core.errors import ComponentError, RecipeError
-from cvmkd_core.registry import KINDS, Registry
+from cvmkd_core.registry import Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,8 +64,8 @@ def resolving_with(registry: Registry | None) -> Iterator[None]:
 class ComponentRef:
     """A recipe's choice of one component: its name, and its settings.
 
-    In a recipe either a bare name (``loss = "kd"``) or a table with ``name`` and the
-    component's own keys (``[distill.loss]`` ``name = "kd"`` ``temperature = 6.0``).
+    In a recipe either a bare name (``guard = "guard"``) or a table with ``name`` and the
+    component's own keys (``[guard]`` ``name = "guard"`` ``threshold = 0.05``).
     After resolution ``config`` holds the component's structured config object.
     """
 
@@ -83,10 +83,9 @@ class ComponentRef:
 
 @functools.cache
 def component_ref(kind: str) -> type[ComponentRef]:
-    """The attrs class of a recipe's reference to a component of ``kind``
-    (:data:`~cvmkd_core.registry.KINDS`), as a field type: ``loss: component_ref("loss")``."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+    """The attrs class of a recipe's reference to a component of ``kind`` (of
+    :data:`~cvmkd_core.registry.KINDS`, or a kind a plugin declares), as a field type:
+    ``loss: component_ref("loss")``."""
     cls = type(f"{kind.title()}Ref", (ComponentRef,), {"kind": kind, "__module__": __name__})
     return attrs.frozen(cls)
 
@@ -299,8 +298,8 @@ def _switches_component(path: tuple[str, ...], base: Any, value: Any) -> bool:
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Tables merge key by key; any other value (arrays included) replaces the base's. A
-    component table that names a different component (``[corpus] name = "files"`` over
-    ``name = "bible"``) replaces the base's table instead of merging into it."""
+    component table that names a different component (``[guard] name = "mine"`` over
+    ``name = "guard"``) replaces the base's table instead of merging into it."""
     merged = dict(base)
     for key, value in override.items():
         path = (*_path, key)

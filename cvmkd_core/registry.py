@@ -9,30 +9,21 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 
 from cvmkd_core.errors import ComponentError
 
-#: Every kind of component, listed once, with what a component of the kind is: ``register.<kind>
-#: (name, factory, config=None)`` adds one (``package``, ``section`` and ``loader`` take other
-#: arguments, below), and a recipe refers to one with ``component_ref(kind)``.
+#: The loop's own kinds of component, with what a component of the kind is. Plugins declare the
+#: kinds they own (``register.kind(name, description)``: a trainer's losses, say); ``register.<kind>(name, factory, config=None)`` adds a component of any declared
+#: kind, and a recipe refers to one with ``component_ref(kind)``.
 KINDS: dict[str, str] = {
-    "loss": "a training loss: factory(config) returns a callable computing the loss",
-    "metric": "a quality metric scored on the model's output",
-    "detector": "a degradation detector deciding on rollbacks",
-    "quantizer": "a quantization backend",
-    "reporter": "a report writer run at finalize",
-    "corpus": "a source of training and held-out data",
-    "model": "a model architecture",
-    "logger": "a metrics logger (JSONL, TensorBoard, ...)",
     "trainer": "a trainer: builds models and data at run start and performs the step",
+    "detector": "a degradation detector deciding on rollbacks",
+    "reporter": "a report writer run at finalize",
+    "logger": "a logger of the step records and run events (JSONL, TensorBoard, ...)",
     "section": "a top-level recipe table a plugin owns, structured by its config class",
-    "package": "a model folder shipped with a plugin, accepted by name wherever a model folder is",
-    "exporter": "an export format: export(package, out, quantization=None), recognizes(folder), translator(folder, device)",
-    "loader": "a model format read from a folder: recognizes(folder), load(folder, device)",
     "slot": "a top-level recipe table, or array of tables, a plugin owns that selects components of one kind",
 }
 
@@ -63,16 +54,44 @@ class Registry:
     """All components, by kind and name."""
 
     def __init__(self) -> None:
+        #: every declared kind, with its description and the plugin that declared it
+        self.kinds: dict[str, tuple[str, str]] = {kind: (text, "cvmkd") for kind, text in KINDS.items()}
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        #: components of a kind no plugin has declared yet (plugins register in any order)
+        self._waiting: list[Component] = []
         #: plugin names that failed to load, with their error, so "unknown component" can say why
         self.load_failures: dict[str, str] = {}
 
-    def add(self, component: Component) -> None:
-        if component.kind not in self._components:
-            raise ComponentError(
-                f"plugin {component.plugin!r} registered unknown component kind "
-                f"{component.kind!r}; kinds are: {', '.join(KINDS)}"
+    def declare(self, kind: str, description: str, plugin: str) -> None:
+        """A plugin's own kind of component; components of it registered earlier join it."""
+        if kind in self.kinds:
+            owner = self.kinds[kind][1]
+            raise ComponentError(f"component kind {kind!r} is declared twice: by {owner!r} and by {plugin!r}")
+        self.kinds[kind] = (description, plugin)
+        self._components[kind] = {}
+        waiting, self._waiting = self._waiting, []
+        for component in waiting:
+            self.add(component)
+
+    def undeclared(self) -> dict[str, str]:
+        """Once every plugin has registered: ``{plugin: problem}`` for the components and slots of
+        a kind nobody declared (a misspelt ``register.metrc``, or the plugin that owns the kind
+        is not loaded). They wait: a plugin added later that declares the kind takes them in."""
+        slots = [c for c in self._components["slot"].values() if c.factory()[0] not in self.kinds]
+        problems: dict[str, str] = {}
+        for component in [*self._waiting, *slots]:
+            kind = component.factory()[0] if component.kind == "slot" else component.kind
+            problems.setdefault(
+                component.plugin,
+                f"registered {component.kind} {component.name!r} of component kind {kind!r}, which no "
+                f"loaded plugin declares (kinds: {', '.join(self.kinds)})",
             )
+        return problems
+
+    def add(self, component: Component) -> None:
+        if component.kind not in self.kinds:
+            self._waiting.append(component)
+            return
         if component.config is not None and not attrs.has(component.config):
             raise ComponentError(
                 f"plugin {component.plugin!r}: config of {component.kind} {component.name!r} "
@@ -99,10 +118,10 @@ class Registry:
         raise ComponentError(message)
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self._components[kind])
+        return sorted(self._components.get(kind, {}))
 
     def all(self) -> list[Component]:
-        return [c for kind in KINDS for c in self._components[kind].values()]
+        return [c for kind in self.kinds for c in self._components[kind].values()]
 
     def by_plugin(self, plugin: str) -> list[Component]:
         return [c for c in self.all() if c.plugin == plugin]
@@ -129,31 +148,29 @@ class Registrar:
         )
 
     def component(self, kind: str, name: str, factory: Callable[..., Any], config: type | None = None) -> None:
-        """Add a component of ``kind`` (one of :data:`KINDS`); ``register.metric(...)`` and the
-        like are this with the kind filled in."""
+        """Add a component of ``kind`` (a kind of :data:`KINDS` or one a plugin declares);
+        ``register.logger(...)`` and the like are this with the kind filled in."""
         self._add(kind, name, factory, config)
 
     def __getattr__(self, kind: str) -> Callable[..., None]:
-        if kind not in KINDS:
-            raise AttributeError(f"register has no method {kind!r}; the kinds are {', '.join(KINDS)}")
-        return lambda name, factory, config=None: self._add(kind, name, factory, config)
+        if kind.startswith("_"):
+            raise AttributeError(kind)
 
-    def loader(self, name: str, factory: Callable[..., Any]) -> None:
-        """A model format read from a folder: ``factory()`` returns an object with
-        ``recognizes(folder) -> bool`` and ``load(folder, device)``."""
-        self._add("loader", name, factory, None)
+        def add(name: str, factory: Any, config: type | None = None) -> None:
+            # a value that is not callable (a folder) is registered as itself
+            self._add(kind, name, factory if callable(factory) else (lambda: factory), config)
 
-    def package(self, name: str, path: str | Path) -> None:
-        """A model folder shipped with the plugin, accepted by name wherever a folder is."""
-        folder = Path(path)
-        self._add("package", name, lambda: folder, None)
+        return add
+
+    def kind(self, name: str, description: str) -> None:
+        """Declare a kind of component this plugin owns (the contract its components meet is the
+        plugin's to state); other plugins then register components of it."""
+        self._registry.declare(name, description, self._plugin)
 
     def slot(self, name: str, kind: str, many: bool = False) -> None:
         """A top-level recipe key this plugin owns that selects components of ``kind``: one
         (``[name]`` with ``name = "..."``, or a bare name; absent: None) or, with ``many``, an
         array of tables (``[[name]]``; absent: empty). Read it with ``recipe.section(name)``."""
-        if kind not in KINDS:
-            raise ComponentError(f"plugin {self._plugin!r}: slot {name!r} selects unknown kind {kind!r}")
         self._add("slot", name, lambda: (kind, many), None)
 
     def section(self, name: str, config: type) -> None:

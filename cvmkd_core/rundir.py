@@ -60,9 +60,6 @@ class RunFiles:
                 return self.path / logger["file"]
         return self.path / DEFAULT_TRAIN_LOG
 
-    def stage(self, name: str = "teacher") -> RunFiles:
-        return RunFiles(self.path / name)
-
 
 def run_dir_for(recipe: Recipe, override: str | Path | None = None) -> Path:
     if override is not None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from cvmkd_core.distributed import SINGLE, World
-from cvmkd_core.stash import Stash, StashKey
+from cvmkd_core.stash import NamedStash, Stash, StashKey
 
 T = TypeVar("T")
 
@@ -115,6 +115,27 @@ class Verdict:
     enforced: bool = True
 
 
+# --- what the loop writes into ``summary.extra`` (each plugin declares its own keys) -------------
+
+#: why the run stopped before its last step (a detector, an interrupt)
+STOP_REASON: StashKey[str] = StashKey("stop_reason")
+#: the signal that interrupted the run (SIGINT, SIGTERM)
+SIGNAL: StashKey[str] = StashKey("signal")
+#: how many validations ran, their seconds and their share of the wall time
+VALIDATION_TIME: StashKey[dict[str, Any]] = StashKey("validation")
+WORLD_SIZE: StashKey[int] = StashKey("world_size")
+#: the processes of a ``torchrun`` run (``World.to_dict``)
+DISTRIBUTED: StashKey[dict[str, Any]] = StashKey("distributed")
+#: seconds of this invocation alone (``wall_seconds`` adds earlier ones of a resumed run)
+INVOCATION_SECONDS: StashKey[float] = StashKey("invocation_seconds")
+#: the finalize phase that failed (``export``, ``evaluate``...)
+FAILED_IN: StashKey[str] = StashKey("failed_in")
+#: a finalize failure after the run had failed already
+FINALIZE_ERROR: StashKey[str] = StashKey("finalize_error")
+#: the loop's own part of a checkpoint's payload: step, counters, history, random state
+CORE_STATE: StashKey[dict[str, Any]] = StashKey("core")
+
+
 @attrs.define
 class RunSummary:
     """How a run ended. Written to ``summary.json``; finalize implementations may add to it."""
@@ -129,8 +150,10 @@ class RunSummary:
     outputs: dict[str, str] = attrs.field(factory=dict)
     #: what plugins add under keys of their own (``summary.results[KEY]``), written to
     #: ``summary.json`` under each key's name, between ``outputs`` and ``extra``
-    results: Stash = attrs.field(factory=Stash)
-    extra: dict[str, Any] = attrs.field(factory=dict)
+    results: NamedStash = attrs.field(factory=NamedStash)
+    #: what plugins record about how the run went, under keys of their own, written to
+    #: ``summary.json`` under ``extra``
+    extra: NamedStash = attrs.field(factory=NamedStash)
     #: the plugins' judgements of the finished run (``cvmkd run`` prints and acts on them)
     verdicts: list[Verdict] = attrs.field(factory=list)
 
@@ -142,9 +165,9 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self, filter=lambda a, _: a.name not in ("results", "extra", "verdicts"))
-        for key, value in self.results.items():
-            out[key.name] = attrs.asdict(value) if attrs.has(type(value)) else value
-        out["extra"] = self.extra
+        for name, value in self.results.to_dict().items():
+            out[name] = attrs.asdict(value) if attrs.has(type(value)) else value
+        out["extra"] = self.extra.to_dict()
         return out
 
 
@@ -184,7 +207,7 @@ class RunState:
     history: list[ValidationRecord] = attrs.field(factory=list)
     #: wall-clock seconds spent in validation so far (its share of the run is logged)
     validation_seconds: float = 0.0
-    #: instantiated components by recipe path ("distill", "validation.metrics[0]", ...)
+    #: instantiated components by recipe path ("guard", "reports[0]", ...)
     components: dict[str, Any] = attrs.field(factory=dict)
     #: the stream of training batches; the trainer sets it in cvmkd_run_start
     batches: Iterator[Any] | None = None

@@ -139,22 +139,22 @@ DOMAIN_WORDS = (
 #: what the core still says of the domain, per word: a ratchet. A new occurrence fails; when
 #: one is removed, lower its count here (the test says which).
 DOMAIN_WORDS_LEFT = {
-    "translat": 3,
+    "translat": 1,
     "bleu": 0,
     "chrf": 0,
-    "teacher": 1,
+    "teacher": 0,
     "student": 0,
-    "corpus": 2,
+    "corpus": 0,
     "corpora": 0,
     "tokeniz": 0,
     "tokenis": 0,
     "vocab": 0,
     "sentence": 0,
-    "distil": 10,
-    "quantiz": 4,
+    "distil": 3,
+    "quantiz": 0,
     "composite": 0,
     "gate": 0,
-    "metric": 13,
+    "metric": 3,
 }
 
 

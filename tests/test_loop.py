@@ -56,7 +56,7 @@ class Recorder:
         self.calls.append(f"check_degradation {record.step} after {len(history)}")
 
     @hookimpl
-    def cvmkd_checkpoint(self, record: Any, payload: dict[str, Any]) -> None:
+    def cvmkd_checkpoint(self, record: Any, payload: Any) -> None:
         self.calls.append(f"checkpoint {record.step}")
 
     @hookimpl

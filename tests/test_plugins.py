@@ -13,13 +13,13 @@ from cvmkd_core.plugins import DEFAULT_PLUGINS, build_plugins
 from cvmkd_testing import ExactMatch
 
 
-class OneMetric:
+class OneDetector:
     def __init__(self, name: str = "same") -> None:
         self.name = name
 
     @hookimpl
     def cvmkd_register(self, register: Any) -> None:
-        register.metric(self.name, ExactMatch)
+        register.detector(self.name, ExactMatch)
 
 
 def test_builtins_are_plugins_like_any_other() -> None:
@@ -35,9 +35,9 @@ def test_builtins_are_plugins_like_any_other() -> None:
 
 def test_a_plugin_registered_for_one_test_and_unregistered_after() -> None:
     plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(OneMetric(), name="one", source="test")
+    plugins.add_plugin(OneDetector(), name="one", source="test")
     try:
-        assert plugins.registry.get("metric", "same").plugin == "one"
+        assert plugins.registry.get("detector", "same").plugin == "one"
         assert any(p["name"] == "one" for p in plugins.describe())
     finally:
         plugins.remove_plugin("one")
@@ -47,19 +47,19 @@ def test_a_plugin_registered_for_one_test_and_unregistered_after() -> None:
 
 def test_a_duplicate_component_name_names_both_plugins() -> None:
     plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(OneMetric(), name="first", source="test")
+    plugins.add_plugin(OneDetector(), name="first", source="test")
     with pytest.raises(
-        ComponentError, match="metric 'same' is registered twice: by plugin 'first' and by plugin 'second'"
+        ComponentError, match="detector 'same' is registered twice: by plugin 'first' and by plugin 'second'"
     ):
-        plugins.add_plugin(OneMetric(), name="second", source="test")
+        plugins.add_plugin(OneDetector(), name="second", source="test")
 
 
 def test_an_unknown_component_lists_the_available_ones() -> None:
     plugins = build_plugins(entry_points=False)
-    plugins.add_plugin(OneMetric("zeta"), name="z", source="test")
-    plugins.add_plugin(OneMetric("alpha"), name="a", source="test")
-    with pytest.raises(ComponentError, match=r"unknown metric 'beta'; available: alpha, zeta"):
-        plugins.registry.get("metric", "beta")
+    plugins.add_plugin(OneDetector("zeta"), name="z", source="test")
+    plugins.add_plugin(OneDetector("alpha"), name="a", source="test")
+    with pytest.raises(ComponentError, match=r"unknown detector 'beta'; available: alpha, zeta"):
+        plugins.registry.get("detector", "beta")
 
 
 def test_a_misspelt_hook_fails_at_start(write) -> None:
@@ -115,11 +115,11 @@ def test_a_hook_file_may_register_components(write) -> None:
 
         @hookimpl
         def cvmkd_register(register):
-            register.metric("mine", ExactMatch)
+            register.detector("mine", ExactMatch)
         """,
     )
     plugins = build_plugins([path], entry_points=False)
-    assert plugins.registry.get("metric", "mine").plugin.endswith("mine.py")
+    assert plugins.registry.get("detector", "mine").plugin.endswith("mine.py")
 
 
 # --- entry points -------------------------------------------------------------------------------
@@ -148,11 +148,11 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_entry_point_plugins_are_loaded_with_their_distribution(fake_entry_points) -> None:
-    fake_entry_points.append(FakeEntryPoint("good", "cvmkd-good", "1.2.3", obj=OneMetric("good")))
+    fake_entry_points.append(FakeEntryPoint("good", "cvmkd-good", "1.2.3", obj=OneDetector("good")))
     plugins = build_plugins()
     info = plugins.infos["good"]
     assert (info.source, info.distribution, info.version) == ("entrypoint", "cvmkd-good", "1.2.3")
-    assert plugins.registry.get("metric", "good").plugin == "good"
+    assert plugins.registry.get("detector", "good").plugin == "good"
 
 
 def test_a_plugin_that_fails_to_import_is_reported_with_its_distribution(fake_entry_points) -> None:
@@ -169,8 +169,8 @@ def test_a_plugin_that_fails_to_import_is_reported_with_its_distribution(fake_en
 
 
 def test_autoload_can_be_disabled_and_plugins_blocked(fake_entry_points, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_entry_points.append(FakeEntryPoint("one", "cvmkd-one", "1.0", obj=OneMetric("one")))
-    fake_entry_points.append(FakeEntryPoint("two", "cvmkd-two", "1.0", obj=OneMetric("two")))
+    fake_entry_points.append(FakeEntryPoint("one", "cvmkd-one", "1.0", obj=OneDetector("one")))
+    fake_entry_points.append(FakeEntryPoint("two", "cvmkd-two", "1.0", obj=OneDetector("two")))
     monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert {"one", "two"}.isdisjoint(build_plugins().infos)
     monkeypatch.setenv("CVMKD_PLUGINS", "cvmkd-two")
@@ -224,22 +224,57 @@ def test_a_plugin_declares_a_hook_of_its_own_that_others_implement(write) -> Non
         bare.check_pending()
 
 
-def test_every_kind_is_listed_once_and_an_unknown_one_is_named() -> None:
+def test_every_kind_is_listed_once_and_plugins_declare_their_own() -> None:
     from cvmkd_core.recipe import component_ref
     from cvmkd_core.registry import KINDS, Registrar, Registry
 
     registry = Registry()
     register = Registrar(registry, "kinds")
-    plain = [k for k in KINDS if k not in ("package", "section", "loader", "slot")]
+    plain = [k for k in KINDS if k not in ("section", "slot")]
     for kind in plain:
         getattr(register, kind)(f"a-{kind}", ExactMatch)
         assert component_ref(kind).kind == kind and component_ref(kind) is component_ref(kind)
+    # a component of a kind a plugin declares later waits for it; plugins load in any order
     register.component("metric", "another", ExactMatch)
-    assert registry.names("metric") == ["a-metric", "another"]
-    assert sorted(c.kind for c in registry.all()) == sorted([*plain, "metric"])
-    with pytest.raises(AttributeError, match="register has no method 'metrics'; the kinds are loss, metric"):
-        register.metrics("x", ExactMatch)
-    with pytest.raises(ComponentError, match="registered unknown component kind 'metrics'"):
-        register.component("metrics", "x", ExactMatch)
-    with pytest.raises(ValueError, match="unknown component kind 'metrics'"):
-        component_ref("metrics")
+    register.slot("checks", "metric", many=True)
+    assert registry.names("metric") == []
+    assert registry.undeclared() == {
+        "kinds": "registered metric 'another' of component kind 'metric', which no "
+        "loaded plugin declares (kinds: trainer, detector, reporter, logger, section, slot)"
+    }
+    Registrar(registry, "owner").kind("metric", "a quality metric")
+    register.metric("a-metric", ExactMatch)
+    assert registry.names("metric") == ["a-metric", "another"] and registry.undeclared() == {}
+    assert sorted(c.kind for c in registry.all()) == sorted([*plain, "metric", "metric", "slot"])
+    assert registry.kinds["metric"] == ("a quality metric", "owner")
+    with pytest.raises(ComponentError, match="component kind 'metric' is declared twice: by 'owner' and by 'kinds'"):
+        register.kind("metric", "again")
+    # a misspelt kind is named once every plugin has registered
+    register.metrics("x", ExactMatch)
+    assert "registered metrics 'x' of component kind 'metrics'" in registry.undeclared()["kinds"]
+
+
+def test_a_component_of_a_kind_no_loaded_plugin_declares_is_a_warning_then_an_error(write) -> None:
+    path = write(
+        "orphan.py",
+        """
+        from cvmkd_core import hookimpl
+        from cvmkd_testing import ExactMatch
+
+        @hookimpl
+        def cvmkd_register(register):
+            register.metric("mine", ExactMatch)
+        """,
+    )
+    with pytest.warns(UserWarning, match=r"orphan.py registered metric 'mine' of component kind 'metric', which no"):
+        plugins = build_plugins([path], entry_points=False)
+    with pytest.raises(ComponentError, match=r"unknown metric 'mine'; available: none; plugins that failed to load: "):
+        plugins.registry.get("metric", "mine")
+    # the plugin that owns the kind, added later, takes the component in
+    plugins.add_plugin(
+        types.SimpleNamespace(cvmkd_register=hookimpl(lambda register: register.kind("metric", "m"))),
+        name="owner",
+        source="test",
+    )
+    assert plugins.registry.get("metric", "mine").plugin.endswith("orphan.py")
+    assert plugins.registry.load_failures == {}

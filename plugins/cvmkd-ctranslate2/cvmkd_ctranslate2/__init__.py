@@ -26,9 +26,13 @@ import attrs
 from cvmkd_core.config import ConfigValueError, inside_run_dir, one_of
 from cvmkd_core.errors import ModelError
 from cvmkd_core.hookspecs import hookimpl
+from cvmkd_core.stash import StashKey
 from cvmkd_ctranslate2.convert import QUANTIZATIONS
 
 log = logging.getLogger("cvmkd")
+
+#: ``summary.json`` ``extra.exports``: each export's folder, format and size, by its label
+EXPORTS: StashKey[dict[str, Any]] = StashKey("exports", dict)
 
 FORMAT = "ctranslate2"
 METADATA = "cvmkd.json"
@@ -176,7 +180,7 @@ class CTranslate2Exporter:
         out = state.run_dir / self._folder(state)
         info = self.export(Path(package), out)
         summary.outputs[f"model-{label}"] = str(out)
-        summary.extra.setdefault("exports", {})[label] = info
+        summary.extra[EXPORTS][label] = info
         log.info(
             "exported the student to CTranslate2 (%s): %s, %.1f MB",
             info["quantization"],

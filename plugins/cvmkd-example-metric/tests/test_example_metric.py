@@ -26,10 +26,11 @@ def test_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     (entry_point,) = [ep for ep in importlib.metadata.entry_points(group="cvmkd") if ep.name == PLUGIN]
     assert entry_point.value == "cvmkd_example_metric"
     assert entry_point.dist is not None and entry_point.dist.name == DISTRIBUTION
-    # Load this plugin only (besides the core's built-ins), so that other installed plugins
-    # cannot make the test fail: the same switches a user has (docs/architecture.md).
+    # Load this plugin only (besides the core's built-ins and the validation plugin, which
+    # declares the "metric" kind), so that other installed plugins cannot make the test fail:
+    # the same switches a user has (docs/architecture.md).
     monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
-    monkeypatch.setenv("CVMKD_PLUGINS", PLUGIN)
+    monkeypatch.setenv("CVMKD_PLUGINS", f"{PLUGIN},validation")
     monkeypatch.delenv("CVMKD_BLOCK_PLUGINS", raising=False)
     plugins = build_plugins()
     component = plugins.registry.get("metric", METRIC)

@@ -87,7 +87,8 @@ import attrs
 
 from cvmkd_core.config import ConfigValueError, ge, gt, non_empty, one_of
 from cvmkd_core.hookspecs import hookimpl
-from cvmkd_core.state import Rollback, RunState, RunSummary, StepResult, ValidationRecord, Verdict
+from cvmkd_core.stash import NamedStash, StashKey
+from cvmkd_core.state import STOP_REASON, Rollback, RunState, RunSummary, StepResult, ValidationRecord, Verdict
 from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import ScoreSpec
 from cvmkd_validation.records import EVALUATION, GATE, QUANTIZED, GateVerdict
@@ -100,7 +101,7 @@ log = logging.getLogger("cvmkd")
 #: the step metrics that are losses: a non-finite value in any of them is a non-finite loss
 LOSS_KEYS: tuple[str, ...] = ("loss", "kd", "ce")
 #: the guard's key in checkpoint payloads
-CHECKPOINT_KEY = "guard"
+CHECKPOINT_KEY: StashKey[dict[str, Any]] = StashKey("guard")
 
 
 def _unit_interval(_instance: Any, _attribute: Any, value: float) -> None:
@@ -439,15 +440,15 @@ class Guard:
         return self.judge(record, history, spec=spec, rollbacks=state.rollbacks)
 
     @hookimpl
-    def cvmkd_checkpoint(self, payload: dict[str, Any]) -> None:
+    def cvmkd_checkpoint(self, payload: NamedStash) -> None:
         payload[CHECKPOINT_KEY] = {"downward_streak": int(self.downward_streak)}
 
     @hookimpl
-    def cvmkd_restore(self, payload: dict[str, Any], reason: str) -> None:
+    def cvmkd_restore(self, payload: NamedStash, reason: str) -> None:
         if reason == "rollback":
             self.downward_streak = 0
             return
-        saved = payload.get(CHECKPOINT_KEY)
+        saved = payload.get(CHECKPOINT_KEY, None)
         self.downward_streak = int(saved.get("downward_streak", 0)) if isinstance(saved, Mapping) else 0
 
     @hookimpl
@@ -457,7 +458,7 @@ class Guard:
         judged = {
             "evaluation": {"retention": evaluation.retention} if evaluation is not None else None,
             "quantized": [q for q in summary[QUANTIZED] if q.get("accepted")],
-            "stop_reason": summary.extra.get("stop_reason"),
+            "stop_reason": summary.extra.get(STOP_REASON, None),
         }
         gate = retention_gate(
             judged,

@@ -15,6 +15,7 @@ from cvmkd_core.config import structure
 from cvmkd_core.errors import RecipeError
 from cvmkd_core.recipe import Recipe, component_ref, load_recipe
 from cvmkd_core.registry import Registry
+from cvmkd_core.stash import NamedStash
 from cvmkd_core.state import Rollback, RunState, StepResult, ValidationRecord
 from cvmkd_guard import Guard, GuardConfig, normalised_slope
 from cvmkd_testing import TOY_RECIPE, ExactMatch, toy_plugin_manager
@@ -238,13 +239,14 @@ def test_the_downward_count_is_checkpointed_resumed_and_reset_by_a_rollback() ->
     guard = Guard(GuardConfig(threshold=0.5, patience=3))
     run(guard, [50.0, 49.0, 48.0, 47.0])
     assert guard.downward_streak == 2
-    payload: dict = {}
+    payload = NamedStash()
     guard.cvmkd_checkpoint(payload=payload)
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(payload.to_dict(), buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert loaded["guard"] == {"downward_streak": 2}
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["guard"] == {"downward_streak": 2}
+    loaded = NamedStash.from_dict(saved)
 
     resumed = Guard(GuardConfig(threshold=0.5, patience=3))
     resumed.cvmkd_restore(payload=loaded, reason="resume")
@@ -254,7 +256,7 @@ def test_the_downward_count_is_checkpointed_resumed_and_reset_by_a_rollback() ->
     assert resumed.judge(rec(5000, 46.0), history, spec=HIGHER) is not None
     resumed.cvmkd_restore(payload=loaded, reason="rollback")
     assert resumed.downward_streak == 0
-    resumed.cvmkd_restore(payload={}, reason="resume")  # a checkpoint written without the guard
+    resumed.cvmkd_restore(payload=NamedStash(), reason="resume")  # a checkpoint written without the guard
     assert resumed.downward_streak == 0
 
 

@@ -52,6 +52,7 @@ class CELoss(KDLoss):
 
 @hookimpl
 def cvmkd_register(register: Any) -> None:
+    register.kind("loss", "a training loss: factory(config) returns a callable computing the loss")
     register.trainer("kd", KDTrainer, config=KDTrainerConfig)
     register.trainer("teacher", TeacherTrainer, config=TeacherConfig)
     register.section("teacher", TeacherConfig)

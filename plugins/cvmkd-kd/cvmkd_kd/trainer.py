@@ -19,6 +19,7 @@ from cvmkd_core.config import ge, gt, one_of
 from cvmkd_core.errors import ModelError
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.recipe import component_ref
+from cvmkd_core.stash import NamedStash, StashKey
 from cvmkd_core.state import RunState, RunSummary, StepResult
 from cvmkd_kd.config import TeacherConfig
 from cvmkd_kd.data import RunData, prepare_data
@@ -34,6 +35,13 @@ from cvmkd_validation.contract import TranslationTrainer
 LossRef = component_ref("loss")
 
 log = logging.getLogger("cvmkd")
+
+#: the trainer's part of a checkpoint: model, optimizer, data position and what the data was
+TRAINER_STATE: StashKey[dict[str, Any]] = StashKey("trainer")
+#: ``summary.json`` ``extra.trainer``: the models, the teacher, the hardware, the data
+TRAINER_INFO: StashKey[dict[str, Any]] = StashKey("trainer")
+#: ``extra.averaging``: the checkpoints the final weights average, or why none
+AVERAGING: StashKey[dict[str, Any]] = StashKey("averaging")
 
 
 @attrs.frozen
@@ -375,8 +383,8 @@ class Seq2SeqTrainer(TranslationTrainer):
     # --- checkpoints ----------------------------------------------------------------------------
 
     @hookimpl
-    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
-        payload["trainer"] = {
+    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: NamedStash) -> None:
+        payload[TRAINER_STATE] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batches": self.stream.state_dict() if self.stream is not None else {},
@@ -394,8 +402,8 @@ class Seq2SeqTrainer(TranslationTrainer):
         }
 
     @hookimpl
-    def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
-        saved = payload["trainer"]
+    def cvmkd_restore(self, state: RunState, payload: NamedStash, reason: str) -> None:
+        saved = payload[TRAINER_STATE]
         before, now = saved.get("data"), self._data_identity()
         if before is not None and before != now:
             what = "corpus" if before.get("corpus") != now["corpus"] else "tokenizer"
@@ -469,7 +477,7 @@ class Seq2SeqTrainer(TranslationTrainer):
 
         if self.model is None or summary.status not in ("completed", "stopped"):
             return
-        summary.extra.setdefault("trainer", self.run_info)
+        summary.extra.setdefault(TRAINER_INFO, self.run_info)
         path = save_package(state.run_dir / "model", self.model, self.data.tokenizer, self._metadata(state, summary))  # type: ignore[union-attr]
         summary.outputs["model"] = str(path)
 
@@ -541,7 +549,7 @@ class TeacherTrainer(Seq2SeqTrainer):
             )
 
     @hookimpl
-    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: dict[str, Any]) -> None:
+    def cvmkd_checkpoint(self, state: RunState, record: Any, payload: NamedStash) -> None:
         Seq2SeqTrainer.cvmkd_checkpoint(self, state, record, payload)
         patience = self.config.early_stopping_patience
         if record is None or not patience:
@@ -561,7 +569,7 @@ class TeacherTrainer(Seq2SeqTrainer):
             and summary.status in ("completed", "stopped")
             and self.config.average_checkpoints > 1
         ):
-            summary.extra["averaging"] = self._average_checkpoints(state)
+            summary.extra[AVERAGING] = self._average_checkpoints(state)
         Seq2SeqTrainer.cvmkd_export(self, state, summary)
 
     def _validation_scores(self, state: RunState) -> dict[str, float]:
@@ -586,7 +594,7 @@ class TeacherTrainer(Seq2SeqTrainer):
         final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         total: dict[str, torch.Tensor] = {}
         for entry in entries:
-            weights = store.load_entry(entry)["trainer"]["model"]
+            weights = NamedStash.from_dict(store.load_entry(entry))[TRAINER_STATE]["model"]
             for key, value in weights.items():
                 if value.is_floating_point():
                     total[key] = total.get(key, 0) + value.double()

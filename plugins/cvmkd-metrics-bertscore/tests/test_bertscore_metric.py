@@ -42,6 +42,7 @@ def test_the_plugin_is_installed_and_registers_its_metric() -> None:
 
 def test_cvmkd_register_registers_bertscore_without_loading_a_model() -> None:
     registry = Registry()
+    registry.declare("metric", "a quality metric", "validation")  # the kind cvmkd-validation declares
     cvmkd_metrics_bertscore.cvmkd_register(Registrar(registry, "bertscore"))
     assert [(c.kind, c.name) for c in registry.all()] == [("metric", "bertscore")]
     made = registry.get("metric", "bertscore").factory(BertScoreConfig())

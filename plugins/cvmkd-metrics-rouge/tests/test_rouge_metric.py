@@ -47,6 +47,7 @@ def test_the_plugin_is_installed_and_registers_its_metric() -> None:
 
 def test_cvmkd_register_registers_rouge() -> None:
     registry = Registry()
+    registry.declare("metric", "a quality metric", "validation")  # the kind cvmkd-validation declares
     cvmkd_metrics_rouge.cvmkd_register(Registrar(registry, "rouge"))
     assert [(c.kind, c.name) for c in registry.all()] == [("metric", "rouge")]
     metric = registry.get("metric", "rouge").factory(RougeConfig())

@@ -171,6 +171,16 @@ class FilesCorpus:
 
 @hookimpl
 def cvmkd_register(register: Any) -> None:
+    # the kinds of component translation needs, which other plugins provide
+    register.kind("corpus", "a source of training and held-out sentence pairs")
+    register.kind("model", "a translation model architecture")
+    register.kind("package", "a model folder shipped with a plugin, accepted by name wherever a model folder is")
+    register.kind("loader", "a model format read from a folder: recognizes(folder), load(folder, device)")
+    register.kind(
+        "exporter",
+        "an export format: export(package, out, quantization=None), recognizes(folder), translator(folder, device)",
+    )
+    register.kind("quantizer", "a quantization backend for a trained model")
     register.model("cvm", CvmModel, config=CvmSpec)
     register.corpus("files", FilesCorpus, config=FilesConfig)
     register.section("tokenizer", TokenizerConfig)

@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from cvmkd_core import __version__
+from cvmkd_core.state import FAILED_IN
 
 log = logging.getLogger("cvmkd")
 
@@ -139,7 +140,7 @@ def stamp_packages(state: Any, summary: Any, plugins: Any, evaluation: Any = Non
         if summary.status in ("failed", "interrupted"):
             # a package of a run whose finalize failed: it claims no results it does not have
             meta["error"] = summary.error
-            meta["failed_in"] = summary.extra.get("failed_in")
+            meta["failed_in"] = summary.extra.get(FAILED_IN, None)
         meta.setdefault("hardware", describe_hardware(torch.device("cpu")))
         gate_name = "student" if key == "model" else key[len("model-") :]
         verdict = _gate_for(attrs.asdict(gate) if gate is not None else None, gate_name)

@@ -138,7 +138,7 @@ class QatInt8:
         self._sync(state)
 
     @hookimpl
-    def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
+    def cvmkd_restore(self, state: RunState, payload: Any, reason: str) -> None:
         self._sync(state)
 
     def quantize(self, model: Any, context: Any) -> Any:

@@ -17,7 +17,7 @@ when its file is absent, and :meth:`RunView.missing` lists what is not there.
 At finalize, each selected reporter writes into ``RUN_DIR/reports/``; its first file is recorded
 in ``summary.json`` under ``outputs["report_<name>"]`` (``report_html``...), and summary.json is
 rewritten atomically. A reporter that raises is a one-line warning, listed in
-``summary.extra["report_errors"]``; it changes neither the run's status nor its exit status.
+``summary.extra[REPORT_ERRORS]``; it changes neither the run's status nor its exit status.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from cvmkd_core.errors import (
 )
 from cvmkd_core.files import atomic_write_json
 from cvmkd_core.rundir import DEFAULT_TRAIN_LOG, RECIPE_FILE, SUMMARY_FILE, RunFiles
+from cvmkd_core.stash import StashKey
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 log = logging.getLogger("cvmkd")
+
+#: ``summary.json`` ``extra.report_errors``: one line per reporter that failed
+REPORT_ERRORS: StashKey[list[str]] = StashKey("report_errors")
 
 #: the folder reports are written to by default, in the run directory
 REPORTS_DIR = "reports"
@@ -476,7 +480,7 @@ def finalize_reports(state: Any, summary: Any) -> dict[str, list[Path]]:
     """Write the reports the recipe selected (``state.components["reports[i]"]``) into
     ``RUN_DIR/reports``, once summary.json is written; record each reporter's main file in
     ``summary.outputs["report_<name>"]`` and rewrite summary.json. Never raises: a failure is a
-    one-line warning, kept in ``summary.extra["report_errors"]``. Returns the files by reporter."""
+    one-line warning, kept in ``summary.extra[REPORT_ERRORS]``. Returns the files by reporter."""
     try:
         return _finalize_reports(state, summary)
     except Exception as exc:
@@ -506,7 +510,7 @@ def _finalize_reports(state: Any, summary: Any) -> dict[str, list[Path]]:
         if files:
             summary.outputs[f"report_{label}"] = str(files[0])
     if errors:
-        summary.extra["report_errors"] = errors
+        summary.extra[REPORT_ERRORS] = errors
     main = [str(files[0]) for files in done.values() if files]
     if main:
         log.info("reports: %s", ", ".join(main))

@@ -18,7 +18,7 @@ from cvmkd_core.plugins import build_plugins
 from cvmkd_core.session import open_session, run_session
 from cvmkd_core.state import RunSummary, Selected
 from cvmkd_reports import HtmlReporter, JsonReporter
-from cvmkd_reports.runview import RunView, finalize_reports, select_reporters, write_reports
+from cvmkd_reports.runview import REPORT_ERRORS, RunView, finalize_reports, select_reporters, write_reports
 from cvmkd_testing import TINY_KD_RECIPE, write_tiny_corpus
 
 RECIPE = (
@@ -290,7 +290,7 @@ def test_a_failing_reporter_does_not_stop_the_others(
     done = finalize_reports(state, summary)
     assert done["broken"] == [] and (copy / "reports" / "report.json") in done["json"]
     assert summary.outputs == {"report_json": str(copy / "reports" / "report.json")}
-    assert summary.extra["report_errors"][0].startswith("reporter 'broken' failed: ValueError: no ink")
+    assert summary.extra[REPORT_ERRORS][0].startswith("reporter 'broken' failed: ValueError: no ink")
     assert _json(copy / "summary.json")["outputs"] == summary.outputs
     assert any("reporter 'broken' failed" in r.getMessage() for r in caplog.records)
 

@@ -19,9 +19,13 @@ import torch
 from cvmkd_core.config import ge, gt
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.registry import Registrar
+from cvmkd_core.stash import NamedStash, StashKey
 from cvmkd_core.state import RunState, StepResult
 from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import ScoreSpec
+
+#: the toy trainer's part of a checkpoint
+TOY_STATE: StashKey[dict[str, Any]] = StashKey("toy")
 
 #: A recipe for the toy trainer: six steps, validated every three.
 TOY_RECIPE = """
@@ -98,13 +102,13 @@ class ToyTrainer(TranslationTrainer):
         return StepResult(loss=loss.item(), metrics={"weight": float(self.weight), "lr": lr})
 
     @hookimpl
-    def cvmkd_checkpoint(self, state: RunState, payload: dict[str, Any]) -> None:
-        payload["toy"] = {"weight": self.weight.clone(), "position": self.position}
+    def cvmkd_checkpoint(self, state: RunState, payload: NamedStash) -> None:
+        payload[TOY_STATE] = {"weight": self.weight.clone(), "position": self.position}
 
     @hookimpl
-    def cvmkd_restore(self, state: RunState, payload: dict[str, Any], reason: str) -> None:
-        self.weight.copy_(payload["toy"]["weight"])
-        self.position = int(payload["toy"]["position"])
+    def cvmkd_restore(self, state: RunState, payload: NamedStash, reason: str) -> None:
+        self.weight.copy_(payload[TOY_STATE]["weight"])
+        self.position = int(payload[TOY_STATE]["position"])
         state.batches = self._batches()
 
     def validation_data(self, state: RunState) -> tuple[list[str], list[str]]:

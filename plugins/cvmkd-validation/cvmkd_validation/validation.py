@@ -132,6 +132,7 @@ def cvmkd_addhooks(pluginmanager: Any) -> None:
 def cvmkd_register(register: Any) -> None:
     from cvmkd_validation.config import ValidationConfig
 
+    register.kind("metric", "a quality metric scored on translations against their references")
     register.section("validation", ValidationConfig)
 
 
