@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,25 +148,31 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_resume_recipe(path: Path, recipe: Recipe, registry: Any = None) -> dict[str, tuple[Any, Any]]:
+def check_resume_recipe(
+    path: Path, recipe: Recipe, registry: Any = None, plugin_files: Sequence[str | Path] = ()
+) -> dict[str, tuple[Any, Any]]:
     """A resumed run continues the recipe it was started with. Differences in the keys of
-    :data:`CHANGEABLE_ON_RESUME` are allowed and returned; any other is refused, in one line."""
+    :data:`CHANGEABLE_ON_RESUME` are allowed and returned; any other is refused, in one line
+    that gives the command resuming with the run's own recipe (and the ``--plugin`` files)."""
+    import shlex
+
     changes = recipe_changes(path, recipe, registry)
     refused = {k: v for k, v in changes.items() if k not in CHANGEABLE_ON_RESUME}
     if refused:
         shown = [f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in list(refused.items())[:4]]
         more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        plugins = "".join(f" --plugin {shlex.quote(str(f))}" for f in plugin_files)
         raise RunDirError(
             f"cannot resume {path}: the recipe differs from the run's {RECIPE_FILE} in "
             f"{', '.join(shown)}{more}; resume with the run's own recipe "
-            f"(cvmkd run {path / RECIPE_FILE} --resume --run-dir {path}), start a new run, or change "
-            f"only {' or '.join(CHANGEABLE_ON_RESUME)} on resume"
+            f"(cvmkd run {shlex.quote(str(path / RECIPE_FILE))}{plugins} --resume --run-dir {shlex.quote(str(path))}), "
+            f"start a new run, or change only {' or '.join(CHANGEABLE_ON_RESUME)} on resume"
         )
     return changes
 
 
 def prepare_run_dir(
-    path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None
+    path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None, plugin_files: Sequence[str | Path] = ()
 ) -> dict[str, tuple[Any, Any]]:
     """Create the run directory and write the resolved recipe (defaults made explicit).
 
@@ -178,7 +184,7 @@ def prepare_run_dir(
             raise RunDirError(f"cannot resume: no run directory {path}")
         if not (path / RECIPE_FILE).is_file():
             raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing)")
-        changes = check_resume_recipe(path, recipe, registry)
+        changes = check_resume_recipe(path, recipe, registry, plugin_files)
         # a damaged manifest, or no usable checkpoint, is refused before the run writes anything
         CheckpointStore(path / "checkpoints").verify("last")
         if changes:  # the run's recipe.toml stays the recipe the run follows

@@ -27,6 +27,8 @@ class Session:
     recipe: Recipe
     plugins: Plugins
     recipe_path: Path
+    #: the hook files given on the command line (``--plugin``), not part of the recipe
+    plugin_files: list[Path] = attrs.field(factory=list)
 
 
 def _hook_files_from(data: dict, recipe_path: Path) -> list[Path]:
@@ -47,6 +49,7 @@ def open_session(
 ) -> Session:
     """Load plugins and the recipe; raise RecipeError/PluginLoadError before anything is written."""
     recipe_path = Path(recipe_path)
+    hook_files = list(hook_files)
     data = apply_overrides(read_recipe_tables(recipe_path), list(overrides))
     files = [*_hook_files_from(data, recipe_path), *map(Path, hook_files)]
     plugins = build_plugins(files, entry_points=entry_points)
@@ -54,7 +57,10 @@ def open_session(
         recipe = structure_recipe(data, plugins.registry)
     except RecipeError as exc:
         raise RecipeError(exc.problems, source=str(recipe_path)) from None
-    return Session(recipe=recipe, plugins=plugins, recipe_path=recipe_path)
+    if recipe.run.hook_files:  # kept as absolute paths: the run's recipe.toml copy finds them too
+        absolute = [str((recipe_path.parent / f).resolve()) for f in recipe.run.hook_files]
+        recipe = attrs.evolve(recipe, run=attrs.evolve(recipe.run, hook_files=absolute))
+    return Session(recipe=recipe, plugins=plugins, recipe_path=recipe_path, plugin_files=list(map(Path, hook_files)))
 
 
 def prepare_state(session: Session, run_dir: Path) -> RunState:
@@ -70,7 +76,7 @@ def prepare_state(session: Session, run_dir: Path) -> RunState:
     instantiate_components(session.plugins, state)
     try:
         session.plugins.pm.hook.cvmkd_check(state=state)
-    except CheckError as exc:  # settings that do not fit together (a score no selected metric returns)
+    except CheckError as exc:  # settings that do not fit together
         raise RecipeError(str(exc), source=str(session.recipe_path)) from None
     return state
 
@@ -90,7 +96,7 @@ def run_session(
     # one writer per run directory, from before anything is written until the run has ended
     with run_dir_lock(path, create=not resume):
         state.stash[RESUME_CHANGES] = prepare_run_dir(
-            path, session.recipe, resume=resume, registry=session.plugins.registry
+            path, session.recipe, resume=resume, registry=session.plugins.registry, plugin_files=session.plugin_files
         )
         world.barrier()
         summary = Loop(session.recipe, session.plugins, state).run(resume=resume, checked=True)

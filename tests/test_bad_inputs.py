@@ -295,6 +295,20 @@ def _break_weights_header(package: Path) -> None:
     (package / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _retrain_pkg(root: Path) -> None:
+    """The package ``pkg`` changed in place: another teacher, as sound as the first."""
+    from safetensors.torch import load_file, save_file
+
+    weights = root / "pkg" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights)
+    meta = json.loads((root / "pkg" / "metadata.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (root / "pkg" / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def _truncate_weights(package: Path) -> None:
     weights = package / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
@@ -863,6 +877,16 @@ CASES: list[Case] = [
         may_change=("runs/first/summary.json", "runs/first/train.jsonl"),
     ),
     Case(
+        "resume-after-the-teacher-changed",
+        kd(*TWO_STEP_TEACHER, "--set", "teacher.checkpoint=pkg", "--resume", "--run-dir", "runs/first"),
+        "error: cannot resume runs/first: the teacher changed since the run started (pkg then, pkg now: other "
+        "weights); restore that teacher, or start a new run",
+        2,
+        kd=True,
+        setup=(_package("pkg"), _first_kd_run_with_pkg, _retrain_pkg),
+        may_change=("runs/first/summary.json", "runs/first/train.jsonl"),
+    ),
+    Case(
         "cache-disk-full-while-caching-the-teacher",
         kd(*TWO_STEP_TEACHER, "--plugin", "full_cache.py"),
         "error: cannot cache the trained teacher in cache/teachers: No space left on device; it is kept in "
@@ -1157,8 +1181,8 @@ CASES: list[Case] = [
         "resume-changed-recipe",
         toy("--resume", "--run-dir", "runs/toy", "--set", "run.seed=9", "--set", "run.validate_every=2"),
         "error: cannot resume runs/toy: the recipe differs from the run's recipe.toml in run.seed 0 -> 9, "
-        "run.validate_every 3 -> 2; resume with the run's own recipe (cvmkd run runs/toy/recipe.toml --resume "
-        "--run-dir runs/toy), start a new run, or change only run.steps or run.device on resume",
+        "run.validate_every 3 -> 2; resume with the run's own recipe (cvmkd run runs/toy/recipe.toml --plugin "
+        "toy_hooks.py --resume --run-dir runs/toy), start a new run, or change only run.steps or run.device on resume",
         2,
         setup=(_toy_run,),
     ),

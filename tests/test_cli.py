@@ -222,3 +222,22 @@ def test_a_pip_installed_plugin_is_listed_and_usable(tmp_path: Path, write, toy_
         assert last["scores"]["words"] > 0
     finally:
         subprocess.run([*pip, "uninstall", "-y", "cvmkd-tmp-metric"], check=True)
+
+
+def test_a_run_with_hook_files_resumes_from_its_own_recipe_copy(write, capsys) -> None:
+    """The run's recipe.toml names its hook files by absolute path, so the resume command the
+    refusal suggests (``cvmkd run runs/<name>/recipe.toml --resume``) finds them."""
+    write("recipes/hooks/toy_hooks.py", TOY_HOOK_FILE)
+    recipe = write(
+        "recipes/r.toml", TOY_RECIPE.replace('name = "toy"\n', 'name = "toy"\nhook_files = ["hooks/toy_hooks.py"]\n', 1)
+    )
+    assert _cli("run", str(recipe), capsys=capsys)[0] == 0
+    copy = Path("runs/toy/recipe.toml")
+    assert str(Path("recipes/hooks/toy_hooks.py").resolve()) in copy.read_text()
+    status, _, err = _cli("run", str(copy), "--resume", "--run-dir", "runs/toy", "--set", "run.steps=9", capsys=capsys)
+    assert status == 0, err
+    # and the original recipe resumes it just as well: the two name the same files
+    status, _, err = _cli(
+        "run", str(recipe), "--resume", "--run-dir", "runs/toy", "--set", "run.steps=9", capsys=capsys
+    )
+    assert status == 0, err

@@ -1,6 +1,6 @@
 """A model package a plugin ships is accepted by its registered name wherever a package folder
 is: ``[teacher] checkpoint = NAME`` and ``cvmkd translate --model NAME``; ``cvmkd plugins`` lists
-it. A folder that exists wins over a name."""
+it. A folder of a registered name is used only when written as a path (``./name``)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,30 @@ def named(tiny_teacher_package: Path, tmp_path: Path) -> Path:
     return hooks
 
 
-def test_a_registered_name_resolves_and_a_folder_wins(named: Path, tiny_teacher_package: Path, tmp_path: Path) -> None:
-    registry = build_plugins([named], entry_points=False).registry
+@pytest.fixture(autouse=True)
+def _nmt_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin that declares the ``package`` kind, and no other."""
+    monkeypatch.setenv("CVMKD_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("CVMKD_PLUGINS", "nmt")
+
+
+def test_a_registered_name_resolves_and_a_folder_is_used_only_when_written_as_a_path(
+    named: Path, tiny_teacher_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    registry = build_plugins([named]).registry
     assert resolve_package("tiny-fr-en", registry) == tiny_teacher_package
+    # a folder of the registered name in the working directory shadows nothing, and says so
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny-fr-en").mkdir()
+    with caplog.at_level("WARNING", logger="cvmkd"):
+        assert resolve_package("tiny-fr-en", registry) == tiny_teacher_package
+    assert "the folder" in caplog.text and "is not used (write ./tiny-fr-en to use it)" in caplog.text
+    # written as a path, the folder is what is meant
+    assert resolve_package("./tiny-fr-en", registry) == Path("tiny-fr-en")
     assert resolve_package(tmp_path / "tiny-fr-en", registry) == tmp_path / "tiny-fr-en"
+    # a bare word no plugin registered is a folder
+    (tmp_path / "mine").mkdir()
+    assert resolve_package("mine", registry) == Path("mine")
     with pytest.raises(
         ModelError, match=r"^no model package at nope, and no registered model named 'nope' \(tiny-fr-en\)$"
     ):

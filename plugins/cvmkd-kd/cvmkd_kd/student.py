@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from cvmkd_core.errors import ModelError
+from cvmkd_core.files import atomic_write_json
 from cvmkd_core.recipe import TrainerRef
 from cvmkd_core.state import RunState
 from cvmkd_kd.data import prepare_data
@@ -28,6 +29,9 @@ from cvmkd_nmt.hardware import autocast
 from cvmkd_nmt.model.package import load_package, read_metadata
 
 log = logging.getLogger("cvmkd")
+
+#: in the run folder: the settings the teacher translated the sequence-KD targets with
+TARGETS_RECORD = "teacher-targets.json"
 
 #: bump when a cached teacher can no longer be trusted to match (training code changed meaning)
 TEACHER_CACHE_VERSION = "1"
@@ -186,8 +190,17 @@ class KDTrainer(Seq2SeqTrainer):
                 '([distill.sequence] targets = "teacher" or "both"): not used',
                 len(self.data.splits.extra_sources),
             )
-        if self.uses_teacher and self.config.teacher_outputs == "cached":
-            self.cache = self._teacher_outputs(state)
+
+    def _data_identity(self) -> dict[str, Any]:
+        """What the run trains on, the teacher included: a resumed run that finds another
+        teacher (a package changed in place, an upgraded teacher plugin) is refused."""
+        identity = super()._data_identity()
+        if self.teacher_info.get("weights_sha256"):
+            identity["teacher"] = {
+                "weights_sha256": self.teacher_info["weights_sha256"],
+                "path": self.teacher_info.get("path"),
+            }
+        return identity
 
     def _cached_or_trained_teacher(self, state: RunState) -> Any:
         from cvmkd_core.session import run_stage
@@ -285,7 +298,8 @@ class KDTrainer(Seq2SeqTrainer):
         if left_out:
             log.warning("sequence-level KD: %d extra sources are validation or test sources: left out", left_out)
         weights = self.teacher_info.get("weights_sha256") or "unknown"
-        key = cache_key(weights, tokenizer.sha256, sources, references, config, f"{self.device}|{self.precision}")
+        settings = self._targets_settings(state, weights, tokenizer.sha256, sources, references)
+        key = cache_key(weights, tokenizer.sha256, sources, references, config, settings)
         directory = state.recipe.run.cache_path() / "teacher-targets" / key[:24]
 
         def translate(batch: list[str]) -> list[list[str]]:
@@ -320,6 +334,8 @@ class KDTrainer(Seq2SeqTrainer):
             )
             hypotheses, info = teacher_targets(translate, sources, references, config, directory)
         info.update(extra_sources=len(extra), extra_left_out=left_out)
+        if state.world.main:  # what a resumed run trains on again (_targets_settings)
+            atomic_write_json(state.run_dir / TARGETS_RECORD, {"settings": settings, "key": key})
         self.teacher_info["sequence_kd"] = info
         log.info(
             "sequence-level KD targets ready: %d translated, %d reused from the cache, %.0fs",
@@ -329,13 +345,56 @@ class KDTrainer(Seq2SeqTrainer):
         )
         return with_targets(self.data, hypotheses, config, extra)
 
+    def _max_len(self) -> int:
+        """The student's and the teacher's limit, the shorter: the teacher reads the same pairs,
+        and its cached outputs hold exactly the positions of the batches."""
+        limit = super()._max_len()
+        return min(limit, self.teacher.config.max_len) if self.uses_teacher else limit
+
+    def _model_ready(self, state: RunState) -> None:
+        # the cache is built once the student exists: it is cut where the student's batches are
+        if self.uses_teacher and self.config.teacher_outputs == "cached":
+            self.cache = self._teacher_outputs(state)
+
+    def _targets_settings(
+        self, state: RunState, weights: str, tokenizer: str, sources: list[str], references: list[str]
+    ) -> str:
+        """The device and precision the teacher translates on: this run's, except on a resumed run
+        whose first translations, made on another device (``--resume --set run.device=cuda``),
+        are still cached. The targets a run trains on do not change when it is resumed."""
+        from cvmkd_kd.sequence import cache_key, chunk_files
+
+        # the device's type, not its index: every rank of a multi-GPU run (cuda:0, cuda:1...) finds
+        # the translations rank 0 made while the others waited
+        settings = f"{torch.device(self.device).type}|{self.precision}"
+        try:
+            earlier = json.loads((state.run_dir / TARGETS_RECORD).read_text("utf-8"))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return settings
+        if not isinstance(earlier, str) or earlier == settings:
+            return settings
+        config = self.config.sequence
+        key = cache_key(weights, tokenizer, sources, references, config, earlier)
+        directory = state.recipe.run.cache_path() / "teacher-targets" / key[:24]
+        if all(path.is_file() for _, path in chunk_files(directory, sources, config.chunk_size)):
+            log.info("sequence-level KD: the run resumes on the targets it started with (translated on %s)", earlier)
+            return earlier
+        log.warning(
+            "sequence-level KD: the targets this run started with (translated on %s) are no longer cached in %s: "
+            "the teacher translates again on %s, and the targets may differ slightly",
+            earlier,
+            directory,
+            settings,
+        )
+        return settings
+
     def _teacher_outputs(self, state: RunState) -> Any:
         """The teacher's top-k log-probabilities over the training set, computed once and cached."""
         from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
 
         assert self.data is not None
         tokenizer = self.data.tokenizer
-        max_len = min(self.config.max_len, self.teacher.config.max_len)
+        max_len = self._max_len()
         weights = self.teacher_info.get("weights_sha256") or "unknown"
         fingerprint = hashlib.sha256(
             f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{self.data.targets}|{max_len}|{self.config.topk}|{self.precision}".encode()

@@ -168,6 +168,7 @@ class Seq2SeqTrainer(TranslationTrainer):
         self.model = component.build(tokenizer.vocab_size, **options)
         self._initial_weights(state)
         self.model = self.model.to(self.device)
+        self._model_ready(state)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=self.config.learning_rate,
@@ -192,7 +193,7 @@ class Seq2SeqTrainer(TranslationTrainer):
             eos_id=tokenizer.eos_id,
             batch_size=self.config.batch_size,
             max_tokens=self.config.max_tokens or None,
-            max_len=min(self.config.max_len, self.model.config.max_len),
+            max_len=self._max_len(),
             seed=recipe.run.seed,
             pad_multiple=PAD_MULTIPLE,
         )
@@ -393,6 +394,13 @@ class Seq2SeqTrainer(TranslationTrainer):
             **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
+    def _max_len(self) -> int:
+        """Where training pairs are cut: the recipe's ``max_len`` or the model's, the shorter."""
+        return min(self.config.max_len, self.model.config.max_len)
+
+    def _model_ready(self, state: RunState) -> None:
+        """Called once the model is built, before the batches are made."""
+
     def _data_identity(self) -> dict[str, Any]:
         assert self.data is not None
         return {
@@ -405,6 +413,14 @@ class Seq2SeqTrainer(TranslationTrainer):
     def cvmkd_restore(self, state: RunState, payload: NamedStash, reason: str) -> None:
         saved = payload[TRAINER_STATE]
         before, now = saved.get("data"), self._data_identity()
+        then, current = (before or {}).get("teacher"), now.get("teacher") or {}
+        if then is not None and then.get("weights_sha256") != current.get("weights_sha256"):
+            raise ModelError(
+                f"cannot resume {state.run_dir}: the teacher changed since the run started ({then.get('path')} "
+                f"then, {current.get('path')} now: other weights); restore that teacher, or start a new run"
+            )
+        before = {k: v for k, v in (before or {}).items() if k != "teacher"} or None
+        now = {k: v for k, v in now.items() if k != "teacher"}
         if before is not None and before != now:
             what = "corpus" if before.get("corpus") != now["corpus"] else "tokenizer"
             raise CorpusError(

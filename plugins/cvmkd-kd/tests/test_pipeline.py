@@ -128,6 +128,22 @@ def test_a_teacher_can_be_loaded_from_a_package(tiny_corpus: Path) -> None:
     assert summary["extra"]["trainer"]["teacher"]["source"] == "loaded"
 
 
+def test_a_student_shorter_than_its_teacher_trains_on_cached_outputs_cut_like_its_batches(
+    tiny_corpus: Path,
+) -> None:
+    """The cached top-k outputs are cut where the student's batches are: a student with a
+    shorter ``max_len`` than its teacher trains (it failed with "rebuild it", forever)."""
+    _, first = _run(tiny_corpus)
+    teacher = first / "teacher" / "model"
+    short = ("student.model.max_len=6", f"teacher.checkpoint={teacher}", 'distill.teacher_outputs="cached"')
+    summary, _ = _run(tiny_corpus, "run.name=short", *short)
+    outputs = summary["extra"]["trainer"]["teacher"]["outputs"]
+    assert outputs["reused"] is False
+    again, _ = _run(tiny_corpus, "run.name=short-again", *short)
+    reused = again["extra"]["trainer"]["teacher"]["outputs"]
+    assert reused["path"] == outputs["path"] and reused["reused"] is True
+
+
 def test_a_damaged_teacher_package_is_refused(tiny_corpus: Path) -> None:
     _, first = _run(tiny_corpus)
     package = first / "teacher" / "model"

@@ -283,3 +283,62 @@ def test_a_cached_chunk_is_reused_only_for_the_very_sources_it_translates(tmp_pa
         fresh, changed, REFERENCES, SequenceKDConfig(targets="teacher", chunk_size=3), tmp_path
     )
     assert result == [s.upper() for s in changed] and fresh.calls == [changed[:3]] and info["reused"] == 4
+
+
+def test_a_resumed_run_trains_on_the_targets_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run resumed on another device (``--resume --set run.device=cuda``) keeps the targets
+    the teacher translated at its start while they are cached; without them it says so."""
+    import shutil
+
+    from cvmkd_kd.student import TARGETS_RECORD, KDTrainer
+
+    monkeypatch.chdir(tmp_path)
+    write_tiny_corpus(tmp_path)
+    (tmp_path / "recipe.toml").write_text(TINY_KD_RECIPE + '\n[distill.sequence]\ntargets = "teacher"\n')
+    torch.set_num_threads(1)
+
+    def sequence_kd(run_dir: Path) -> dict:
+        return json.loads((run_dir / "summary.json").read_text())["extra"]["trainer"]["teacher"]["sequence_kd"]
+
+    # the first invocation translated on another device than this one
+    original = KDTrainer._targets_settings
+    monkeypatch.setattr(KDTrainer, "_targets_settings", lambda self, *args: "elsewhere|bf16")
+    summary, run_dir = run_session(open_session(tmp_path / "recipe.toml"))
+    assert summary.status == "completed"
+    first = sequence_kd(run_dir)
+    assert json.loads((run_dir / TARGETS_RECORD).read_text())["settings"] == "elsewhere|bf16"
+    monkeypatch.setattr(KDTrainer, "_targets_settings", original)
+
+    with caplog.at_level("INFO", logger="cvmkd"):
+        run_session(open_session(tmp_path / "recipe.toml"), resume=True)
+    second = sequence_kd(run_dir)
+    assert second["path"] == first["path"] and (second["translated"], second["reused"]) == (0, first["sentences"])
+    assert "resumes on the targets it started with (translated on elsewhere|bf16)" in caplog.text
+
+    shutil.rmtree(first["path"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cvmkd"):
+        run_session(open_session(tmp_path / "recipe.toml"), resume=True)
+    third = sequence_kd(run_dir)
+    assert third["path"] != first["path"] and third["translated"] == first["sentences"]
+    assert "the targets this run started with (translated on elsewhere|bf16) are no longer cached" in caplog.text
+    assert json.loads((run_dir / TARGETS_RECORD).read_text())["settings"] != "elsewhere|bf16"
+
+
+def test_every_rank_of_a_multi_gpu_run_keys_the_targets_alike(tmp_path: Path) -> None:
+    """The key names the device's type, not its index: the ranks after the first reuse the
+    translations rank 0 made while they waited, so every rank trains on the same targets."""
+    import types
+
+    from cvmkd_kd.student import KDTrainer
+
+    trainer = KDTrainer.__new__(KDTrainer)
+    trainer.precision = "bf16"
+    state = types.SimpleNamespace(run_dir=tmp_path)
+    settings = set()
+    for device in ("cuda:0", "cuda:1", "cuda"):
+        trainer.device = torch.device(device)
+        settings.add(trainer._targets_settings(state, "w", "t", SOURCES, REFERENCES))  # type: ignore[arg-type]
+    assert settings == {"cuda|bf16"}

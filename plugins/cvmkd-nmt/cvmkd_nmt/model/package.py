@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from cvmkd_core.files import sha256_file
 from cvmkd_nmt.model.config import ModelConfig
 from cvmkd_nmt.model.transformer import CvmTransformer
 from cvmkd_nmt.quantized import DynamicInt8Linear, StaticInt8Linear, is_quantized, load_quantized, quantized_state
+
+log = logging.getLogger("cvmkd")
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -117,13 +120,29 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
 
 def resolve_package(reference: str | Path, registry: Any = None) -> Path:
     """The folder of a model package given as a path, or as the name a plugin registered it
-    under (``register.package("bible-fr-en", folder)``); a path that exists wins."""
+    under (``register.package("bible-fr-en", folder)``).
+
+    A bare word is a registered name first: a folder of that name in the working directory is
+    used only when it is written as a path (``./bible-fr-en``), and a shadowed folder is warned
+    about. A bare word no plugin registered is a folder."""
     path = Path(reference)
-    if path.exists() or registry is None or len(path.parts) != 1:  # a folder path, not a name
+    text = str(reference)
+    written_as_path = isinstance(reference, Path) or "/" in text or "\\" in text or len(path.parts) != 1
+    names = registry.names("package") if registry is not None else []
+    if not written_as_path and text in names:
+        registered = Path(registry.get("package", text).factory())
+        if path.exists() and path.resolve() != registered.resolve():
+            log.warning(
+                "%r names the registered model %s; the folder %s in the working directory is not used "
+                "(write ./%s to use it)",
+                text,
+                registered,
+                path.resolve(),
+                text,
+            )
+        return registered
+    if path.exists() or registry is None or written_as_path:
         return path
-    names = registry.names("package")
-    if str(reference) in names:
-        return Path(registry.get("package", str(reference)).factory())
     known = ", ".join(names) or "none installed"
     raise ModelError(f"no model package at {reference}, and no registered model named {str(reference)!r} ({known})")
 
