@@ -127,6 +127,7 @@ class GuardConfig:
     retention_threshold = 0.90
     gate_scores = ["composite", "bleu"]
     gate_action = "fail"
+    gate_on = "point"
     """
 
     score: str = "composite"
@@ -154,6 +155,11 @@ class GuardConfig:
     gate_action: str = attrs.field(default="fail", validator=one_of("fail", "warn"))
     """what a failed gate does: ``fail``: ``cvmkd run`` exits with status 3; ``warn``: the verdict
     is logged and recorded as always, and the run exits 0 (demonstrations too short to pass)"""
+    gate_on: str = attrs.field(default="point", validator=one_of("point", "lower_bound"))
+    """what the threshold is held against: ``point``, the retention measured on the test split;
+    ``lower_bound``, the lower end of its 95% paired bootstrap interval over the test sentences
+    (``[validation] retention_samples``): the gate then passes only when the student keeps the
+    threshold with 97.5% confidence, whatever the luck of the test sentences"""
 
 
 # --- the decisions, as plain functions ----------------------------------------------------------
@@ -236,14 +242,26 @@ def _not_evaluated_reason(status: str, extra: Mapping[str, Any], error: str | No
     return "no test evaluation in the summary (the trainer does not score a test split)"
 
 
-def _checks(model: str, retention: Any, scores: Sequence[str], threshold: float) -> list[dict[str, Any]]:
+def _checks(
+    model: str, retention: Any, scores: Sequence[str], threshold: float, interval: Any = None, gate_on: str = "point"
+) -> list[dict[str, Any]]:
     checks = []
     for key in scores:
         share = retention.get(key) if isinstance(retention, Mapping) else None
         check: dict[str, Any] = {"model": model, "score": key}
         number = _number(share)
+        bounds = interval.get(key) if isinstance(interval, Mapping) else None
+        low = _number(bounds[0]) if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else None
+        high = _number(bounds[1]) if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else None
         if number is not None and math.isfinite(number):  # _finite(share), keeping the float
-            check.update(retention=number, passed=number >= threshold)
+            check.update(retention=number)
+            if low is not None and high is not None:
+                check.update(lower_bound=low, upper_bound=high)
+            judged = low if gate_on == "lower_bound" else number
+            if judged is None:
+                check.update(passed=None, note="no bootstrap interval measured ([validation] retention_samples = 0?)")
+            else:
+                check.update(passed=judged >= threshold)
         else:
             present = isinstance(retention, Mapping) and key in retention
             check.update(
@@ -255,6 +273,17 @@ def _checks(model: str, retention: Any, scores: Sequence[str], threshold: float)
     return checks
 
 
+def _shown(check: Mapping[str, Any], on_bound: bool) -> str:
+    """A check's retention with its interval: ``91.2% (95% interval 89.8-92.6%)``, or, gating on
+    the bound, ``91.2% (lower 95% bound 89.8%)``."""
+    text = f"{check['retention']:.1%}"
+    if "lower_bound" not in check:
+        return text
+    if on_bound:
+        return f"{text} (lower 95% bound {check['lower_bound']:.1%})"
+    return f"{text} (95% interval {100 * check['lower_bound']:.1f}-{check['upper_bound']:.1%})"
+
+
 def retention_gate(
     extra: Mapping[str, Any],
     *,
@@ -262,10 +291,19 @@ def retention_gate(
     error: str | None = None,
     threshold: float = 0.9,
     scores: Sequence[str] = ("composite", "bleu"),
+    gate_on: str = "point",
 ) -> dict[str, Any]:
     """The gate's verdict on a summary's ``extra``: the student's retention in
-    ``extra["evaluation"]["retention"]`` and every ``extra["quantized"][i]["retention"]``."""
-    gate: dict[str, Any] = {"threshold": threshold, "scores": list(scores), "passed": None, "checks": []}
+    ``extra["evaluation"]["retention"]`` and every ``extra["quantized"][i]["retention"]``, with
+    their 95% intervals (``retention_interval``); ``gate_on = "lower_bound"`` holds the
+    threshold against the intervals' lower ends."""
+    gate: dict[str, Any] = {
+        "threshold": threshold,
+        "scores": list(scores),
+        "passed": None,
+        "checks": [],
+        "gate_on": gate_on,
+    }
     evaluation = extra.get("evaluation")
     if not isinstance(evaluation, Mapping) or not isinstance(evaluation.get("retention"), Mapping):
         why = _not_evaluated_reason(status, extra, error)
@@ -274,33 +312,40 @@ def retention_gate(
         gate["verdict"] = f"retention gate not evaluated: {why}"
         return gate
 
-    models: list[tuple[str, Any]] = [("student", evaluation["retention"])]
+    models: list[tuple[str, Any, Any]] = [("student", evaluation["retention"], evaluation.get("retention_interval"))]
     quantized = extra.get("quantized")
     if quantized is not None:
         entries = quantized if isinstance(quantized, list) else [quantized]
         for index, entry in enumerate(entries):
             entry = entry if isinstance(entry, Mapping) else {}
-            models.append((str(entry.get("name") or f"quantized[{index}]"), entry.get("retention")))
-    checks = [c for model, retention in models for c in _checks(model, retention, scores, threshold)]
+            name = str(entry.get("name") or f"quantized[{index}]")
+            models.append((name, entry.get("retention"), entry.get("retention_interval")))
+    checks = [
+        c
+        for model, retention, interval in models
+        for c in _checks(model, retention, scores, threshold, interval, gate_on)
+    ]
     gate["checks"] = checks
 
     measured = [c for c in checks if c["passed"] is not None]
     unmeasured = [f"{c['model']} {c['score']}" for c in checks if c["passed"] is None]
-    names = [m for m, _ in models]
+    names = [m for m, _, _ in models]
     who = "the student keeps" if len(names) == 1 else f"the student and quantized {', '.join(names[1:])} keep"
     if not measured:
         gate["verdict"] = f"retention gate not evaluated: no retention measured ({', '.join(unmeasured)})"
         return gate
     failed = [c for c in measured if not c["passed"]]
     gate["passed"] = not failed
+    on_bound = gate_on == "lower_bound"
     if failed:
-        shown = ", ".join(f"{c['model']} {c['score']} {c['retention']:.1%}" for c in failed)
+        shown = ", ".join(f"{c['model']} {c['score']} {_shown(c, on_bound)}" for c in failed)
         verdict = f"retention gate failed: {shown} of the teacher, below the threshold {_percent(threshold)}"
     else:
-        lowest = min(measured, key=lambda c: c["retention"])
+        lowest = min(measured, key=lambda c: c["lower_bound"] if on_bound else c["retention"])
         verdict = (
             f"retention gate passed: {who} at least {_percent(threshold)} of the teacher on "
-            f"{', '.join(scores)} (lowest: {lowest['model']} {lowest['score']} {lowest['retention']:.1%})"
+            f"{', '.join(scores)}{' at the lower 95% bound' if on_bound else ''} (lowest: {lowest['model']} "
+            f"{lowest['score']} {_shown(lowest, on_bound)})"
         )
     if unmeasured:
         verdict += f"; not measured: {', '.join(unmeasured)}"
@@ -456,7 +501,11 @@ class Guard:
         # the finalize phases before this one scored the test split and quantized the student
         evaluation = summary[EVALUATION]
         judged = {
-            "evaluation": {"retention": evaluation.retention} if evaluation is not None else None,
+            "evaluation": (
+                {"retention": evaluation.retention, "retention_interval": evaluation.retention_interval}
+                if evaluation is not None
+                else None
+            ),
             "quantized": [q for q in summary[QUANTIZED] if q.get("accepted")],
             "stop_reason": summary.extra.get(STOP_REASON, None),
         }
@@ -466,6 +515,7 @@ class Guard:
             error=summary.error,
             threshold=self.config.retention_threshold,
             scores=self.config.gate_scores,
+            gate_on=self.config.gate_on,
         )
         enforced = self.config.gate_action == "fail"
         summary[GATE] = GateVerdict(**gate, enforced=enforced)

@@ -33,9 +33,42 @@ def test_the_student_passes() -> None:
             {"model": "student", "score": "composite", "retention": 1.01, "passed": True},
             {"model": "student", "score": "bleu", "retention": 0.95, "passed": True},
         ],
+        "gate_on": "point",
         "verdict": "retention gate passed: the student keeps at least 90% of the teacher on composite, bleu "
         "(lowest: student bleu 95.0%)",
     }
+
+
+def test_the_interval_is_reported_beside_the_point_and_the_gate_can_hold_its_lower_end() -> None:
+    measured = {
+        "retention": {"composite": 0.97, "bleu": 0.92},
+        "retention_interval": {"composite": [0.95, 0.99], "bleu": [0.885, 0.951]},
+    }
+    point = retention_gate({"evaluation": measured}, threshold=0.9)
+    assert point["passed"] is True and point["gate_on"] == "point"
+    assert point["checks"][1] == {
+        "model": "student",
+        "score": "bleu",
+        "retention": 0.92,
+        "lower_bound": 0.885,
+        "upper_bound": 0.951,
+        "passed": True,
+    }
+    assert point["verdict"].endswith("(lowest: student bleu 92.0% (95% interval 88.5-95.1%))")
+    bound = retention_gate({"evaluation": measured}, threshold=0.9, gate_on="lower_bound")
+    assert bound["passed"] is False and [c["passed"] for c in bound["checks"]] == [True, False]
+    assert bound["verdict"] == (
+        "retention gate failed: student bleu 92.0% (lower 95% bound 88.5%) of the teacher, below the threshold 90%"
+    )
+    passed = retention_gate({"evaluation": measured}, threshold=0.88, gate_on="lower_bound")
+    assert passed["verdict"] == (
+        "retention gate passed: the student keeps at least 88% of the teacher on composite, bleu at the lower 95% "
+        "bound (lowest: student bleu 92.0% (lower 95% bound 88.5%))"
+    )
+    # gating on a bound that was not measured judges nothing
+    unmeasured = retention_gate({"evaluation": {"retention": measured["retention"]}}, gate_on="lower_bound")
+    assert unmeasured["passed"] is None
+    assert unmeasured["checks"][0]["note"].startswith("no bootstrap interval measured")
 
 
 def test_the_student_fails_on_one_score() -> None:

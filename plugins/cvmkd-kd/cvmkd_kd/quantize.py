@@ -28,7 +28,7 @@ from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_
 from cvmkd_nmt.model.translate import source_batches
 from cvmkd_validation.metrics import COMPOSITE, retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, QUANTIZED
-from cvmkd_validation.validation import score_all, score_specs
+from cvmkd_validation.validation import _weights, composite, retention_bounds, score_all, score_metrics, score_specs
 
 log = logging.getLogger("cvmkd")
 
@@ -185,7 +185,9 @@ def quantize_all(trainer: Seq2SeqTrainer, state: RunState, evaluation: dict[str,
             max_composite_loss=getattr(budget, "max_composite_loss", 0.02),
         )
         outputs = run(model, test_sources)
-        scores = score_all(state, outputs, test_references, test_sources)
+        scores, sentences, _ = score_metrics(state, outputs, test_references, test_sources)
+        if (value := composite(scores, _weights(state), score_specs(state))) is not None:
+            scores[COMPOSITE] = value
         # a variant over the quality budget is kept for inspection, under a name that says so
         directory = state.run_dir / (f"model-{label}" if ok else f"model-{label}-rejected")
         metadata = {
@@ -215,6 +217,13 @@ def quantize_all(trainer: Seq2SeqTrainer, state: RunState, evaluation: dict[str,
             "scores": scores,
             "retention": retention(scores, teacher_scores, specs) if teacher_scores else {},
             "retention_of_student": retention(scores, evaluation["student"]["scores"], specs),
+            # the same resampled test sentences as the student's interval
+            **(
+                {"retention_interval": bounds}
+                if teacher_scores
+                and (bounds := retention_bounds(state, outputs, test_references, test_sources, sentences)) is not None
+                else {}
+            ),
             **size_and_speed(model, tokenizer, test_sources, directory),
             "seconds": 0.0,
         }

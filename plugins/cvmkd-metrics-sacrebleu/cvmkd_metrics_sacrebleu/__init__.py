@@ -143,6 +143,17 @@ class _Sacrebleu(abc.ABC):
         self.signature = str(metric.get_signature())
         return {self.key: float(result.score)}
 
+    def resampled_scores(
+        self, hypotheses: list[str], references: list[str], sources: list[str], indices: Any
+    ) -> dict[str, list[float]]:
+        """The corpus score of each resample of the sentences (a row of ``indices``), computed
+        from sacrebleu's per-sentence sufficient statistics as its paired bootstrap computes them."""
+        import numpy as np
+
+        metric = self._metric()
+        stats = np.array(self._statistics(metric, hypotheses, references), dtype="float32")
+        return {self.key: [float(metric._compute_score_from_stats(s.sum(0)).score) for s in stats[np.asarray(indices)]]}
+
     def paired_test(
         self,
         baseline: list[str],

@@ -134,3 +134,21 @@ def test_pool_workers_take_sigterm_by_default_under_a_run_s_handlers() -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert noted == []
+
+
+@pytest.mark.parametrize(
+    "metric", [Bleu(BleuConfig()), Chrf(ChrfConfig()), Ter(TerConfig())], ids=["bleu", "chrf", "ter"]
+)
+def test_resampled_scores_are_sacrebleus_corpus_scores_of_the_resampled_sentences(metric) -> None:
+    """Each resample's score, from remembered statistics, is what sacrebleu gives the resampled
+    sentences scored afresh."""
+    import numpy as np
+
+    refs = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long", "we ate bread and fish"]
+    hyps = ["the cat sat on a mat", "the dog ran in a park", "it rained the whole day", "we ate fish"]
+    indices = np.array([[0, 0, 1, 3], [2, 3, 3, 1], [1, 2, 0, 0]])
+    resampled = metric.resampled_scores(hyps, refs, [], indices)[metric.key]
+    fresh = {"bleu": sacrebleu.BLEU(), "chrf": sacrebleu.CHRF(), "ter": sacrebleu.TER()}[metric.key]
+    for row, value in zip(indices, resampled):
+        expected = fresh.corpus_score([hyps[i] for i in row], [[refs[i] for i in row]]).score
+        assert value == pytest.approx(expected, abs=1e-4)

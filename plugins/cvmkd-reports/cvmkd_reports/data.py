@@ -185,6 +185,8 @@ def _model_row(name: str, role: str, measured: Mapping[str, Any], **fields: Any)
         "throughput_batch_size": throughput_batch,
         "scores": {},
         "retention": None,
+        #: per score key, the 95% paired bootstrap interval of retention, [low, high]
+        "retention_interval": None,
         "gate": None,
     }
     for key, value in fields.items():
@@ -219,6 +221,9 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
     teacher_scores = _scores(_dict(evaluation.get("teacher")).get("scores")) or _scores(summary_eval.get("teacher"))
     student_scores = _scores(_dict(evaluation.get("student")).get("scores")) or _scores(summary_eval.get("student"))
     student_retention = _dict(evaluation.get("retention")) or _dict(summary_eval.get("retention")) or None
+    student_interval = (
+        _dict(evaluation.get("retention_interval")) or _dict(summary_eval.get("retention_interval")) or None
+    )
 
     # the teacher: measured beside the student (evaluation.json "models"), else what the run recorded
     teacher_measured = _dict(measured_models.get("teacher"))
@@ -262,6 +267,7 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         package="model" if student_package else None,
         scores=student_scores,
         retention=student_retention,
+        retention_interval=student_interval,
         gate=_gate_for(gate, "student"),
     )
 
@@ -300,6 +306,7 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
                 package=str(package).rstrip("/").rsplit("/", 1)[-1] if package else None,
                 scores=_scores(variant.get("scores")),
                 retention=_dict(variant.get("retention")) or None,
+                retention_interval=_dict(variant.get("retention_interval")) or None,
                 gate=_gate_for(gate, name) if accepted else None,
             )
         )
@@ -326,6 +333,7 @@ def models_section(run: RunView, notes: list[str]) -> dict[str, Any]:
         "split": split,
         "sentences": sentences,
         "score_keys": keys,
+        "retention_samples": evaluation.get("retention_samples"),
         "higher_is_better": {k: run.higher_is_better(k) for k in keys},
         "rows": rows,
         "measured_on": (
@@ -348,6 +356,7 @@ def gate_section(run: RunView, notes: list[str]) -> dict[str, Any] | None:
         "verdict": gate.get("verdict"),
         "threshold": gate.get("threshold"),
         "scores": gate.get("scores"),
+        "gate_on": gate.get("gate_on") or "point",
         "checks": [dict(c) for c in gate.get("checks") or [] if isinstance(c, Mapping)],
     }
 

@@ -214,9 +214,11 @@ def models_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) -> lis
                 share = (r["retention"] or {}).get(key)
                 verdict: Any = checked.get((r["name"], key))  # the check's "passed": True, False or None
                 mark = {True: "good", False: "bad"}.get(verdict, "muted" if r["accepted"] is False else None)
-                line.append(
-                    cell(fmt_percent(share), "gate ✓" if verdict else "gate ✗" if verdict is False else None, mark)
-                )
+                bounds = (r.get("retention_interval") or {}).get(key)
+                text = fmt_percent(share)
+                if isinstance(bounds, list) and len(bounds) == 2 and is_number(share):
+                    text += f" ({fmt_percent(bounds[0])}–{fmt_percent(bounds[1])})"
+                line.append(cell(text, "gate ✓" if verdict else "gate ✗" if verdict is False else None, mark))
             gate_text = {True: "passed", False: "failed", None: "not checked"}[r["gate"]]
             line.append(cell(gate_text, None, {True: "good", False: "bad"}.get(r["gate"], "muted")))
             retention_rows.append(line)
@@ -226,6 +228,14 @@ def models_blocks(data: dict[str, Any], plots: dict[str, dict[str, Any]]) -> lis
                 "Retention is the model's normalised score over the teacher's (for a lower-is-better score such "
                 "as TER, the normalised score is inverted first); above 100%: better than the teacher. "
                 "Marked cells are the ones the retention gate checks."
+                + (
+                    f" In brackets: its 95% interval, from a paired bootstrap over the test sentences "
+                    f"({data['models'].get('retention_samples')} resamples of the teacher's and the model's "
+                    'translations together); a gate on the lower bound ([guard] gate_on = "lower_bound") holds '
+                    "the threshold against its lower end."
+                    if any(r.get("retention_interval") for r in rows)
+                    else ""
+                )
             )
         )
     else:

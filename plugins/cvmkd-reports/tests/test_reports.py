@@ -99,15 +99,16 @@ def test_the_html_page_is_self_contained_and_compares_every_model(run_dir: Path)
     (variant,) = quantization["variants"]
     keys = list(evaluation["student"]["scores"])
     models = evaluation.get("models", {})
-    for name, scores, retention, size in (
-        ("teacher", evaluation["teacher"]["scores"], None, models.get("teacher")),
+    for name, scores, retention, interval, size in (
+        ("teacher", evaluation["teacher"]["scores"], None, None, models.get("teacher")),
         (
             "student",
             evaluation["student"]["scores"],
             evaluation["retention"],
+            evaluation["retention_interval"],
             models.get("student") or quantization["baseline"],
         ),
-        ("dynamic-int8", variant["scores"], variant["retention"], variant),
+        ("dynamic-int8", variant["scores"], variant["retention"], variant["retention_interval"], variant),
     ):
         rows = re.findall(rf"<tr><td[^>]*>{re.escape(name)}(?:<span.*?)?</td>(.*?)</tr>", page, flags=re.S)
         assert len(rows) >= 3, name  # size and speed, scores, retention
@@ -119,7 +120,11 @@ def test_the_html_page_is_self_contained_and_compares_every_model(run_dir: Path)
             decimals = 3 if key.startswith("bertscore") else 2
             assert f">{scores[key]:,.{decimals}f}<" in rows[1], (name, key)
             if retention is not None:
-                assert f">{100 * retention[key]:.1f}%<" in rows[2], (name, key)
+                # the point, and its 95% bootstrap interval in brackets
+                low, high = interval[key]
+                shown = f">{100 * retention[key]:.1f}% ({100 * low:.1f}%–{100 * high:.1f}%)<"
+                assert shown in rows[2], (name, key)
+                assert low <= retention[key] <= high or retention[key] == 0
         if size:
             assert f">{size['file_bytes'] / 1e6:,.2f}<" in text
             assert f">{size['parameter_bytes'] / 1e6:,.2f}<" in text
@@ -140,8 +145,10 @@ def test_the_json_report_holds_the_source_files_numbers(run_dir: Path) -> None:
     assert teacher["scores"] == evaluation["teacher"]["scores"]
     assert student["scores"] == evaluation["student"]["scores"]
     assert student["retention"] == evaluation["retention"]
+    assert student["retention_interval"] == evaluation["retention_interval"] and evaluation["retention_samples"] > 0
     source = quantization["variants"][0]
     assert variant["scores"] == source["scores"] and variant["retention"] == source["retention"]
+    assert variant["retention_interval"] == source["retention_interval"]
     assert variant["file_bytes"] == source["file_bytes"] and variant["parameter_bytes"] == source["parameter_bytes"]
     assert variant["latency_ms_per_sentence"] == source["latency"]["ms_per_sentence"]
     assert variant["throughput_tokens_per_second"] == source["throughput"]["tokens_per_second"]
@@ -160,6 +167,10 @@ def test_the_json_report_holds_the_source_files_numbers(run_dir: Path) -> None:
 
 def test_the_markdown_report_references_its_plots(run_dir: Path) -> None:
     text = (run_dir / "reports" / "report.md").read_text()
+    evaluation = _json(run_dir / "evaluation.json")
+    share, (low, high) = evaluation["retention"]["bleu"], evaluation["retention_interval"]["bleu"]
+    assert f"{100 * share:.1f}% ({100 * low:.1f}%–{100 * high:.1f}%)" in text  # the interval beside the point
+    assert "95% interval, from a paired bootstrap over the test sentences" in text
     images = re.findall(r"!\[[^\]]+\]\((plots/[a-z_]+\.png)\)", text)
     assert images and all((run_dir / "reports" / image).is_file() for image in images)
     assert sorted(images) == sorted(f"plots/{p}.png" for p in PLOTS)

@@ -47,5 +47,7 @@ class ValidationConfig:
     """score the teacher once on the same sentences, for retention"""
     significance_samples: int = attrs.field(default=1000, validator=ge(0))
     """paired bootstrap resamples against the previous validation; 0: no test"""
+    retention_samples: int = attrs.field(default=1000, validator=ge(0))
+    """paired bootstrap resamples of the test split for the 95% interval of retention; 0: none"""
     save_hypotheses: bool = True
     analysis: AnalysisConfig = attrs.field(factory=AnalysisConfig)

@@ -25,7 +25,17 @@ from cvmkd_validation.analysis import analyse
 from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, GATE, QUANTIZED, TestEvaluation, TranslationSample
-from cvmkd_validation.validation import _lines, score_all, score_specs
+from cvmkd_validation.validation import (
+    COMPOSITE,
+    _lines,
+    _weights,
+    bootstrap_teacher,
+    composite,
+    retention_bounds,
+    score_all,
+    score_metrics,
+    score_specs,
+)
 
 log = logging.getLogger("cvmkd")
 
@@ -41,6 +51,7 @@ def evaluate(
     role = trainer.role
     result: dict[str, Any] = {"split": split, "sentences": len(sources), "beam_size": beam}
     outputs: dict[str, list[str]] = {}
+    sentences: dict[str, dict[str, list[float]]] = {}
     for name in [role] + (["teacher"] if role != "teacher" else []):
         started = time.perf_counter()
         # the teacher's are cached: the same teacher is scored once on the same sentences
@@ -54,8 +65,11 @@ def evaluate(
         hypotheses = translated
         seconds = time.perf_counter() - started
         outputs[name] = hypotheses
+        scores, sentences[name], _ = score_metrics(state, hypotheses, references, sources)
+        if (value := composite(scores, _weights(state), score_specs(state))) is not None:
+            scores[COMPOSITE] = value
         result[name] = {
-            "scores": score_all(state, hypotheses, references, sources),
+            "scores": scores,
             "decode_seconds": round(seconds, 2),
             "hypotheses": f"{split}.{name}.hyp",
             "examples": [
@@ -74,6 +88,12 @@ def evaluate(
         }
     if "teacher" in result and role != "teacher":
         result["retention"] = retention(result[role]["scores"], result["teacher"]["scores"], score_specs(state))
+        # the same resampled sentences for the teacher and every model scored after it
+        bootstrap_teacher(state, outputs["teacher"], references, sources, sentences["teacher"])
+        bounds = retention_bounds(state, outputs[role], references, sources, sentences[role])
+        if bounds is not None:
+            result["retention_interval"] = bounds
+            result["retention_samples"] = state.recipe.section("validation").retention_samples
     config = state.recipe.section("validation").analysis
     if config.enabled:
         sample = TranslationSample(step=state.step, sources=sources, references=references, hypotheses=outputs[role])
@@ -125,17 +145,20 @@ def cvmkd_evaluate(state: RunState, summary: RunSummary) -> None:
         beam_size=record["beam_size"],
         scores={name: record[name]["scores"] for name in (role, "teacher") if name in record},
         retention=record.get("retention", {}),
+        retention_interval=record.get("retention_interval", {}),
         file=str(path),
     )
     summary.outputs["evaluation"] = str(path)
     for key, share in evaluation.retention.items():
         if share is not None:
+            bound = evaluation.retention_interval.get(key)
             log.info(
-                "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher)",
+                "test %s: student %.2f, teacher %.2f (%.1f%% of the teacher%s)",
                 key,
                 record[role]["scores"][key],
                 record["teacher"]["scores"][key],
                 100 * share,
+                f"; 95% interval {100 * bound[0]:.1f}-{100 * bound[1]:.1f}%" if bound else "",
             )
     if role == "teacher" or "teacher" not in record:
         scores = record[role]["scores"]

@@ -64,6 +64,18 @@ class PairedTestMetric(Protocol):
     ) -> dict[str, dict[str, Any]]: ...
 
 
+@runtime_checkable
+class ResampledMetric(Protocol):
+    """A corpus-level metric that scores resamples of the sentences (BLEU from sacrebleu's
+    sufficient statistics): the bootstrap interval of retention needs each resample's score.
+    ``indices`` is a (samples, sentences) array of sentence indices; the result holds, per key,
+    one score per row. Sentence metrics need no such method: their resample is a mean."""
+
+    def resampled_scores(
+        self, hypotheses: list[str], references: list[str], sources: list[str], indices: Any
+    ) -> dict[str, list[float]]: ...
+
+
 @attrs.frozen
 class ScoreSpec:
     """How to read one score: which way is better and the range used to normalise it."""

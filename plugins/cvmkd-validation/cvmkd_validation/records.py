@@ -38,6 +38,9 @@ class TestEvaluation:
     scores: dict[str, dict[str, float]]
     #: the student's share of the teacher's normalised score, per score key (None: not measurable)
     retention: dict[str, float | None] = attrs.field(factory=dict)
+    #: per score key, the 95% paired bootstrap interval of retention over the test sentences
+    #: ([low, high]; None where not measurable); the lower end is what a gate may read
+    retention_interval: dict[str, list[float] | None] = attrs.field(factory=dict)
     file: str | None = None
 
 
@@ -50,8 +53,11 @@ class GateVerdict:
     verdict: str
     threshold: float | None = None
     scores: list[str] = attrs.field(factory=list)
-    #: one check per model and score: {"model", "score", "retention", "passed"}
+    #: one check per model and score: {"model", "score", "retention", "passed"}, and the 95%
+    #: interval's "lower_bound" and "upper_bound" where it was measured
     checks: list[dict[str, Any]] = attrs.field(factory=list)
+    #: what the threshold was held against: "point" (the retention) or "lower_bound"
+    gate_on: str = "point"
     #: False: a failed gate is reported but does not fail the run (exit status 0)
     enforced: bool = True
 

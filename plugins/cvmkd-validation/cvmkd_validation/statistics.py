@@ -1,5 +1,5 @@
 """Comparisons between two validations: raw score changes, and a paired bootstrap test over
-per-sentence scores."""
+per-sentence scores; and the bootstrap interval of a student's retention of its teacher."""
 
 from __future__ import annotations
 
@@ -48,3 +48,49 @@ def paired_bootstrap(
         "mean": float(mean_b.mean()),
         "ci95": [low, high],
     }
+
+
+def resample_indices(sentences: int, samples: int, seed: int = 12345) -> Any:
+    """``samples`` rows of ``sentences`` sentence indices drawn with replacement (numpy's
+    generator, as sacrebleu's paired bootstrap draws them for the same seed)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, sentences, size=(samples, sentences))
+
+
+def retention_interval(
+    student: Mapping[str, Any], teacher: Mapping[str, Any], specs: Mapping[str, Any], *, level: float = 0.95
+) -> dict[str, list[float] | None]:
+    """Per key, the bootstrap interval of the student's retention of its teacher.
+
+    ``student`` and ``teacher`` hold, per score key, the score of each resample (the same
+    resampled sentences for both: the test is paired). Each resample's retention is computed as
+    the point estimate is (normalised student score over the teacher's); the interval is the
+    central ``level`` share of them, percentile method. None where the teacher's normalised score
+    is 0 in some resample (retention is not defined there)."""
+    import numpy as np
+
+    tail = (1.0 - level) / 2
+    out: dict[str, list[float] | None] = {}
+    for key, values in student.items():
+        if key not in teacher or key not in specs:
+            continue
+        spec = specs[key]
+        ours, theirs = (
+            _normalised(np.asarray(values, dtype=float), spec),
+            _normalised(np.asarray(teacher[key], dtype=float), spec),
+        )
+        if ours.shape != theirs.shape or not len(ours) or (theirs <= 0).any():
+            out[key] = None
+            continue
+        low, high = np.quantile(ours / theirs, [tail, 1.0 - tail])
+        out[key] = [float(low), float(high)]
+    return out
+
+
+def _normalised(values: Any, spec: Any) -> Any:
+    """:meth:`ScoreSpec.normalise` over an array."""
+    import numpy as np
+
+    share = np.clip((values - spec.low) / (spec.high - spec.low), 0.0, 1.0)
+    return share if spec.higher_is_better else 1.0 - share

@@ -33,6 +33,7 @@ from cvmkd_validation.errors import MetricError
 from cvmkd_validation.metrics import (
     COMPOSITE,
     PairedTestMetric,
+    ResampledMetric,
     ScoreSpec,
     SentenceMetric,
     all_specs,
@@ -42,7 +43,7 @@ from cvmkd_validation.metrics import (
     retention,
 )
 from cvmkd_validation.records import TranslationSample
-from cvmkd_validation.statistics import deltas, paired_bootstrap
+from cvmkd_validation.statistics import _normalised, deltas, paired_bootstrap, resample_indices, retention_interval
 
 if TYPE_CHECKING:
     from cvmkd_core.recipe import ComponentRef
@@ -52,6 +53,10 @@ log = logging.getLogger("cvmkd")
 
 #: what one validation keeps for the next: the previous translations, the teacher's scores
 MEMORY: StashKey[dict[str, Any]] = StashKey("cvmkd.validation", dict)
+#: the resampled test sentences and the teacher's score on each resample: every model scored on
+#: the test split after it (the student, each quantized variant) gets the interval of its
+#: retention from the same resamples
+TEST_RESAMPLES: StashKey[dict[str, Any]] = StashKey("cvmkd.validation.test_resamples")
 
 
 def selected_metrics(state: RunState) -> list[tuple[str, Any]]:
@@ -108,6 +113,72 @@ def score_all(state: RunState, hypotheses: list[str], references: list[str], sou
     if value is not None:
         scores[COMPOSITE] = value
     return scores
+
+
+def resampled_scores(
+    state: RunState,
+    hypotheses: list[str],
+    references: list[str],
+    sources: list[str],
+    indices: Any,
+    sentences: dict[str, list[float]] | None = None,
+) -> dict[str, Any]:
+    """Per score key, the composite included, the score of every resample of the sentences (a
+    row of ``indices``): a resampling metric's own (BLEU from sacrebleu's statistics), the mean
+    of a sentence metric's scores (``sentences`` when already computed). A metric that can do
+    neither leaves its keys, and the composite that weighs them, out."""
+    import numpy as np
+
+    rows = np.asarray(indices)
+    values: dict[str, Any] = {}
+    for _, metric in selected_metrics(state):
+        if isinstance(metric, ResampledMetric):
+            scored = metric.resampled_scores(hypotheses, references, sources, rows)
+            values.update({k: np.asarray(v, dtype=float) for k, v in scored.items()})
+        elif isinstance(metric, SentenceMetric):
+            keys = list(metric_specs(metric))
+            given = sentences if sentences is not None and all(k in sentences for k in keys) else None
+            per_sentence = given or metric.sentence_scores(hypotheses, references, sources)
+            values.update({k: np.asarray(per_sentence[k], dtype=float)[rows].mean(1) for k in keys})
+    weights, specs = _weights(state), score_specs(state)
+    if weights and all(k in values for k in weights):
+        total = sum(weights.values())
+        values[COMPOSITE] = 100.0 * sum(w * _normalised(values[k], specs[k]) for k, w in weights.items()) / total
+    return values
+
+
+def bootstrap_teacher(
+    state: RunState,
+    teacher: list[str],
+    references: list[str],
+    sources: list[str],
+    sentences: dict[str, list[float]] | None = None,
+) -> None:
+    """Draw the test split's resamples (``[validation] retention_samples``, seeded) and score the
+    teacher on each, for :func:`retention_bounds` of every model scored after it."""
+    samples = state.recipe.section("validation").retention_samples
+    if not samples or not references:
+        return
+    indices = resample_indices(len(references), samples)
+    scores = resampled_scores(state, teacher, references, sources, indices, sentences)
+    state.stash[TEST_RESAMPLES] = {"indices": indices, "teacher": scores, "samples": samples}
+
+
+def retention_bounds(
+    state: RunState,
+    hypotheses: list[str],
+    references: list[str],
+    sources: list[str],
+    sentences: dict[str, list[float]] | None = None,
+) -> dict[str, list[float] | None] | None:
+    """The 95% bootstrap interval of a model's retention of the teacher, per score key, on the
+    resamples :func:`bootstrap_teacher` drew (the same sentences for both: a paired bootstrap);
+    None when none were drawn."""
+    bank = state.stash.get(TEST_RESAMPLES, None)
+    if bank is None or len(bank["indices"][0]) != len(references):
+        return None
+    ours = resampled_scores(state, hypotheses, references, sources, bank["indices"], sentences)
+    return retention_interval(ours, bank["teacher"], score_specs(state))
 
 
 def higher_is_better(state: RunState) -> dict[str, bool]:
