@@ -69,6 +69,7 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None, toke
             vocab_size=recipe.section("tokenizer").vocab_size,
             cache_dir=recipe.run.cache_path() / "tokenizers",
             model_type=recipe.section("tokenizer").model_type,
+            max_sentences=recipe.section("tokenizer").max_sentences,
         )
     key = (splits.fingerprint, tokenizer.sha256)
     if key in _prepared:

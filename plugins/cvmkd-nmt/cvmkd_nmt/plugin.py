@@ -22,6 +22,9 @@ class TokenizerConfig:
 
     vocab_size: int = attrs.field(default=8000, validator=gt(4))
     model_type: str = attrs.field(default="unigram", validator=one_of("unigram", "bpe"))
+    max_sentences: int = attrs.field(default=2_000_000, validator=ge(0))
+    """the vocabulary is trained on at most this many sentences (both sides of the training pairs
+    count), a seeded sample above it; 0: every sentence"""
 
 
 @attrs.frozen

@@ -15,6 +15,7 @@ from cvmkd_nmt.data.readers import (
     filter_pairs,
     read_jsonl,
     read_parallel,
+    read_sources,
     read_tsv,
     split_pairs,
 )
@@ -239,3 +240,69 @@ def test_split_refuses_no_training_data() -> None:
     with pytest.raises(CorpusError, match="must not be negative"):
         split_pairs(pairs, -1, 2, seed=1)
     assert len(split_pairs(pairs, 0, 0, seed=1)[0]) == 10
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_every_format_reads_the_same_pairs_plain_gzip_or_zstd(tmp_path: Path, suffix: str) -> None:
+    """The files are streamed through gzip or zstd by their names, with the same line rules:
+    a BOM, CRLF, no final newline, a U+2028 inside a sentence."""
+    import gzip
+
+    import zstandard
+
+    def write(name: str, text: str) -> Path:
+        data = text.encode()
+        if suffix == ".gz":
+            data = gzip.compress(data)
+        elif suffix == ".zst":
+            data = zstandard.ZstdCompressor().compress(data)
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(data)
+        return path
+
+    tsv = write("c.tsv", "\ufeffLe chat\tThe cat\r\nun\u2028deux\tone two")
+    assert read_tsv(tsv) == [("Le chat", "The cat"), ("un\u2028deux", "one two")]
+    src, tgt = write("c.fr", "a\nb\n"), write("c.en", "x\ny\n")
+    assert read_parallel(src, tgt) == [("a", "x"), ("b", "y")]
+    jsonl = write("c.jsonl", '{"src": "a", "tgt": "x"}\n')
+    assert read_jsonl(jsonl) == [("a", "x")]
+    assert read_sources(write("s.tsv", "a\tx\nb\ty\n")) == ["a", "b"]
+    assert read_sources(write("s.jsonl", '{"src": "a"}\n')) == ["a"]
+    assert read_sources(write("s.txt", "one\n\ntwo\n")) == ["one", "two"]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_cut_compressed_file_is_one_line_naming_it(tmp_path: Path, suffix: str) -> None:
+    import gzip
+
+    import zstandard
+
+    text = "".join(f"source {i}\ttarget {i}\n" for i in range(2000)).encode()
+    data = gzip.compress(text) if suffix == ".gz" else zstandard.ZstdCompressor().compress(text)
+    path = tmp_path / f"cut.tsv{suffix}"
+    path.write_bytes(data[: len(data) // 2])
+    kind = "gzip" if suffix == ".gz" else "zstd"
+    with pytest.raises(CorpusError, match=rf"^{path}: not a complete {kind} file \("):
+        read_tsv(path)
+
+
+def test_a_large_file_is_streamed_not_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader never takes the whole file (Path.read_bytes is not called)."""
+
+    def refuse(self: Path) -> bytes:
+        raise AssertionError(f"{self} read whole")
+
+    path = tmp_path / "big.tsv"
+    path.write_text("".join(f"s{i}\tt{i}\n" for i in range(5000)))
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert len(read_tsv(path)) == 5000
+
+
+def test_a_zstd_file_of_several_frames_reads_whole(tmp_path: Path) -> None:
+    """As parallel compressors (pzstd, zstd -T) write them: frame after frame."""
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor()
+    path = tmp_path / "frames.tsv.zst"
+    path.write_bytes(b"".join(compressor.compress(f"s{i}\tt{i}\n".encode()) for i in range(50)))
+    assert read_tsv(path) == [(f"s{i}", f"t{i}") for i in range(50)]

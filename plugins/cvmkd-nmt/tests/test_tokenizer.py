@@ -143,3 +143,23 @@ def test_load_errors(tmp_path: Path) -> None:
 def test_pickle_round_trip(tok: Tokenizer) -> None:
     copy = pickle.loads(pickle.dumps(tok))
     assert copy.sha256 == tok.sha256 and copy.encode(["a bird"]) == tok.encode(["a bird"])
+
+
+def test_above_max_sentences_a_seeded_sample_trains_the_vocabulary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As large pipelines do: a few million sentences make a vocabulary, not all of them. Below
+    the limit every sentence trains it (the key, and so a cached tokenizer, is unchanged); above
+    it the same seed draws the same sample, and another seed another."""
+    pairs = corpus(40)
+    full = train_tokenizer(pairs, vocab_size=40, cache_dir=tmp_path / "a", max_sentences=0)
+    below = train_tokenizer(pairs, vocab_size=40, cache_dir=tmp_path / "a", max_sentences=80)
+    assert below.from_cache and below.sha256 == full.sha256  # 80 sentences: every one, the same key
+    with caplog.at_level(logging.INFO, logger="cvmkd"):
+        sampled = train_tokenizer(pairs, vocab_size=40, cache_dir=tmp_path / "b", max_sentences=50)
+    assert "a seeded sample of 50 of the 80 training sentences" in caplog.text
+    assert not sampled.from_cache and sampled.path is not None and sampled.path.parent == tmp_path / "b"
+    again = train_tokenizer(pairs, vocab_size=40, cache_dir=tmp_path / "b", max_sentences=50)
+    assert again.from_cache and again.sha256 == sampled.sha256
+    other = train_tokenizer(pairs, vocab_size=40, cache_dir=tmp_path / "b", max_sentences=50, seed=7)
+    assert not other.from_cache and other.path != sampled.path

@@ -1,6 +1,6 @@
 """Read parallel corpora (TSV, two line-aligned files, JSONL) into sentence pairs, filter and split
 them; read source-language text alone (those formats, or one sentence per line). A file whose
-name ends in ``.gz`` is read through gzip.
+name ends in ``.gz`` is read through gzip, ``.zst`` through zstd; files are streamed.
 
 Every problem is reported as a :class:`~cvmkd_core.errors.CorpusError` naming the file and the line.
 """
@@ -8,13 +8,14 @@ Every problem is reported as a :class:`~cvmkd_core.errors.CorpusError` naming th
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from cvmkd_nmt.errors import CorpusError
 
@@ -51,39 +52,106 @@ class PairList(list[Pair]):
         self.skipped = skipped
 
 
+def _open(path: PathLike) -> BinaryIO:
+    """The file's bytes as a stream, decompressed when its name ends in ``.gz`` or ``.zst``."""
+    p = Path(path)
+    if p.name.endswith(".gz"):
+        return gzip.open(p, "rb")  # type: ignore[return-value]
+    if p.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise CorpusError(
+                f"{path}: reading .zst files needs the zstandard package: pip install zstandard"
+            ) from None
+        return io.BufferedReader(_ZstdStream(open(p, "rb"), zstandard), 1 << 20)  # type: ignore[return-value]
+    return open(p, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame; input that ends inside a frame is an
+    ``EOFError`` (zstandard's own stream reader returns what it has, silently)."""
+
+    def __init__(self, raw: BinaryIO, zstandard: Any) -> None:
+        self._raw, self._zstandard = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending and not self._done:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the compressed data ends inside a frame")
+                self._done = True
+                break
+            self._pending = self._frame.decompress(chunk)
+            self._in_frame = not self._frame.eof
+            while self._frame.eof and self._frame.unused_data:  # the next frame of a multi-frame file
+                rest = self._frame.unused_data
+                self._frame = self._zstandard.ZstdDecompressor().decompressobj()
+                self._pending += self._frame.decompress(rest)
+                self._in_frame = not self._frame.eof
+            if self._frame.eof:  # a frame ended exactly at the chunk's end: the next starts afresh
+                self._frame = self._zstandard.ZstdDecompressor().decompressobj()
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` for each line, decoded strictly as UTF-8, newline and CR removed.
 
-    Splits on ``\\n`` bytes only: ``str.splitlines`` would also split on U+2028, U+0085 and
-    form feeds, which would silently misalign the two sides of a parallel corpus.
+    The file is streamed (a corpus of any size is never held whole in memory), through gzip or
+    zstd when its name ends in ``.gz`` or ``.zst``. Splits on ``\\n`` bytes only:
+    ``str.splitlines`` would also split on U+2028, U+0085 and form feeds, which would silently
+    misalign the two sides of a parallel corpus.
     """
-    p = Path(path)
     try:
-        data = p.read_bytes()
-        if p.name.endswith(".gz"):
-            data = gzip.decompress(data)
+        handle = _open(path)
     except FileNotFoundError:
         raise CorpusError(f"no such corpus file: {path}") from None
     except IsADirectoryError:
         raise CorpusError(f"{path}: is a directory, not a corpus file") from None
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise CorpusError(f"{path}: not a complete gzip file ({e})") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
-    if data.startswith(b"\xef\xbb\xbf"):  # a BOM written by some Windows editors is not text
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":  # the newline ending the last line does not start a new one
-        lines.pop()
-    for number, raw in enumerate(lines, start=1):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
+    with handle:
         try:
-            yield number, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorpusError(
-                f"{path}: line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-            ) from None
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM some Windows editors write
+                    raw = raw[3:]
+                if raw.endswith(b"\n"):
+                    raw = raw[:-1]
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{path}: line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    ) from None
+                yield number, text
+        except (gzip.BadGzipFile, EOFError) as e:
+            kind = "zstd" if str(path).endswith(".zst") else "gzip"
+            raise CorpusError(f"{path}: not a complete {kind} file ({e})") from None
+        except IsADirectoryError:
+            raise CorpusError(f"{path}: is a directory, not a corpus file") from None
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot read ({e.strerror or e})") from None
+        except Exception as e:  # zstandard.ZstdError: a damaged or cut .zst file
+            if type(e).__name__ != "ZstdError":
+                raise
+            raise CorpusError(f"{path}: not a complete zstd file ({e})") from None
 
 
 def _finish(pairs: list[Pair], skipped: int, path: PathLike) -> PairList:
@@ -211,10 +279,10 @@ def read_jsonl(path: PathLike, src_key: str = "src", tgt_key: str = "tgt", skip_
 
 def read_sources(path: PathLike) -> list[str]:
     """Source-language sentences without references, from a file in any format the ``files``
-    corpus reads, told by its name (``.gz`` after it is read through gzip): ``.tsv`` (the first
+    corpus reads, told by its name (``.gz`` or ``.zst`` after it is decompressed): ``.tsv`` (the first
     column), ``.jsonl`` (the ``src`` key), or anything else: plain text, one sentence per line.
     Blank lines are skipped; an empty result is an error naming the file."""
-    name = Path(path).name.removesuffix(".gz")
+    name = Path(path).name.removesuffix(".gz").removesuffix(".zst")
     sentences: list[str] = []
     for number, line in _read_lines(path):
         text = line

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import tempfile
 import time
@@ -190,6 +191,7 @@ def train_tokenizer(
     max_sentence_length: int = 8192,
     hard_vocab_limit: bool = True,
     extra_options: dict[str, Any] | None = None,
+    max_sentences: int = 2_000_000,
 ) -> Tokenizer:
     """Train one joint vocabulary on all texts (for pairs: both sides), or load it from ``cache_dir``.
 
@@ -199,7 +201,9 @@ def train_tokenizer(
 
     ``vocab_size`` larger than the corpus supports is an error naming the largest possible size;
     pass ``hard_vocab_limit=False`` to accept a smaller vocabulary instead. Training uses every
-    sentence (no sampling) with a fixed seed, so the same input gives byte-identical models.
+    sentence up to ``max_sentences`` (0: no limit), and above it a sample of that many drawn with
+    ``seed`` (in corpus order), as the large pipelines do: a vocabulary needs a few million
+    sentences, not all of them. The same input gives byte-identical models.
     ``extra_options`` are passed to ``SentencePieceTrainer.train`` as they are.
     """
     if vocab_size < 5:
@@ -207,6 +211,11 @@ def train_tokenizer(
     sentences = _sentences(texts_or_pairs)
     if not sentences:
         raise CorpusError("cannot train a tokenizer: no non-empty training sentences")
+    total = len(sentences)
+    if max_sentences and total > max_sentences:
+        chosen = sorted(random.Random(seed).sample(range(total), max_sentences))
+        sentences = [sentences[i] for i in chosen]
+        log.info("tokenizer: a seeded sample of %d of the %d training sentences", max_sentences, total)
     settings: dict[str, Any] = {
         "vocab_size": vocab_size,
         "model_type": model_type,
