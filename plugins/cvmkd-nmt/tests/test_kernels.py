@@ -11,6 +11,13 @@ import pytest
 import torch
 
 from cvmkd_nmt import kernels
+from cvmkd_nmt.hardware import find_compiler
+
+#: the tests of the compiled kernels themselves; without a C compiler cvmkd runs through torch's
+#: operations (the tests below without this mark check that), and these have nothing to test
+needs_compiler = pytest.mark.skipif(
+    find_compiler("CC", ("cc", "gcc", "clang")) is None, reason="no C compiler: the kernels are not built here"
+)
 
 
 @pytest.fixture
@@ -22,6 +29,7 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     kernels._library.cache_clear()
 
 
+@needs_compiler
 def test_the_kernel_is_built_once_and_reused(fresh: Path) -> None:
     assert kernels.dropout_kernel(torch.ones(3)) is not None
     built = list(fresh.glob("kernels-*.so"))
@@ -42,6 +50,7 @@ __attribute__((constructor)) static void plant(void) {
 """
 
 
+@needs_compiler
 def test_a_planted_or_damaged_library_is_never_loaded_but_built_again(fresh: Path, tmp_path: Path) -> None:
     import subprocess
 
@@ -68,6 +77,7 @@ def test_a_planted_or_damaged_library_is_never_loaded_but_built_again(fresh: Pat
     assert kernels.dropout_kernel(torch.ones(3)) is not None and kernels._trusted(library)
 
 
+@needs_compiler
 def test_a_kernel_folder_others_may_write_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -94,6 +104,7 @@ def test_without_a_home_the_kernels_go_to_a_per_user_temporary_folder(monkeypatc
     assert kernels._cache_dir() == Path(tempfile.gettempdir()) / f"cvmkd-{os.getuid()}" / "cvmkd" / "kernels"
 
 
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_values_are_torch_s_product_rounded_once(fresh: Path, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
@@ -152,6 +163,7 @@ def test_the_kernels_can_be_turned_off(fresh: Path, monkeypatch: pytest.MonkeyPa
 # -- the few-row float32 product ------------------------------------------------------------------
 
 
+@needs_compiler
 @pytest.mark.parametrize("rows", [1, 2, 3, kernels.MAX_ROWS])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_row_product_is_torch_s_linear_within_float32_rounding(fresh: Path, rows: int, with_bias: bool) -> None:
@@ -168,6 +180,7 @@ def test_row_product_is_torch_s_linear_within_float32_rounding(fresh: Path, rows
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
 def test_row_product_hands_larger_or_other_inputs_to_torch(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, ...]] = []
     real = torch.nn.functional.linear
@@ -188,6 +201,7 @@ def test_row_product_hands_larger_or_other_inputs_to_torch(fresh: Path, monkeypa
     assert calls == [(kernels.MAX_ROWS + 1, 4), (2, 1, 4)]
 
 
+@needs_compiler
 def test_row_product_leaves_training_autocast_and_other_dtypes_to_torch(fresh: Path) -> None:
     trained = torch.nn.Linear(4, 3)
     assert kernels.row_product(trained.weight, trained.bias) is None  # gradients recorded: autograd's path
@@ -288,3 +302,61 @@ def test_int8_layer_functions_follow_the_kernels_switch_at_each_call(monkeypatch
         assert layer.as_function() is fast  # the same function
         fast(torch.ones(1, 8))
     assert calls == [1]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 4096, 4099, 100003])
+def test_without_the_kernel_dropout_gives_the_kernel_s_very_masks_outputs_and_gradients(
+    fresh: Path, dtype: torch.dtype, n: int
+) -> None:
+    """The same random numbers (splitmix64 of a counter seeded by one draw from torch's
+    generator), the same products rounded once, the same generator state after: a seeded run
+    trains the same weights on a machine without a C compiler."""
+    from cvmkd_nmt.model.transformer import dropout
+
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype).requires_grad_(True)
+    results = []
+    for native in (True, False):
+        kernels.enabled = native
+        try:
+            torch.manual_seed(5)
+            out = dropout(x, 0.1, True)
+            (grad,) = torch.autograd.grad(out.float().sum() * 1.7, x)
+            results.append((out, grad, torch.get_rng_state()))
+        finally:
+            kernels.enabled = True
+    (out, grad, state), (plain_out, plain_grad, plain_state) = results
+    assert torch.equal(out, plain_out) and torch.equal(grad, plain_grad) and torch.equal(state, plain_state)
+    if n > 1000:
+        assert 0.08 < float((out == 0).float().mean()) < 0.12
+
+
+@needs_compiler
+def test_a_seeded_training_run_gives_the_same_weights_with_and_without_the_kernels(fresh: Path) -> None:
+    """Training does not use the row products (they serve decoding); dropout's masks are the same:
+    the weights after some steps are equal, tensor for tensor."""
+    from cvmkd_nmt.model.presets import preset
+    from cvmkd_nmt.model.transformer import CvmTransformer
+
+    def train(native: bool) -> dict[str, torch.Tensor]:
+        kernels.enabled = native
+        try:
+            torch.manual_seed(0)
+            model = CvmTransformer(preset("tiny", dropout=0.2, vocab_size=50))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            src = torch.randint(4, 50, (6, 9))
+            tgt = torch.randint(4, 50, (6, 8))
+            for _ in range(5):
+                logits = model(src, tgt[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), tgt[:, 1:].reshape(-1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        finally:
+            kernels.enabled = True
+
+    assert kernels.dropout_kernel(torch.ones(3)) is not None  # the kernel is there to compare with
+    native, plain = train(True), train(False)
+    assert all(torch.equal(native[k], plain[k]) for k in native)

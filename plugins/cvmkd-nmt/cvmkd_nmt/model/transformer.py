@@ -30,17 +30,42 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
 
 
 class _Scale(torch.autograd.Function):
-    """``x * scale`` whose backward multiplies by the same saved ``scale`` (a dropout mask)."""
+    """``x * scale`` computed in float32 and rounded to ``x``'s dtype, whose backward multiplies
+    by the same saved ``scale`` (a dropout mask): what the C kernel computes, element for element."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, scale: Tensor) -> Tensor:
         ctx.save_for_backward(scale)
-        return x * scale
+        return (x.float() * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         (scale,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * scale, None
+        return (grad.float() * scale).to(grad.dtype), None
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 of the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shifted(z: Tensor, bits: int) -> Tensor:
+    """``z >> bits`` as on unsigned 64-bit integers (torch shifts int64 arithmetically)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def random16(seed: int, n: int) -> Tensor:
+    """``n`` 16-bit random numbers (0..65535, as int32): splitmix64 of a counter from ``seed``,
+    each 64-bit number four of them, low bits first; the C dropout kernel's numbers exactly.
+    int64 arithmetic wraps around as the C code's unsigned arithmetic does."""
+    z = torch.arange((n + 3) // 4, dtype=torch.int64) + seed + _GOLDEN
+    z = (z ^ _shifted(z, 30)) * _MIX1
+    z = (z ^ _shifted(z, 27)) * _MIX2
+    z = z ^ _shifted(z, 31)
+    return z.view(torch.int16)[:n].to(torch.int32) & 0xFFFF
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -48,11 +73,13 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
     On a CPU the mask comes from 16-bit random numbers: ``p`` is rounded to a multiple of
     1/65536 and the kept elements are scaled by the inverse of the exact keep probability, so the
-    expectation is unchanged. For fp32 and bf16 activations the numbers, the mask and the output
-    come from one C loop (:mod:`cvmkd_nmt.kernels`, built with the machine's C compiler); without
-    it, from 16-bit slices of torch's 64-bit random integers: torch's own ``F.dropout`` draws one
-    Bernoulli sample per element, which took 19% of a student's training step (2.5x the time of
-    those slices, measured on 32x36x768 bf16 activations). Other devices use ``F.dropout``.
+    expectation is unchanged. The numbers are splitmix64 of a counter seeded by one draw from
+    torch's generator (so ``torch.manual_seed`` and a run's saved RNG state decide the masks). For
+    fp32 and bf16 activations the numbers, the mask and the output come from one C loop
+    (:mod:`cvmkd_nmt.kernels`, built with the machine's C compiler); without a compiler, the same
+    numbers, masks and outputs come from torch's operations (:func:`random16`): a seeded run trains
+    the same weights with and without one. torch's own ``F.dropout`` draws one Bernoulli sample
+    per element, which took 19% of a student's training step. Other devices use ``F.dropout``.
     """
     if not training or p <= 0:
         return x
@@ -63,10 +90,9 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     kernel = dropout_kernel(x)
     if kernel is not None:
         return cast("Tensor", kernel(x, cut, scale))
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    keep = bits.view(torch.int16)[:n].view(x.shape) >= cut - 32768
-    return _Scale.apply(x, keep.to(x.dtype) * scale)
+    seed = int(torch.empty((), dtype=torch.int64).random_())  # the kernel's one draw from torch's generator
+    keep = random16(seed, x.numel()).view(x.shape) >= cut
+    return cast("Tensor", _Scale.apply(x, keep.float() * torch.tensor(scale, dtype=torch.float32)))
 
 
 class Dropout(nn.Module):
