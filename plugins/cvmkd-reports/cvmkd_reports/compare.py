@@ -5,7 +5,9 @@ Each run's test split (``test.src``, ``test.ref``) and its student's translation
 refused. For each run: every test score (``evaluation.json``), parameters, file size and CPU
 speed, retention of its teacher, and a paired bootstrap p-value of each score with a paired test
 (BLEU, chrF, TER) against the first run, computed again from the translations by the metric
-plugins themselves. Markdown on stdout; with ``--out DIR`` also ``compare.md`` and
+plugins themselves. Runs whose recipes differ only in ``run.seed`` (and in where they write) are
+one arm trained several times: their seed-to-seed spread is given per score (mean, standard
+deviation, range). Markdown on stdout; with ``--out DIR`` also ``compare.md`` and
 ``compare.json`` there.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 from cvmkd_core.errors import CvmkdError, RunDirError
 from cvmkd_core.files import atomic_write_json, atomic_write_text
+from cvmkd_core.rundir import RunFiles
 from cvmkd_validation.metrics import PairedTestMetric
 
 log = logging.getLogger("cvmkd")
@@ -63,6 +66,7 @@ def _run(path: Path) -> dict[str, Any]:
     student = evaluation.get("student") or {}
     models = evaluation.get("models") or {}
     return {
+        "recipe": _flat(RunFiles(path).recipe() or {}),
         "path": str(path),
         "sources": _lines(files["test.src"]),
         "references": _lines(files["test.ref"]),
@@ -73,6 +77,59 @@ def _run(path: Path) -> dict[str, Any]:
         "size": models.get("student") or {},
         "beam_size": evaluation.get("beam_size"),
     }
+
+
+#: recipe keys that say where a run writes and how often it logs, not what it computes
+_NOT_THE_ARM = ("run.name", "run.output_dir", "run.cache_dir", "run.log_every", "run.keep_checkpoints", "run.seed")
+
+
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def seed_groups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs whose recipes are equal but for ``run.seed`` (and where they write), two or more with
+    different seeds: per score, the mean, the sample standard deviation and the range over them."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if not run["recipe"]:
+            continue
+        arm = {k: v for k, v in run["recipe"].items() if k not in _NOT_THE_ARM}
+        groups.setdefault(json.dumps(arm, sort_keys=True, default=str), []).append(run)
+    out = []
+    for members in groups.values():
+        seeds = [m["recipe"].get("run.seed") for m in members]
+        if len(members) < 2 or len(set(map(str, seeds))) < 2:
+            continue
+        spread: dict[str, dict[str, float]] = {}
+        for key in dict.fromkeys(k for m in members for k in m["scores"]):
+            values = [float(m["scores"][key]) for m in members if isinstance(m["scores"].get(key), (int, float))]
+            if len(values) < 2:
+                continue
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            spread[key] = {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": len(values)}
+        retention = [
+            m["retention"].get("bleu") for m in members if isinstance(m["retention"].get("bleu"), (int, float))
+        ]
+        if len(retention) >= 2:
+            mean = sum(retention) / len(retention)
+            std = (sum((v - mean) ** 2 for v in retention) / (len(retention) - 1)) ** 0.5
+            spread["retention_bleu"] = {
+                "mean": mean,
+                "std": std,
+                "min": min(retention),
+                "max": max(retention),
+                "n": len(retention),
+            }
+        out.append({"runs": [m["path"] for m in members], "seeds": seeds, "spread": spread})
+    return out
 
 
 def _same_test_set(first: dict[str, Any], other: dict[str, Any]) -> None:
@@ -123,7 +180,10 @@ def compare(paths: list[Path], registry: Any, samples: int = 1000) -> dict[str, 
         "sentences": len(base["sources"]),
         "samples": samples,
         "keys": keys,
-        "runs": [{k: v for k, v in run.items() if k not in ("sources", "references", "hypotheses")} for run in runs],
+        "runs": [
+            {k: v for k, v in run.items() if k not in ("sources", "references", "hypotheses", "recipe")} for run in runs
+        ],
+        "seed_groups": seed_groups(runs),
     }
 
 
@@ -164,6 +224,25 @@ def markdown(result: dict[str, Any]) -> str:
             + f" | {f'{parameters:,}' if isinstance(parameters, int) else '–'}"
             + f" | {_number(file_bytes / 1e6) if isinstance(file_bytes, int) else '–'}"
             + f" | {_number(speed, 0)} |"
+        )
+    for group in result.get("seed_groups") or []:
+        lines += [
+            "",
+            f"## Seed to seed: {len(group['runs'])} runs of one recipe, seeds {', '.join(map(str, group['seeds']))}",
+            "",
+            "| score | mean | standard deviation | range |",
+            "|---|---|---|---|",
+        ]
+        for key, row in group["spread"].items():
+            scale, unit = (100, "%") if key == "retention_bleu" else (1, "")
+            lines.append(
+                f"| {'retention (BLEU)' if key == 'retention_bleu' else key} | {_number(scale * row['mean'])}{unit} "
+                f"| {_number(scale * row['std'])}{unit} | {_number(scale * row['min'])}–{_number(scale * row['max'])}{unit} |"
+            )
+        lines.append("")
+        lines.append(
+            "A difference between arms smaller than this spread is within what another seed gives: "
+            "`" + "`, `".join(group["runs"]) + "`."
         )
     return "\n".join(lines) + "\n"
 

@@ -133,3 +133,30 @@ def test_unfinished_damaged_or_differently_decoded_runs_are_named_in_one_line(
     with caplog.at_level("WARNING", logger="cvmkd"):
         assert main(["compare", str(ce), str(beam), "--samples", "50"]) == 0
     assert "the runs decoded the test split differently" in caplog.text and "beam 4" in caplog.text
+
+
+def test_runs_that_differ_only_in_seed_get_their_seed_to_seed_spread(
+    two_runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kd run again with another seed: one arm trained twice. The spread is the sample
+    standard deviation of the two runs' scores; the ce run, another arm, is not in it."""
+    kd, ce = two_runs
+    root = kd.parent.parent
+    summary, again = run_session(
+        open_session(
+            root / "recipe.toml",
+            ["run.name=kd-seed-9", f"run.output_dir={root / 'runs'}", "distill.loss.name=kd", "run.seed=9"],
+        )
+    )
+    assert summary.status == "completed"
+    assert main(["compare", str(ce), str(kd), str(again), "--out", str(tmp_path / "out"), "--samples", "50"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    (group,) = result["seed_groups"]
+    assert group["runs"] == [str(kd), str(again)] and group["seeds"] == [3, 9]
+    a = json.loads((kd / "evaluation.json").read_text())["student"]["scores"]["bleu"]
+    b = json.loads((again / "evaluation.json").read_text())["student"]["scores"]["bleu"]
+    bleu = group["spread"]["bleu"]
+    assert bleu["mean"] == pytest.approx((a + b) / 2) and bleu["std"] == pytest.approx(abs(a - b) / 2**0.5)
+    assert (bleu["min"], bleu["max"], bleu["n"]) == (min(a, b), max(a, b), 2)
+    assert "## Seed to seed: 2 runs of one recipe, seeds 3, 9" in out
