@@ -191,6 +191,10 @@ class KDTrainer(Seq2SeqTrainer):
                 len(self.data.splits.extra_sources),
             )
 
+    def teacher_folder(self, state: RunState) -> Path | None:
+        path = self.teacher_info.get("path")
+        return Path(path) if path else None
+
     def _data_identity(self) -> dict[str, Any]:
         """What the run trains on, the teacher included: a resumed run that finds another
         teacher (a package changed in place, an upgraded teacher plugin) is refused."""

@@ -45,5 +45,10 @@ class TranslationTrainer(abc.ABC):
         """Size and speed of the trainer's models, by name (``evaluation.json``'s ``models``)."""
         return {}
 
+    def teacher_folder(self, state: RunState) -> Any:
+        """The folder of the teacher's model package (a ``Path``), to measure it beside what ships;
+        None when the trainer has no teacher folder."""
+        return None
+
 
 __all__ = ["TranslationTrainer"]

@@ -235,6 +235,23 @@ class PackageTranslator:
         )
 
 
+def open_runtime(folder: Path, registry: Any, device: Any, **languages: str) -> tuple[Any, str]:
+    """What translates with the model in ``folder``, and its scheme: an export (CTranslate2...)
+    on its own engine, recognised by an installed exporter, else a model package (a cvm package,
+    or a folder an installed loader reads) as a :class:`PackageTranslator`. Each has
+    ``translate(sources, beam_size=, batch_size=)``, ``tokenizer`` and ``max_len``."""
+    from cvmkd_nmt.model.package import load_model_folder
+
+    for name in registry.names("exporter"):
+        exporter = registry.get("exporter", name).create()
+        if exporter.recognizes(folder):
+            runtime = exporter.translator(folder, str(device))
+            return runtime, f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
+    model, tokenizer, metadata = load_model_folder(folder, registry, device, **languages)
+    scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
+    return PackageTranslator(model, tokenizer, device), "fp32" if scheme == "none" else scheme
+
+
 def _translate_lines(runtime: Any, lines: list[str], args: argparse.Namespace, first_line: int = 1) -> list[str]:
     """Translations of ``lines`` by ``runtime`` (a :class:`PackageTranslator`, or an export's
     translator); an empty line stays empty (nothing to translate). A line longer than the model
@@ -273,7 +290,7 @@ def translate_command(args: argparse.Namespace) -> int:
     renamed when complete, so an error never leaves a partial or clobbered file."""
     from cvmkd_core.plugins import build_plugins
     from cvmkd_nmt.hardware import resolve_device
-    from cvmkd_nmt.model.package import load_model_folder, resolve_package
+    from cvmkd_nmt.model.package import resolve_package
 
     for option, value, most in (("--batch-size", args.batch_size, None), ("--beam-size", args.beam_size, MAX_BEAM)):
         if value < 1:
@@ -290,19 +307,8 @@ def translate_command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device")
     registry = build_plugins().registry
     folder = resolve_package(args.model, registry)  # a folder, or a registered name
-    runtime: Any = None
-    for name in registry.names("exporter"):  # an export (CTranslate2...) runs on its own engine
-        exporter = registry.get("exporter", name).create()
-        if exporter.recognizes(Path(folder)):
-            runtime = exporter.translator(Path(folder), str(device))
-            scheme = f"{name} {runtime.metadata.get('export', {}).get('quantization', '')}".strip()
-            break
-    if runtime is None:
-        languages = {k: v for k in ("source_lang", "target_lang") if (v := getattr(args, k, ""))}
-        model, tokenizer, metadata = load_model_folder(folder, registry, device, **languages)
-        runtime = PackageTranslator(model, tokenizer, device)
-        scheme = (metadata.get("quantization") or {}).get("scheme") or metadata.get("scheme") or "none"
-        scheme = "fp32" if scheme == "none" else scheme
+    languages = {k: v for k in ("source_lang", "target_lang") if (v := getattr(args, k, ""))}
+    runtime, scheme = open_runtime(Path(folder), registry, device, **languages)
     started = time.perf_counter()
     count = 0
     # bytes, decoded line by line: an undecodable line is named, whatever the locale (stdin's
