@@ -28,7 +28,7 @@ from cvmkd_nmt.contracts import QuantizationContext, QuantizationResult, within_
 from cvmkd_nmt.model.translate import source_batches
 from cvmkd_validation.metrics import COMPOSITE, retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, QUANTIZED
-from cvmkd_validation.validation import _weights, composite, retention_bounds, score_all, score_metrics, score_specs
+from cvmkd_validation.validation import retention_bounds, score_all, score_specs, score_with_sentences
 
 log = logging.getLogger("cvmkd")
 
@@ -185,9 +185,7 @@ def quantize_all(trainer: Seq2SeqTrainer, state: RunState, evaluation: dict[str,
             max_composite_loss=getattr(budget, "max_composite_loss", 0.02),
         )
         outputs = run(model, test_sources)
-        scores, sentences, _ = score_metrics(state, outputs, test_references, test_sources)
-        if (value := composite(scores, _weights(state), score_specs(state))) is not None:
-            scores[COMPOSITE] = value
+        scores, sentences = score_with_sentences(state, outputs, test_references, test_sources)
         # a variant over the quality budget is kept for inspection, under a name that says so
         directory = state.run_dir / (f"model-{label}" if ok else f"model-{label}-rejected")
         metadata = {

@@ -26,15 +26,12 @@ from cvmkd_validation.contract import TranslationTrainer
 from cvmkd_validation.metrics import retention
 from cvmkd_validation.records import EVALUATION, EVALUATION_RECORD, GATE, QUANTIZED, TestEvaluation, TranslationSample
 from cvmkd_validation.validation import (
-    COMPOSITE,
     _lines,
-    _weights,
     bootstrap_teacher,
-    composite,
     retention_bounds,
     score_all,
-    score_metrics,
     score_specs,
+    score_with_sentences,
 )
 
 log = logging.getLogger("cvmkd")
@@ -65,9 +62,7 @@ def evaluate(
         hypotheses = translated
         seconds = time.perf_counter() - started
         outputs[name] = hypotheses
-        scores, sentences[name], _ = score_metrics(state, hypotheses, references, sources)
-        if (value := composite(scores, _weights(state), score_specs(state))) is not None:
-            scores[COMPOSITE] = value
+        scores, sentences[name] = score_with_sentences(state, hypotheses, references, sources)
         result[name] = {
             "scores": scores,
             "decode_seconds": round(seconds, 2),

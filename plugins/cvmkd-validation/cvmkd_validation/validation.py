@@ -108,11 +108,19 @@ def _metric_name(state: RunState, path: str) -> str:
 
 def score_all(state: RunState, hypotheses: list[str], references: list[str], sources: list[str]) -> dict[str, float]:
     """Every selected metric's scores of ``hypotheses``, and the composite score."""
-    scores, _, _ = score_metrics(state, hypotheses, references, sources)
+    return score_with_sentences(state, hypotheses, references, sources)[0]
+
+
+def score_with_sentences(
+    state: RunState, hypotheses: list[str], references: list[str], sources: list[str]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """:func:`score_all`'s scores, and the per-sentence scores of the metrics that give them (for
+    the bootstrap of retention, without scoring the sentences again)."""
+    scores, sentences, _ = score_metrics(state, hypotheses, references, sources)
     value = composite(scores, _weights(state), score_specs(state))
     if value is not None:
         scores[COMPOSITE] = value
-    return scores
+    return scores, sentences
 
 
 def resampled_scores(
