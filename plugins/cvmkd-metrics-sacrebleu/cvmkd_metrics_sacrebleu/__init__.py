@@ -67,20 +67,35 @@ def _chunk_statistics(job: tuple[Any, list[str], list[str]]) -> Any:
     return metric._extract_corpus_statistics(hypotheses, [references])
 
 
+#: the signals a pool worker must not take with its parent's handlers
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _default_signals() -> None:
-    """A pool worker's start: SIGTERM back to its default, Ctrl-C left to the parent. Forked
-    workers inherit a running loop's handlers, which only note an interruption and return: a
-    worker that took the pool's SIGTERM that way never ended, and the run waited for it forever."""
+    """A pool worker's start: SIGTERM back to its default, Ctrl-C left to the parent, then the
+    two unblocked (:func:`fork_pool` forks with them blocked). Forked workers inherit a running
+    loop's handlers, which only note an interruption and return: a worker that took the pool's
+    SIGTERM that way never ended, and the run waited for it forever."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
 def fork_pool(workers: int) -> Any:
     """A ``multiprocessing`` pool of ``workers`` forked processes with default signal handling
-    (see :func:`_default_signals`). Linux only (``fork``)."""
+    (see :func:`_default_signals`). Linux only (``fork``).
+
+    The workers are forked with SIGTERM and SIGINT blocked: a pool ended before a worker ran its
+    initializer (one worker took every task) sends SIGTERM to a process still holding the
+    parent's handlers; blocked, the signal waits until the worker's own handling is in place and
+    then ends it, where it used to be noted, leaving the worker waiting for a task forever."""
     import multiprocessing
 
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        return multiprocessing.get_context("fork").Pool(workers, initializer=_default_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def extract_statistics(metric: Any, hypotheses: list[str], references: list[str], workers: int = 1) -> list[Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import pytest
 import sacrebleu
@@ -65,6 +67,35 @@ def test_paired_test_tells_a_real_difference_from_noise() -> None:
     assert bleu.paired_test(worse, worse, refs, [])["bleu"] == {"p_value": 1.0, "delta": 0.0}
     ter = Ter(TerConfig()).paired_test(worse, better, refs, [], samples=200)["ter"]
     assert ter["delta"] < 0 and ter["p_value"] < 0.01
+
+
+#: a pool ended before its second worker ran its initializer, under a run's SIGTERM handler
+POOL_ENDED_EARLY = """
+import signal, time
+import cvmkd_metrics_sacrebleu as m
+
+real = m._default_signals
+
+
+def slow_start():
+    time.sleep(1.0)  # the pool is ended before this worker has its own signal handling
+    real()
+
+
+m._default_signals = slow_start
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a run's handler: notes, returns
+with m.fork_pool(2) as pool:
+    pass
+print("ended")
+"""
+
+
+def test_a_pool_ended_before_its_workers_started_does_not_wait_for_them_forever() -> None:
+    """The workers are forked with SIGTERM blocked until their own handling is in place: the
+    pool's SIGTERM used to reach a starting worker's inherited handler, which noted it, and the
+    pool then waited for that worker forever (a whole test suite hung on it)."""
+    result = subprocess.run([sys.executable, "-c", POOL_ENDED_EARLY], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "ended", result.stderr
 
 
 @pytest.mark.parametrize(
