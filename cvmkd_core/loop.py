@@ -429,18 +429,16 @@ class Loop:
     def _resume(self) -> None:
         state = self.state
         if not self.checkpoints.entries():
-            # interrupted before its first checkpoint (during a stage run before training, say)
+            # interrupted before its first checkpoint (during a stage run before training, or
+            # while writing the first checkpoint, after its validation was recorded)
             log.info("no checkpoint in %s yet: starting from step 0", self.checkpoints.directory)
+            self._rewrite_history()
             state.emit(Event.RESUME, step=0, checkpoint=None)
             return
         entry, saved = self.checkpoints.load("last")
         payload = NamedStash.from_dict(saved)
         _restore_core(state, payload[CORE_STATE], "resume")
-        if state.world.main:
-            # validations after the checkpoint describe weights that are gone: the history file
-            # is rewritten from the checkpoint's, so it matches the run that continues
-            history = state.run_dir / "validation" / "history.jsonl"
-            atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
+        self._rewrite_history()
         self.pm.hook.cvmkd_restore(state=state, payload=payload, reason="resume")
         log.info("resumed from %s at step %d", entry.file, state.step)
         changes = state.stash.get(RESUME_CHANGES, {})
@@ -452,6 +450,14 @@ class Loop:
             checkpoint=entry.file,
             **({"changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()}} if changes else {}),
         )
+
+    def _rewrite_history(self) -> None:
+        """Validations after the checkpoint a run resumes from describe weights that are gone: the
+        history file is rewritten from the checkpoint's, so it matches the run that continues."""
+        state = self.state
+        history = state.run_dir / "validation" / "history.jsonl"
+        if state.world.main and (state.history or history.exists()):
+            atomic_write_text(history, "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in state.history))
 
     def _finalize(self, summary: RunSummary, failed: BaseException | None) -> None:
         state = self.state

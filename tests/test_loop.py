@@ -287,3 +287,28 @@ def test_rollback_restores_the_best_checkpoint_and_continues(write, toy_plugins:
     assert history[-1]["scores"]["exact"] == 100.0
     lrs = [e["lr"] for e in events if "lr" in e]
     assert lrs[-1] == pytest.approx(0.1)  # halved after the rollback
+
+
+class CrashAtFirstCheckpoint:
+    """Stops the process while the first checkpoint is being made, after its validation was
+    recorded: what SIGKILL leaves (no summary, no checkpoint)."""
+
+    @hookimpl(tryfirst=True)
+    def cvmkd_checkpoint(self, record: Any, payload: Any) -> None:
+        raise KeyboardInterrupt  # not caught by the loop as a plugin failure; the test's SIGKILL
+
+
+def test_a_resume_before_the_first_checkpoint_starts_anew_without_the_lost_validation(
+    write, toy_plugins: Plugins
+) -> None:
+    toy_plugins.add_plugin(CrashAtFirstCheckpoint(), name="crash", source="test")
+    session = _session(write, toy_plugins)
+    with pytest.raises(KeyboardInterrupt):
+        run_session(session, "runs/crashed")
+    toy_plugins.remove_plugin("crash")
+    history_file = Path("runs/crashed/validation/history.jsonl")
+    assert [json.loads(line)["step"] for line in history_file.read_text().splitlines()] == [3]
+    summary, run_dir = run_session(_session(write, toy_plugins), "runs/crashed", resume=True)
+    assert summary.status == "completed"
+    history = [json.loads(line)["step"] for line in history_file.read_text().splitlines()]
+    assert history == [3, 6]  # the validation of the lost step 3 is not there twice
