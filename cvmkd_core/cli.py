@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cvmkd_core import __version__
-from cvmkd_core.errors import CvmkdError, describe_failure, one_line
+from cvmkd_core.errors import CvmkdError, describe_failure, machine_error, one_line
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -263,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug or a plugin's failure: one line, the traceback on request
         if debug:
             traceback.print_exc()
+        machine = machine_error(exc)
+        if machine is not None:  # a full disk or a read-only folder, met inside any plugin
+            print(f"{error}: {machine}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"{error}: {describe_failure(exc)}; rerun with --debug for the traceback", file=sys.stderr)
         return EXIT_FAILED
 

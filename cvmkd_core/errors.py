@@ -5,6 +5,7 @@ The CLI turns any :class:`CvmkdError` into one line per problem on stderr and ex
 
 from __future__ import annotations
 
+import errno
 import traceback
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,24 @@ def one_line(text: Any, limit: int | None = None) -> str:
     ``limit`` characters with an ellipsis when given."""
     line = " ".join(str(text).split())
     return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+#: operating-system errors that are the machine's state, not a bug: the disk or the quota is
+#: full, a folder is read-only or not the user's
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM}
+
+
+def machine_error(exc: BaseException) -> str | None:
+    """One line for an operating-system error that names its file and comes from the machine's
+    state (a full disk, a read-only folder), wherever it was raised; None for anything else."""
+    if not isinstance(exc, OSError) or not exc.filename:
+        return None
+    if exc.errno in _WRITE_ERRNOS:
+        return f"cannot write {exc.filename}: {exc.strerror}"
+    if exc.errno in _ACCESS_ERRNOS:
+        return f"{exc.filename}: {exc.strerror}"
+    return None
 
 
 def describe_failure(exc: BaseException, limit: int | None = None) -> str:

@@ -453,6 +453,18 @@ def cvmkd_evaluate(summary):
     )
 """
 
+#: a plugin writing its own file at the end of the run finds the disk full
+FULL_DISK_IN_A_PLUGIN = """\
+import errno
+
+from cvmkd_core import hookimpl
+
+
+@hookimpl
+def cvmkd_finalize(state, summary):
+    raise OSError(errno.ENOSPC, "No space left on device", "runs/toy/export/model.bin")
+"""
+
 #: the cache's disk is full when the trained teacher is copied into it
 FULL_CACHE_DISK = """\
 import errno
@@ -1213,6 +1225,14 @@ CASES: list[Case] = [
         2,
         setup=(_write("full_disk.py", FULL_DISK_HOOKS),),
         check=_after_full_disk,
+    ),
+    Case(
+        # a plugin's own write (an export, a report) meets a full disk: the same one line
+        "disk-full-in-a-plugin",
+        toy("--plugin", "full_export.py"),
+        "error: cannot write runs/toy/export/model.bin: No space left on device",
+        2,
+        setup=(_write("full_export.py", FULL_DISK_IN_A_PLUGIN),),
     ),
     Case(
         "resume-last-checkpoint-damaged",
