@@ -78,6 +78,33 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def open_jsonl(path: Path) -> IO[str]:
+    """Open a JSON-lines file to append to. A last line without its newline is the torn record
+    of a process killed while writing it: it is cut off first (it never was a record), so that
+    the next record starts a line of its own instead of damaging that one for every reader."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "rb+") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            keep = end
+            while keep > 0:
+                start = max(0, keep - 65536)
+                handle.seek(start)
+                block = handle.read(keep - start)
+                if end == keep and block.endswith(b"\n"):
+                    break  # whole: nothing to cut
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    keep = start + newline + 1
+                    break
+                keep = start
+            if keep < end:
+                handle.truncate(keep)
+    except FileNotFoundError:
+        pass
+    return open(path, "a", encoding="utf-8")
+
+
 def append_jsonl(handle: IO[str], obj: Any) -> None:
     """One JSON object per line, flushed so ``cvmkd monitor`` sees it at once."""
     handle.write(json.dumps(obj, default=str) + "\n")

@@ -72,7 +72,7 @@ import torch
 from cvmkd_core.checkpoint import CheckpointStore
 from cvmkd_core.distributed import rank_seed
 from cvmkd_core.errors import CheckpointError, CvmkdError
-from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text
+from cvmkd_core.files import append_jsonl, atomic_write_json, atomic_write_text, open_jsonl
 from cvmkd_core.plugins import Plugins
 from cvmkd_core.recipe import Recipe
 from cvmkd_core.rundir import RESUME_CHANGES
@@ -386,7 +386,7 @@ class Loop:
         directory = self.state.run_dir / "validation"
         suffix = "_rolled_back" if record.rolled_back else ""
         atomic_write_json(directory / f"step_{record.step:08d}_it{record.iteration:08d}{suffix}.json", record.to_dict())
-        with open(directory / "history.jsonl", "a", encoding="utf-8") as handle:
+        with open_jsonl(directory / "history.jsonl") as handle:
             append_jsonl(handle, record.to_dict())
 
     def _rollback(self, decision: Rollback) -> None:

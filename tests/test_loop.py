@@ -312,3 +312,20 @@ def test_a_resume_before_the_first_checkpoint_starts_anew_without_the_lost_valid
     assert summary.status == "completed"
     history = [json.loads(line)["step"] for line in history_file.read_text().splitlines()]
     assert history == [3, 6]  # the validation of the lost step 3 is not there twice
+
+
+def test_appending_to_a_log_cuts_the_torn_line_a_killed_process_left(tmp_path: Path) -> None:
+    from cvmkd_core.files import append_jsonl, open_jsonl
+
+    log = tmp_path / "logs" / "train.jsonl"
+    with open_jsonl(log) as handle:  # a new file, its folder created
+        append_jsonl(handle, {"step": 1})
+    log.write_bytes(log.read_bytes() + b'{"step": 2, "lo')  # SIGKILL in the middle of a write
+    with open_jsonl(log) as handle:
+        append_jsonl(handle, {"event": "resume"})
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1}, {"event": "resume"}]
+    long_torn = tmp_path / "long.jsonl"  # a torn line longer than the block read backwards
+    long_torn.write_bytes(b'{"step": 1}\n{"text": "' + b"x" * 200_000)
+    with open_jsonl(long_torn) as handle:
+        append_jsonl(handle, {"step": 2})
+    assert long_torn.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -8,7 +8,7 @@ from typing import IO, Any
 import attrs
 
 from cvmkd_core.config import ge, inside_run_dir
-from cvmkd_core.files import append_jsonl
+from cvmkd_core.files import append_jsonl, open_jsonl
 from cvmkd_core.hookspecs import hookimpl
 from cvmkd_core.state import RunState, RunSummary, StepResult
 
@@ -33,9 +33,7 @@ class JsonlLogger:
 
     def _open(self, state: RunState) -> IO[str]:
         if self._handle is None:
-            path = state.run_dir / self.config.file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(path, "a", encoding="utf-8")
+            self._handle = open_jsonl(state.run_dir / self.config.file)
         return self._handle
 
     @hookimpl
