@@ -16,8 +16,9 @@ same translations) or refuses in one line with exit status 2.
 
 By default a sample runs (one kill per stage, a few of the other faults): about two minutes on
 2 cores. ``CVMKD_FAULTS=long`` tries many more writes per stage; ``CVMKD_FAULTS=all`` every
-write; ``CVMKD_FAULTS_SEED`` draws other writes; ``CVMKD_FAULTS_REPORT=FILE`` writes the
-figures as JSON (docs/reliability.md quotes them)."""
+write; ``CVMKD_FAULTS_SEED`` draws other writes; ``CVMKD_FAULTS_CASES=kill-35,full-1240`` runs
+only those cases of the mode; ``CVMKD_FAULTS_REPORT=FILE`` writes the figures as JSON
+(docs/reliability.md quotes them)."""
 
 from __future__ import annotations
 
@@ -198,9 +199,11 @@ def outcome(run: Path) -> dict[str, Any]:
     }
 
 
-def unreadable(case: Path) -> list[str]:
+def unreadable(case: Path, torn: bool = False) -> list[str]:
     """Files under the case's run and cache folders that no longer read: nothing already
-    written may be lost. Temporary files (a leading dot) are not results."""
+    written may be lost. Temporary files (a leading dot) are not results. With ``torn``, a JSONL
+    file may end in a line without its newline: the record a killed process was writing, which
+    the next writer cuts off (``open_jsonl``)."""
     from safetensors.torch import load_file
 
     bad = []
@@ -211,7 +214,11 @@ def unreadable(case: Path) -> list[str]:
             if path.suffix == ".json":
                 json.loads(path.read_text())
             elif path.suffix == ".jsonl":
-                for line in path.read_text().splitlines():
+                text = path.read_text()
+                lines = text.splitlines()
+                if torn and text and not text.endswith("\n"):
+                    lines = lines[:-1]
+                for line in lines:
                     json.loads(line)
             elif path.suffix == ".safetensors":
                 load_file(path)
@@ -276,15 +283,23 @@ def run_case(
             why = f"not killed (exit {first.returncode}): {first.stderr[-2000:]}"
             return {**record, "verdict": "failed", "why": why}
         if fault in ("full", "readonly") and one_line_error(first) is None:
-            why = f"not one error line with exit 2 (exit {first.returncode}): {first.stderr[-2000:]}"
-            return {**record, "verdict": "failed", "why": why}
+            # a write the run can do without (a report, a plot, the outcome in a package's
+            # metadata): the run goes on and says so in a warning; running again writes it
+            warned = [line for line in first.stderr.splitlines() if " WARNING " in line and "cannot write" in line]
+            if first.returncode != 0 or not warned or "Traceback" in first.stderr:
+                why = f"neither one error line with exit 2 nor a warning (exit {first.returncode}): {first.stderr[-2000:]}"
+                return {**record, "verdict": "failed", "why": why}
+            record["warned"] = warned[0].split(" WARNING ", 1)[1]
     if damage is not None:
         record.update(stage=stage_of(damage), path=damage, byte=_damage(case / damage))
-    lost = [line for line in unreadable(case) if damage is None or not line.startswith(damage + ":")]
+    lost = [line for line in unreadable(case, torn=True) if damage is None or not line.startswith(damage + ":")]
     if lost:
         return {**record, "verdict": "failed", "why": "unreadable after the fault: " + "; ".join(lost)}
     again = _rerun(case)
     if again.returncode == 0:
+        lost = unreadable(case)
+        if lost:
+            return {**record, "verdict": "failed", "why": "unreadable after running again: " + "; ".join(lost)}
         got = outcome(case / RUN)
         if got != baseline["outcome"]:
             diff = [k for k in got if got[k] != baseline["outcome"][k]]
@@ -341,6 +356,9 @@ def plan(baseline: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None
     if MODE == "sample":
         checkpoints = [checkpoints[-1]]  # the last checkpoint: the one a resume loads
     cases += [(f"damaged-checkpoint-{i}", "damaged", over, path) for i, path in enumerate(checkpoints)]
+    if os.environ.get("CVMKD_FAULTS_CASES"):  # only these, by name: a maintainer's re-run of some
+        names = set(os.environ["CVMKD_FAULTS_CASES"].split(","))
+        cases = [case for case in cases if case[0] in names]
     return cases
 
 
