@@ -56,3 +56,8 @@ class StudentConfig:
     """teacher: the student speaks the loaded teacher's tokenizer (word-level KD needs it); own: a
     SentencePiece vocabulary of its own, trained on the corpus with [tokenizer]'s settings, so the
     teacher teaches through its translations (sequence-level KD) only"""
+    init: str = attrs.field(default="random", validator=one_of("random", "teacher"))
+    """random: the model's own initialisation; teacher: "shrink and fine-tune", the student starts
+    as a thinner copy of the teacher: its embeddings, norms and output layer, and of its layers an
+    evenly spaced choice, the first and the last included (:func:`cvmkd_kd.student.teacher_layers`);
+    the student's model needs the teacher's width (d_model, n_heads, d_ff, activation) and tokenizer"""

@@ -56,6 +56,55 @@ def _publish(folder: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def teacher_layers(student: int, teacher: int) -> list[int]:
+    """Which of the teacher's ``teacher`` layers a student of ``student`` layers starts from:
+    evenly spaced, the first and the last included (6 of 6: all; 3 of 6: 0, 2, 5; 2 of 6: 0, 5),
+    and the first alone for one layer, the choice of Shleifer & Rush's shrink-and-fine-tune."""
+    if student > teacher:
+        raise ModelError(f"a student of {student} layers cannot start from a teacher of {teacher}")
+    if student == 1:
+        return [0]
+    return [round(i * (teacher - 1) / (student - 1)) for i in range(student)]
+
+
+def init_from_teacher(model: Any, teacher: Any) -> dict[str, Any]:
+    """Copy the teacher's weights into the student ``model`` ([student] init = "teacher"):
+    everything outside the layers as it is, and each student layer from the teacher layer
+    :func:`teacher_layers` maps it to. Returns the mapping, for the run's records."""
+    if type(model) is not type(teacher):
+        raise ModelError(
+            f'[student] init = "teacher" needs a teacher of the student\'s kind; the teacher is a '
+            f"{type(teacher).__name__}, the student a {type(model).__name__}"
+        )
+    ours, theirs = model.config.to_dict(), teacher.config.to_dict()
+    differ = [
+        k
+        for k in ("vocab_size", "d_model", "n_heads", "d_ff", "activation", "tie_embeddings")
+        if ours.get(k) != theirs.get(k)
+    ]
+    if differ:
+        raise ModelError(
+            '[student] init = "teacher": the student must have the teacher\'s width; they differ in '
+            + ", ".join(f"{k} ({ours.get(k)} here, {theirs.get(k)} in the teacher)" for k in differ)
+        )
+    layers = {
+        "encoder_layers": teacher_layers(ours["n_encoder_layers"], theirs["n_encoder_layers"]),
+        "decoder_layers": teacher_layers(ours["n_decoder_layers"], theirs["n_decoder_layers"]),
+    }
+    source = teacher.state_dict()
+    weights = {}
+    for name in model.state_dict():
+        stack, _, rest = name.partition(".")
+        if stack in layers:
+            index, _, rest = rest.partition(".")
+            name_there = f"{stack}.{layers[stack][int(index)]}.{rest}"
+        else:
+            name_there = name
+        weights[name] = source[name_there].detach().float().clone()
+    model.load_state_dict(weights)
+    return {"teacher": True, "encoder_layers": layers["encoder_layers"], "decoder_layers": layers["decoder_layers"]}
+
+
 def teacher_key(state: RunState, data: Any) -> str:
     """What a trained teacher depends on: corpus, tokenizer, teacher settings, seed, precision."""
     recipe = state.recipe
@@ -190,6 +239,16 @@ class KDTrainer(Seq2SeqTrainer):
                 '([distill.sequence] targets = "teacher" or "both"): not used',
                 len(self.data.splits.extra_sources),
             )
+
+    def _initial_weights(self, state: RunState) -> None:
+        if state.recipe.section("student").init != "teacher":
+            return
+        self.initialised_from = init_from_teacher(self.model, self.teacher)
+        log.info(
+            "student: starts from the teacher's weights, encoder layers %s and decoder layers %s",
+            self.initialised_from["encoder_layers"],
+            self.initialised_from["decoder_layers"],
+        )
 
     def teacher_folder(self, state: RunState) -> Path | None:
         path = self.teacher_info.get("path")

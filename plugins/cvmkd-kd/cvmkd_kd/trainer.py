@@ -121,7 +121,8 @@ class Seq2SeqTrainer(TranslationTrainer):
         self.teacher_info: dict[str, Any] = {}
         #: what the summary records of this trainer (``extra.trainer``): model, device, hardware...
         self.run_info: dict[str, Any] = {}
-        #: the package the weights started from (``init_from``), when they did
+        #: what the weights started from (``init_from``'s package, or the teacher's layers), when
+        #: not the model's own initialisation
         self.initialised_from: dict[str, Any] = {}
         self.scaler: Any = None
         self._ce_config: Any = None
@@ -485,6 +486,7 @@ class Seq2SeqTrainer(TranslationTrainer):
             "hardware": describe_hardware(self.device),
             "wall_seconds": round(state.elapsed(), 1),
             **({"teacher": self.teacher_info} if self.teacher_info else {}),
+            **({"initialised_from": self.initialised_from} if self.initialised_from else {}),
         }
 
     @hookimpl
@@ -524,12 +526,6 @@ class TeacherTrainer(Seq2SeqTrainer):
             raise ModelError(f"init_from = {self.config.init_from!r}: no model package at {self.start_package}")
         # the package's tokenizer, so that its embeddings keep their meaning
         self.data = prepare_data(state, tokenizer_path=self.start_package / TOKENIZER)
-
-    def _metadata(self, state: RunState, summary: RunSummary) -> dict[str, Any]:
-        metadata = Seq2SeqTrainer._metadata(self, state, summary)
-        if self.initialised_from:
-            metadata["initialised_from"] = self.initialised_from
-        return metadata
 
     def _initial_weights(self, state: RunState) -> None:
         if self.start_package is None:
