@@ -171,6 +171,18 @@ def check_resume_recipe(
     return changes
 
 
+def _never_started(path: Path) -> bool:
+    """Whether a run folder holds nothing a run wrote: its lock, its empty folders and a
+    temporary file at most, what a run stopped before it wrote its recipe leaves (a new run may
+    start there; ``--resume`` has nothing to resume)."""
+    for entry in path.rglob("*"):
+        if entry.is_dir() or entry.name == LOCK_FILE:
+            continue
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            return False
+    return True
+
+
 def prepare_run_dir(
     path: Path, recipe: Recipe, *, resume: bool = False, registry: Any = None, plugin_files: Sequence[str | Path] = ()
 ) -> dict[str, tuple[Any, Any]]:
@@ -183,14 +195,15 @@ def prepare_run_dir(
         if not path.is_dir():
             raise RunDirError(f"cannot resume: no run directory {path}")
         if not (path / RECIPE_FILE).is_file():
-            raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing)")
+            hint = "; it was stopped before it began: run it again without --resume" if _never_started(path) else ""
+            raise RunDirError(f"cannot resume: {path} holds no run ({RECIPE_FILE} is missing){hint}")
         changes = check_resume_recipe(path, recipe, registry, plugin_files)
         # a damaged manifest, or no usable checkpoint, is refused before the run writes anything
         CheckpointStore(path / "checkpoints").verify("last")
         if changes:  # the run's recipe.toml stays the recipe the run follows
             atomic_write_text(path / RECIPE_FILE, recipe.to_toml())
         return changes
-    if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
+    if path.exists() and (not path.is_dir() or not _never_started(path)):
         raise RunDirError(
             f"run directory {path} exists already; choose another run.name or --run-dir, "
             "or pass --resume to continue that run"

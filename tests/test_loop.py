@@ -329,3 +329,16 @@ def test_appending_to_a_log_cuts_the_torn_line_a_killed_process_left(tmp_path: P
     with open_jsonl(long_torn) as handle:
         append_jsonl(handle, {"step": 2})
     assert long_torn.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_a_run_stopped_before_it_wrote_its_recipe_can_be_started_again(write, toy_plugins: Plugins) -> None:
+    """What a run killed (or out of disk) before its recipe.toml leaves: the lock, empty folders,
+    a temporary file. --resume has nothing to resume and says so; a new run starts there."""
+    left = Path("runs/toy")
+    (left / "checkpoints").mkdir(parents=True)
+    (left / ".lock").write_text("")
+    (left / ".recipe.toml.x1y2.tmp").write_text("[run")
+    with pytest.raises(RunDirError, match="stopped before it began: run it again without --resume"):
+        run_session(_session(write, toy_plugins), "runs/toy", resume=True)
+    summary, _ = run_session(_session(write, toy_plugins), "runs/toy")
+    assert summary.status == "completed"
