@@ -401,9 +401,10 @@ class KDTrainer(Seq2SeqTrainer):
             atomic_write_json(state.run_dir / TARGETS_RECORD, {"settings": settings, "key": key})
         self.teacher_info["sequence_kd"] = info
         log.info(
-            "sequence-level KD targets ready: %d translated, %d reused from the cache, %.0fs",
+            "sequence-level KD targets ready: %d translated, %d reused from %s, %.0fs",
             info["translated"],
             info["reused"],
+            "the teacher's package" if shipped is not None else "the cache",
             info["seconds"],
         )
         return with_targets(self.data, hypotheses, config, extra)
