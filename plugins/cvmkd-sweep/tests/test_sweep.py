@@ -87,3 +87,28 @@ def test_a_sweep_runs_its_arms_resumes_and_names_the_chosen_model(
     again = json.loads((tiny / "runs" / "sweep" / "sweep.json").read_text())
     assert [a["state"] for a in again["arms"]] == ["kept", "resumed"]
     assert len(again["rows"]) == 4
+
+
+def test_workers_run_arms_side_by_side_each_on_its_share_of_the_threads(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cvmkd_sweep
+
+    monkeypatch.setattr(cvmkd_sweep.os, "cpu_count", lambda: 4)  # 2 workers: 2 threads each
+    argv = ["sweep", "recipe.toml", "--grid", "student.model.d_model=16,24", "--out", "runs/par", "--workers", "2"]
+    assert main(argv) == 0
+    result = json.loads((tiny / "runs" / "par" / "sweep.json").read_text())
+    assert [a["state"] for a in result["arms"]] == ["run", "run"]
+    spans = []
+    for arm in ("d_model-16", "d_model-24"):
+        folder = tiny / "runs" / "par" / arm
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["status"] == "completed"
+        assert summary["extra"]["trainer"]["hardware"]["threads"] == 2
+        events = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+        times = [e["time"] for e in events if e.get("event") in ("run_start", "run_end")]
+        spans.append((min(times), max(times)))
+    (a_start, a_end), (b_start, b_end) = spans
+    assert a_start < b_end and b_start < a_end  # the two arms trained at the same time
+    assert result["chosen"] is not None
+    assert main([*argv[:-1], "0"]) == 2  # --workers 0: one line, status 2
