@@ -54,7 +54,7 @@ def _under_root(path: Any) -> str | None:
     return None
 
 
-def _fail(number: int, error: int, path: str) -> None:
+def _fail(error: int, path: str) -> None:
     raise OSError(error, os.strerror(error), os.path.join(ROOT, path))
 
 
@@ -75,7 +75,7 @@ def _event(op: str, path: str | None, partial: Any = None) -> None:
         return
     if MODE == "readonly":
         if op != "write" and _structural == AT:
-            _fail(AT, errno.EROFS, path)
+            _fail(errno.EROFS, path)
         return
     if _writes != AT:
         return
@@ -84,7 +84,7 @@ def _event(op: str, path: str | None, partial: Any = None) -> None:
     if MODE == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if MODE == "full":
-        _fail(AT, errno.ENOSPC, path)
+        _fail(errno.ENOSPC, path)
 
 
 class _Counted:

@@ -199,16 +199,17 @@ def outcome(run: Path) -> dict[str, Any]:
     }
 
 
-def unreadable(case: Path, torn: bool = False) -> list[str]:
+def unreadable(case: Path, torn: bool = False, besides: str | None = None) -> list[str]:
     """Files under the case's run and cache folders that no longer read: nothing already
     written may be lost. Temporary files (a leading dot) are not results. With ``torn``, a JSONL
     file may end in a line without its newline: the record a killed process was writing, which
-    the next writer cuts off (``open_jsonl``)."""
+    the next writer cuts off (``open_jsonl``). ``besides``: a file the case damaged on purpose."""
     from safetensors.torch import load_file
 
     bad = []
     for path in sorted(case.rglob("*")):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(case).parts):
+        relative = path.relative_to(case)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts) or str(relative) == besides:
             continue
         try:
             if path.suffix == ".json":
@@ -223,7 +224,7 @@ def unreadable(case: Path, torn: bool = False) -> list[str]:
             elif path.suffix == ".safetensors":
                 load_file(path)
         except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
-            bad.append(f"{path.relative_to(case)}: {type(exc).__name__}: {exc}")
+            bad.append(f"{relative}: {type(exc).__name__}: {exc}")
     return bad
 
 
@@ -292,7 +293,7 @@ def run_case(
             record["warned"] = warned[0].split(" WARNING ", 1)[1]
     if damage is not None:
         record.update(stage=stage_of(damage), path=damage, byte=_damage(case / damage))
-    lost = [line for line in unreadable(case, torn=True) if damage is None or not line.startswith(damage + ":")]
+    lost = unreadable(case, torn=True, besides=damage)
     if lost:
         return {**record, "verdict": "failed", "why": "unreadable after the fault: " + "; ".join(lost)}
     again = _rerun(case)
@@ -308,7 +309,7 @@ def run_case(
     refusal = one_line_error(again)
     if refusal is None:
         return {**record, "verdict": "failed", "why": f"ran again: exit {again.returncode}: {again.stderr[-2000:]}"}
-    lost = [line for line in unreadable(case) if damage is None or not line.startswith(damage + ":")]
+    lost = unreadable(case, besides=damage)
     if lost:
         return {**record, "verdict": "failed", "why": "unreadable after the refusal: " + "; ".join(lost)}
     return {**record, "verdict": "refused", "why": refusal}
