@@ -2,8 +2,9 @@
 
 Every combination of the grid's values is an **arm**: the recipe with those ``--set`` overrides,
 run as a normal run folder ``<out>/<arm>`` (``cvmkd run``, one after another, or ``--workers N``
-at a time, each on its share of the CPU's threads). A sweep is resumable: a finished arm is kept,
-an interrupted one resumed, a missing one started; running the same command again continues it.
+at a time, each on its share of the CPU's threads). A sweep is resumable: a finished arm is kept
+(when it ran the settings this sweep gives it; one that ran others is refused), an interrupted one
+resumed, a missing one started; running the same command again continues it.
 
 Then every model of every arm (the student, and each accepted quantized student) is a point of
 quality (test BLEU and its retention of the teacher) against size (file MB) and latency (ms per
@@ -12,7 +13,7 @@ sentence at batch 1). The points no other point beats on all three are the **Par
 gate, and the deployment gate where the recipe has one). ``<out>/sweep.json``, ``sweep.md``,
 ``sweep.html`` and ``sweep.png`` hold the table, the front and the choice::
 
-    cvmkd sweep recipes/quick.toml --grid student.model.d_model=96,128,160 \\
+    cvmkd sweep recipes/quick.toml --grid student.model.n_encoder_layers=1,2,3 \\
         --grid 'quantize=[{name="qat-int8", start_step=500}],[{name="dynamic-int8"}]' --out runs/sweep
 
 A grid value is read as TOML (``160``, ``"student-cpu"``, ``[{name = "dynamic-int8"}]``); values
@@ -119,13 +120,40 @@ def arm_state(folder: Path) -> str:
     return "started" if (folder / "recipe.toml").is_file() else "new"
 
 
+def _arm_overrides(arm: dict[str, Any], sets: list[str]) -> list[str]:
+    return [*sets, *arm["overrides"], f"run.name={arm['name']}"]
+
+
+def check_kept_arms(recipe: str, planned: list[dict[str, Any]], out: Path, sets: list[str]) -> None:
+    """A finished arm is kept only when it ran the recipe this sweep gives it: one that ran with
+    other settings (another ``--set``, an edited recipe) would put another experiment's results in
+    this sweep's table, so it is refused, naming the arm and what differs, before any arm runs."""
+    kept = [arm for arm in planned if arm_state(out / arm["name"]) == "done"]
+    if not kept:
+        return
+    from cvmkd_core.rundir import recipe_changes
+    from cvmkd_core.session import open_session
+
+    for arm in kept:
+        folder = out / arm["name"]
+        session = open_session(recipe, _arm_overrides(arm, sets))
+        changes = recipe_changes(folder, session.recipe, session.plugins.registry)
+        if changes:
+            shown = ", ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in list(changes.items())[:3])
+            more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+            raise SweepError(
+                f"arm {arm['name']} in {folder} finished with other settings than this sweep gives it "
+                f"({shown}{more}); sweep into another --out, or delete that folder to run the arm again"
+            )
+
+
 def run_arm(recipe: str, arm: dict[str, Any], folder: Path, sets: list[str], threads: int | None) -> dict[str, Any]:
     """``cvmkd run`` of one arm in its own process; returns how it went."""
     state = arm_state(folder)
     if state == "done":
         return {"name": arm["name"], "state": "kept", "exit_status": 0, "seconds": 0.0}
     command = [sys.executable, "-m", "cvmkd_core", "run", recipe, "--quiet", "--run-dir", str(folder)]
-    for override in [*sets, *arm["overrides"], f"run.name={arm['name']}"]:
+    for override in _arm_overrides(arm, sets):
         command += ["--set", override]
     if state == "started":
         command.append("--resume")
@@ -353,6 +381,7 @@ def sweep(recipe: str, grid: list[str], out: Path, sets: list[str], workers: int
         raise SweepError(f"--workers must be at least 1, got {workers}")
     axes = parse_grid(grid)
     planned = arms(axes)
+    check_kept_arms(recipe, planned, out, sets)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -88,6 +88,16 @@ def test_a_sweep_runs_its_arms_resumes_and_names_the_chosen_model(
     assert [a["state"] for a in again["arms"]] == ["kept", "resumed"]
     assert len(again["rows"]) == 4
 
+    # the same folder swept with other settings: its finished arms are another experiment's,
+    # refused in one line before anything runs, and nothing of the sweep is touched
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (tiny / "runs" / "sweep").rglob("*") if p.is_file()}
+    other = [*argv[:-2], "--set", "run.seed=7", *argv[-2:]]
+    assert main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: arm d_model-16 in ") and "run.seed 3 -> 7" in err[0]
+    assert {p: p.read_bytes() for p in (tiny / "runs" / "sweep").rglob("*") if p.is_file()} == before
+
 
 def test_workers_run_arms_side_by_side_each_on_its_share_of_the_threads(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
