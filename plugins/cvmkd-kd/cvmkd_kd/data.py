@@ -15,6 +15,7 @@ import attrs
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.state import RunState
 from cvmkd_nmt.contracts import Corpus, CorpusSplits
+from cvmkd_nmt.data.tokens import TokenRows
 
 log = logging.getLogger("cvmkd")
 
@@ -23,8 +24,9 @@ log = logging.getLogger("cvmkd")
 class RunData:
     splits: CorpusSplits
     tokenizer: Any
-    train_src: list[list[int]]
-    train_tgt: list[list[int]]
+    #: the encoded training pairs, held flat (``TokenRows``: a tenth of the memory of lists)
+    train_src: TokenRows
+    train_tgt: TokenRows
     seconds: float = 0.0
     #: what the training targets are: "reference", or the teacher's translations (sequence-level KD)
     targets: str = "reference"
@@ -74,8 +76,8 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None, toke
     key = (splits.fingerprint, tokenizer.sha256)
     if key in _prepared:
         return _prepared[key]
-    train_src = tokenizer.encode([p[0] for p in splits.train])
-    train_tgt = getattr(tokenizer, "encode_targets", tokenizer.encode)([p[1] for p in splits.train])
+    train_src = TokenRows.encode(tokenizer.encode, [p[0] for p in splits.train])
+    train_tgt = TokenRows.encode(getattr(tokenizer, "encode_targets", tokenizer.encode), [p[1] for p in splits.train])
     data = RunData(splits, tokenizer, train_src, train_tgt, seconds=time.perf_counter() - started)
     log.info(
         "corpus %s: %d train, %d valid, %d test pairs; tokenizer %d pieces%s (%.1fs)",

@@ -25,6 +25,7 @@ from cvmkd_core.config import gt, one_of
 from cvmkd_core.errors import ModelError
 from cvmkd_core.files import atomic_write_json, atomic_write_text, sha256_file
 from cvmkd_nmt.cache import record_digest, verified_cache_file
+from cvmkd_nmt.data.tokens import TokenRows
 
 log = logging.getLogger("cvmkd")
 
@@ -179,8 +180,10 @@ def with_targets(data: Any, hypotheses: list[str], config: SequenceKDConfig, ext
     tokenizer = data.tokenizer
     encode_targets = getattr(tokenizer, "encode_targets", tokenizer.encode)
     pairs = len(data.train_tgt)
-    teacher_ids = encode_targets(hypotheses[:pairs])
-    teacher_ids = [ids if ids else ref for ids, ref in zip(teacher_ids, data.train_tgt)]
+    encoded = TokenRows.encode(encode_targets, hypotheses[:pairs])
+    teacher_ids = encoded
+    if (encoded.lengths() == 0).any():  # the reference where the teacher gave nothing
+        teacher_ids = TokenRows.from_rows(ids if ids else ref for ids, ref in zip(encoded, data.train_tgt))
     kept = []
     if extra:  # some tokenizers (Hugging Face's) refuse an empty batch
         kept = [(s, ids) for s, ids in zip(tokenizer.encode(list(extra)), encode_targets(hypotheses[pairs:])) if ids]

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         split_pairs,
     )
     from .tokenizer import MODEL_FILENAME, Tokenizer, train_tokenizer
+    from .tokens import TokenRows
 
 _WHERE = {
     "Batch": "batching",
@@ -43,6 +44,7 @@ _WHERE = {
     "MODEL_FILENAME": "tokenizer",
     "Tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",
+    "TokenRows": "tokens",
 }
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "BucketBatchSampler",
     "Pair",
     "PairList",
+    "TokenRows",
     "Tokenizer",
     "batches_once",
     "filter_pairs",

@@ -9,7 +9,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
+
+from .tokens import TokenRows
 
 __all__ = ["Batch", "BatchStream", "BucketBatchSampler", "batches_once", "make_batch"]
 
@@ -128,6 +131,9 @@ def _cut(
 
 def _truncated_lengths(ids: Sequence[Sequence[int]], max_len: int | None) -> list[int]:
     cap = (max_len - 1) if max_len is not None else None  # room for the eos or bos
+    if isinstance(ids, TokenRows):
+        lengths = ids.lengths()
+        return (lengths if cap is None else np.minimum(lengths, cap)).tolist()  # type: ignore[no-any-return]
     return [len(x) if cap is None else min(len(x), cap) for x in ids]
 
 
