@@ -928,11 +928,11 @@ CASES: list[Case] = [
     Case(
         "cached-teacher-outputs-edited",
         kd(*TWO_STEP_TEACHER, "--run-dir", "runs/second"),
-        "error: cached teacher outputs {glob:cache/teacher-outputs/*.safetensors} does not match the sha256 "
+        "error: cached teacher outputs {glob:cache/teacher-outputs/*/shard-*.safetensors} does not match the sha256 "
         "recorded when it was written (edited or damaged); delete it and it is rebuilt",
         2,
         kd=True,
-        setup=(_first_kd_run, _flip_a_byte("cache/teacher-outputs/*.safetensors")),
+        setup=(_first_kd_run, _flip_a_byte("cache/teacher-outputs/*/shard-*.safetensors")),
     ),
     Case(
         "cached-teacher-translations-edited",

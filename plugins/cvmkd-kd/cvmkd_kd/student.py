@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import inspect
@@ -11,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +456,7 @@ class KDTrainer(Seq2SeqTrainer):
 
     def _teacher_outputs(self, state: RunState) -> Any:
         """The teacher's top-k log-probabilities over the training set, computed once and cached."""
-        from cvmkd_kd.teacher_cache import TeacherCache, build_teacher_cache
+        from cvmkd_kd.teacher_cache import SHARD_PAIRS, TeacherCache, build_teacher_cache
 
         assert self.data is not None
         tokenizer = self.data.tokenizer
@@ -463,9 +465,9 @@ class KDTrainer(Seq2SeqTrainer):
         fingerprint = hashlib.sha256(
             f"{weights}|{tokenizer.sha256}|{self.data.fingerprint}|{self.data.targets}|{max_len}|{self.config.topk}|{self.precision}".encode()
         ).hexdigest()
-        path = state.recipe.run.cache_path() / "teacher-outputs" / f"{fingerprint[:20]}.safetensors"
-        if verified_cache_file(path, "cached teacher outputs"):
-            cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size, verified=True)
+        path = state.recipe.run.cache_path() / "teacher-outputs" / fingerprint[:20]
+        if TeacherCache.finished(path):
+            cache = TeacherCache.load(path, fingerprint, student_vocab=tokenizer.vocab_size)
             log.info("reusing cached teacher outputs %s", path)
             self.teacher_info["outputs"] = {"path": str(path), "reused": True, **cache.stats()}
             return cache
@@ -482,24 +484,46 @@ class KDTrainer(Seq2SeqTrainer):
                 # eos have the same length, so they are the non-pad inputs
                 return self.teacher(src.to(self.device), tgt_in, rows=tgt_in.ne(tokenizer.pad_id))
 
-        batches = batches_once(
-            self.data.train_src,
-            self.data.train_tgt,
-            pad_id=tokenizer.pad_id,
-            bos_id=tokenizer.bos_id,
-            eos_id=tokenizer.eos_id,
-            batch_size=None,
-            max_tokens=6000,
-            max_len=max_len,
-        )
+        data = self.data
+
+        def batches(start: int, stop: int) -> Iterator[Batch]:
+            """The pairs ``start..stop-1``, shortest first, with their places in the training set."""
+            for batch in batches_once(
+                data.train_src[start:stop],
+                data.train_tgt[start:stop],
+                pad_id=tokenizer.pad_id,
+                bos_id=tokenizer.bos_id,
+                eos_id=tokenizer.eos_id,
+                batch_size=None,
+                max_tokens=6000,
+                max_len=max_len,
+            ):
+                assert batch.indices is not None
+                yield dataclasses.replace(batch, indices=batch.indices + start)
+
+        pairs = len(data.train_src)
+
+        def progress(done: int, total: int) -> None:
+            if total > SHARD_PAIRS:
+                elapsed = time.perf_counter() - started
+                log.info(
+                    "teacher outputs: %d/%d pairs (%.0f%%), %.0fs, about %.0fs left",
+                    done,
+                    total,
+                    100 * done / total,
+                    elapsed,
+                    elapsed / max(done, 1) * (total - done),
+                )
+
         cache = build_teacher_cache(
             forward,
             batches,
-            len(self.data.train_src),
+            pairs,
             self.config.topk,
             path,
             fingerprint=fingerprint,
             pad_id=tokenizer.pad_id,
+            progress=progress,
         )
         seconds = time.perf_counter() - started
         log.info(

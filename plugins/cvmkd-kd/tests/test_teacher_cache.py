@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def setup(tmp_path: Path):
         teacher,
         pairs,
         _batches(pairs, build_order, size=4),
-        tmp_path / "cache" / "teacher.safetensors",
+        tmp_path / "cache" / "teacher",
     )
 
 
@@ -100,8 +101,15 @@ def test_lookup_returns_teacher_topk_in_any_batch_order(setup, k: int) -> None:
     teacher, pairs, build_batches, path = setup
     built = build_teacher_cache(teacher, build_batches, N, k, path, fingerprint=FP)
     loaded = TeacherCache.load(path, FP)
-    # no temp file left behind: the cache and the record of its sha256
-    assert sorted(path.parent.iterdir()) == [path, path.with_name(path.name + ".sha256")]
+    # no temp file left behind: the shard, the index, their sha256 and when each was checked
+    assert sorted(p.name for p in path.iterdir()) == [
+        "index.json",
+        "index.json.checked",
+        "index.json.sha256",
+        "shard-00000.safetensors",
+        "shard-00000.safetensors.checked",
+        "shard-00000.safetensors.sha256",
+    ]
     assert (loaded.k, loaded.vocab_size, loaded.n_pairs) == (k, V, N)
     assert loaded.n_positions == sum(len(t) for _, t in pairs)
 
@@ -123,7 +131,7 @@ def test_stored_layout_and_stats(setup) -> None:
     teacher, pairs, build_batches, path = setup
     k = 3
     cache = build_teacher_cache(teacher, build_batches, N, k, path, fingerprint=FP)
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path / "shard-00000.safetensors"), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("logprobs").dtype == torch.float16
         assert f.get_tensor("ids").dtype == torch.int16
@@ -157,10 +165,10 @@ def test_large_vocab_uses_int32_ids(tmp_path: Path) -> None:
         tgt_out=torch.tensor([[35_000, 39_999, PAD], [5, 6, 7]]),
         indices=torch.tensor([1, 0]),
     )
-    path = tmp_path / "big.safetensors"
+    path = tmp_path / "big"
     build_teacher_cache(lambda src, tgt_in: fixed, [batch], 2, 2, path, fingerprint=FP)
     cache = TeacherCache.load(path, FP)
-    assert cache.ids.dtype == torch.int32
+    assert cache.id_dtype == torch.int32
     _, ids = cache.lookup(batch.indices, batch.tgt_out, PAD)
     mask = batch.tgt_out != PAD
     assert torch.equal(ids[mask], fixed.topk(2, dim=-1).indices[mask])
@@ -171,13 +179,16 @@ def test_fingerprint_mismatch_and_bad_files_are_refused(setup, tmp_path: Path) -
     build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
     with pytest.raises(ModelError, match=r"was built for fingerprint 'sha256:teacher.*expected 'other'.*rebuild"):
         TeacherCache.load(path, "other")
-    with pytest.raises(ModelError, match="does not exist"):
-        TeacherCache.load(tmp_path / "missing.safetensors", FP)
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="does not exist or is unfinished"):
+        TeacherCache.load(tmp_path / "missing", FP)
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "shard-00000.safetensors").write_bytes(b"not a safetensors file")
+    for name in ("shard-00000.safetensors.sha256", "shard-00000.safetensors.checked"):
+        (bad / name).unlink()
     with pytest.raises(ModelError, match="no recorded sha256"):
         TeacherCache.load(bad, FP)
-    record_digest(bad)
+    record_digest(bad / "shard-00000.safetensors")
     with pytest.raises(ModelError, match="unreadable"):
         TeacherCache.load(bad, FP)
     with pytest.raises(ModelError, match=r"teacher vocabulary \(11\) differs from the student's \(12\)"):
@@ -189,15 +200,16 @@ def test_rebuild_replaces_the_file(setup) -> None:
     build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint="old")
     build_teacher_cache(teacher, build_batches, N, 5, path, fingerprint=FP)
     assert TeacherCache.load(path, FP).k == 5
-    assert sorted(path.parent.iterdir()) == [path, path.with_name(path.name + ".sha256")]
+    assert len(list(path.glob("shard-*.safetensors"))) == 1
 
 
 def test_an_edited_cache_of_the_same_size_is_refused(setup) -> None:
     teacher, _, build_batches, path = setup
     build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
-    data = bytearray(path.read_bytes())
+    shard = path / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
     data[-3] ^= 0x01  # one bit of a stored log-probability
-    path.write_bytes(bytes(data))
+    shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=r"does not match the sha256 recorded .*; delete it and it is rebuilt"):
         TeacherCache.load(path, FP)
 
@@ -225,7 +237,7 @@ def test_build_refuses_missing_duplicate_pairs_and_training_mode(setup) -> None:
         build_teacher_cache(teacher, _batches(pairs, list(range(N)), 3), N, 12, path, fingerprint=FP)
     with pytest.raises(ValueError, match="training mode"):
         build_teacher_cache(teacher.train(), _batches(pairs, list(range(N)), 3), N, 2, path, fingerprint=FP)
-    assert not path.parent.exists() or not any(path.parent.iterdir())
+    assert not path.exists() or not any(path.iterdir())
 
 
 def test_kd_loss_from_cache_equals_full_teacher_when_k_is_vocab(setup) -> None:
@@ -258,11 +270,97 @@ def test_a_forward_returning_the_target_rows_alone_builds_the_same_cache(setup, 
         return teacher(src, tgt_in)[tgt_in != PAD]
 
     full = build_teacher_cache(teacher, build_batches, N, 4, path, fingerprint=FP)
-    rows = build_teacher_cache(rows_forward, build_batches, N, 4, tmp_path / "rows.safetensors", fingerprint=FP)
+    rows = build_teacher_cache(rows_forward, build_batches, N, 4, tmp_path / "rows", fingerprint=FP)
     for batch in build_batches:
         a, b = full.lookup(batch.indices, batch.tgt_out, PAD), rows.lookup(batch.indices, batch.tgt_out, PAD)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ModelError, match=r"\(N, V\) for its N non-pad positions"):
         build_teacher_cache(
-            lambda s, t: teacher(s, t)[t != PAD][1:], build_batches, N, 4, tmp_path / "x.safetensors", fingerprint=FP
+            lambda s, t: teacher(s, t)[t != PAD][1:], build_batches, N, 4, tmp_path / "x", fingerprint=FP
         )
+
+
+def _by_range(pairs):  # type: ignore[no-untyped-def]
+    """``batches(start, stop)`` for build_teacher_cache: the pairs of a shard, in twos, reversed."""
+
+    def batches(start: int, stop: int) -> list[Batch]:
+        return _batches(pairs, list(range(stop - 1, start - 1, -1)), size=2)
+
+    return batches
+
+
+def test_shards_hold_what_one_file_holds(setup, tmp_path: Path) -> None:
+    teacher, pairs, build_batches, path = setup
+    whole = build_teacher_cache(teacher, build_batches, N, 3, path, fingerprint=FP)
+    calls: list[tuple[int, int]] = []
+    sharded = build_teacher_cache(
+        teacher, _by_range(pairs), N, 3, tmp_path / "sharded", fingerprint=FP, shard_pairs=4,
+        progress=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
+    assert len(sharded.shards) == 3 and calls == [(4, N), (8, N), (9, N)]
+    assert torch.equal(sharded.offsets, whole.offsets) and sharded.stats() == {**whole.stats(), "shards": 3}
+    for batch in _batches(pairs, [8, 0, 4, 3, 7, 1, 5, 2, 6], size=9):  # one batch across all shards
+        a, b = whole.lookup(batch.indices, batch.tgt_out, PAD), sharded.lookup(batch.indices, batch.tgt_out, PAD)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+class Stopped(Exception):
+    """The build stopped in the middle (a kill, a full disk)."""
+
+
+def test_an_interrupted_build_keeps_its_finished_shards(setup, tmp_path: Path) -> None:
+    teacher, pairs, _, _ = setup
+    seen: list[int] = []
+    stop_at = [3]  # the second shard's first batch, the first time
+
+    def forward(src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        seen.append(src.shape[0])
+        if len(seen) == stop_at[0]:
+            stop_at[0] = -1
+            raise Stopped
+        return teacher(src, tgt_in)
+
+    path = tmp_path / "cache"
+    with pytest.raises(Stopped):
+        build_teacher_cache(forward, _by_range(pairs), N, 2, path, fingerprint=FP, shard_pairs=4)
+    assert [p.name for p in path.glob("shard-*.safetensors")] == ["shard-00000.safetensors"]
+    assert not (path / "index.json").exists() and not TeacherCache.finished(path)
+    seen.clear()
+    cache = build_teacher_cache(forward, _by_range(pairs), N, 2, path, fingerprint=FP, shard_pairs=4)
+    assert sum(seen) == N - 4  # the first shard's four pairs were not translated again
+    whole = build_teacher_cache(teacher, _by_range(pairs), N, 2, tmp_path / "whole", fingerprint=FP, shard_pairs=N)
+    batch = _batches(pairs, list(range(N)), size=N)[0]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            cache.lookup(batch.indices, batch.tgt_out, PAD), whole.lookup(batch.indices, batch.tgt_out, PAD)
+        )
+    )
+
+
+def test_a_shard_is_hashed_when_written_and_first_read_not_at_every_load(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cvmkd_nmt.cache as cache_module
+
+    teacher, _, build_batches, path = setup
+    build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
+    hashed: list[str] = []
+    real = cache_module.sha256_file
+    monkeypatch.setattr(cache_module, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    TeacherCache.load(path, FP)
+    assert hashed == []  # checked when written
+    (path / "shard-00000.safetensors.checked").unlink()  # as a cache copied from elsewhere
+    TeacherCache.load(path, FP)
+    TeacherCache.load(path, FP)
+    assert hashed == ["shard-00000.safetensors"]  # the first read only
+
+
+def test_the_cache_is_memory_mapped_not_read(setup) -> None:
+    teacher, _, build_batches, path = setup
+    cache = build_teacher_cache(teacher, build_batches, N, 2, path, fingerprint=FP)
+    shard = (path / "shard-00000.safetensors").resolve()
+    where = cache.shards[0].logprobs.data_ptr()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    mapped = [line for line in maps if line.endswith(str(shard))]
+    assert any(int(a, 16) <= where < int(b, 16) for a, b in (line.split()[0].split("-") for line in mapped))

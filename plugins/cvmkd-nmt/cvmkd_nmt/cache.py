@@ -3,6 +3,7 @@ record of what each cached file held when it was written: ``<file>.sha256`` besi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from cvmkd_core.errors import CvmkdError
@@ -50,4 +51,38 @@ def verified_cache_file(path: str | Path, what: str) -> bool:
             f"{what} {path} does not match the sha256 recorded when it was written (edited or damaged); "
             "delete it and it is rebuilt"
         )
+    return True
+
+
+#: beside a large cached file: its size, modification time, inode and sha256 when its content was
+#: last checked against its record, so that a file checked once is not hashed again at every start
+CHECKED_SUFFIX = ".checked"
+
+
+def _identity(path: Path, digest: str) -> str:
+    stat = path.stat()
+    return f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino} {digest}\n"
+
+
+def mark_checked(path: str | Path, digest: str) -> None:
+    """Note that ``path`` holds the content its record names (it was just written, or hashed)."""
+    path = Path(path)
+    with contextlib.suppress(OSError):  # a read-only cache is checked again next time, no more
+        atomic_write_text(path.with_name(path.name + CHECKED_SUFFIX), _identity(path, digest))
+
+
+def verified_once(path: str | Path, what: str) -> bool:
+    """:func:`verified_cache_file` for files of gigabytes: the content is hashed when the file is
+    written and the first time it is read; afterwards the file is trusted while its size,
+    modification time and inode are those it had then (anything that rewrites it changes them)."""
+    path = Path(path)
+    record, checked = digest_path(path), path.with_name(path.name + CHECKED_SUFFIX)
+    if path.is_file() and record.is_file() and checked.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            expected = record.read_text(encoding="utf-8").strip()
+            if checked.read_text(encoding="utf-8") == _identity(path, expected):
+                return True
+    if not verified_cache_file(path, what):
+        return False
+    mark_checked(path, record.read_text(encoding="utf-8").strip())
     return True
