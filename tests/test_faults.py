@@ -118,7 +118,7 @@ RUN = "runs/r"
 #: the stage a write belongs to, by its path (leading dots of temporary names removed); the
 #: first match wins, and what matches none is the training loop's own (checkpoints, logs)
 STAGES = [
-    ("tokenizer", r"cache/tokenizers"),
+    ("tokenizer", r"cache/(tokenizers|token-ids)"),
     ("teacher training", r"cache/teachers|runs/r/teacher/"),
     ("teacher pass", r"cache/teacher-targets|runs/r/teacher-targets"),
     ("top-k pass", r"cache/teacher-outputs"),

@@ -5,6 +5,7 @@ Prepared once per process and corpus: the teacher stage and the student run shar
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ class RunData:
 
 
 _prepared: dict[tuple[str, str], RunData] = {}
+#: bump when the cached token ids of a corpus would no longer be what encoding it gives
+TOKEN_IDS_VERSION = "1"
 
 
 def corpus_of(state: RunState) -> Corpus:
@@ -46,6 +49,26 @@ def corpus_of(state: RunState) -> Corpus:
             'the recipe names no corpus: add [corpus] with name = "bible" (the embedded default) or name = "files"'
         )
     return corpus
+
+
+def encoded_pairs(splits: CorpusSplits, tokenizer: Any, cache: Path) -> tuple[TokenRows, TokenRows]:
+    """The training pairs' ids, encoded once per corpus and tokenizer and cached as ``.npy`` files
+    under ``cache``, then memory-mapped: a run holds the pages its batches touch, and a rerun
+    encodes nothing."""
+    encode_targets = getattr(tokenizer, "encode_targets", None)
+    key = hashlib.sha256(
+        f"{TOKEN_IDS_VERSION}|{splits.fingerprint}|{tokenizer.sha256}|{encode_targets is not None}".encode()
+    ).hexdigest()[:24]
+    sides = []
+    for side, column, encode in (("src", 0, tokenizer.encode), ("tgt", 1, encode_targets or tokenizer.encode)):
+        prefix = cache / key / side
+        rows = TokenRows.load(prefix, "cached token ids")
+        if rows is None:
+            TokenRows.encode(encode, [p[column] for p in splits.train]).save(prefix)
+            rows = TokenRows.load(prefix, "cached token ids")
+            assert rows is not None
+        sides.append(rows)
+    return sides[0], sides[1]
 
 
 def prepare_data(state: RunState, tokenizer_path: str | Path | None = None, tokenizer: Any = None) -> RunData:
@@ -76,8 +99,7 @@ def prepare_data(state: RunState, tokenizer_path: str | Path | None = None, toke
     key = (splits.fingerprint, tokenizer.sha256)
     if key in _prepared:
         return _prepared[key]
-    train_src = TokenRows.encode(tokenizer.encode, [p[0] for p in splits.train])
-    train_tgt = TokenRows.encode(getattr(tokenizer, "encode_targets", tokenizer.encode), [p[1] for p in splits.train])
+    train_src, train_tgt = encoded_pairs(splits, tokenizer, recipe.run.cache_path() / "token-ids")
     data = RunData(splits, tokenizer, train_src, train_tgt, seconds=time.perf_counter() - started)
     log.info(
         "corpus %s: %d train, %d valid, %d test pairs; tokenizer %d pieces%s (%.1fs)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import random
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,23 @@ def test_batches_from_rows_equal_batches_from_lists() -> None:
     )
     assert len(once_lists) == len(once_flat)
     assert all(torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out) for a, b in zip(once_lists, once_flat))
+
+
+def test_saved_rows_come_back_memory_mapped_and_checked(tmp_path: Path) -> None:
+    from cvmkd_nmt.cache import CacheError
+
+    rows = corpus(40, high=40_000, seed=5)
+    prefix = tmp_path / "cache" / "src"
+    assert TokenRows.load(prefix, "cached token ids") is None  # nothing saved yet
+    TokenRows.from_rows(rows).save(prefix)
+    loaded = TokenRows.load(prefix, "cached token ids")
+    assert loaded is not None and loaded == rows and isinstance(loaded.ids, np.memmap)
+    ids_file, offsets_file = TokenRows.files(prefix)
+    data = bytearray(ids_file.read_bytes())
+    data[-1] ^= 0x01
+    ids_file.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"cached token ids .*src\.ids\.npy does not match the sha256"):
+        TokenRows.load(prefix, "cached token ids")
+    offsets_file.with_name(offsets_file.name + ".sha256").unlink()  # a write cut before its record
+    ids_file.unlink()
+    assert TokenRows.load(prefix, "cached token ids") is None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, overload
+from pathlib import Path
+from typing import IO, Any, overload
 
 import numpy as np
 
@@ -142,4 +143,41 @@ class TokenRows(Sequence[list[int]]):
         return f"TokenRows({len(self)} rows, {self.ids.size} ids of {self.ids.dtype}, {self.nbytes:,} bytes)"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (TokenRows, (self.ids, self.offsets))
+        return (TokenRows, (np.asarray(self.ids), np.asarray(self.offsets)))
+
+    # --- on disk --------------------------------------------------------------------------------
+
+    @staticmethod
+    def files(prefix: Path) -> tuple[Path, Path]:
+        """The two ``.npy`` files of rows saved at ``prefix``: ids, then offsets."""
+        return prefix.with_name(prefix.name + ".ids.npy"), prefix.with_name(prefix.name + ".offsets.npy")
+
+    def save(self, prefix: Path) -> None:
+        """Write the rows as two ``.npy`` files (numpy's own format), each atomically, each with
+        its sha256 recorded and noted as checked (:mod:`cvmkd_nmt.cache`)."""
+        from cvmkd_core.files import atomic_write
+        from cvmkd_nmt.cache import mark_checked, record_digest
+
+        for path, array in zip(self.files(prefix), (self.ids, self.offsets)):
+
+            def write(handle: IO[bytes], array: np.ndarray = array) -> None:
+                np.save(handle, np.asarray(array), allow_pickle=False)
+
+            atomic_write(path, write)
+            mark_checked(path, record_digest(path))
+
+    @classmethod
+    def load(cls, prefix: Path, what: str) -> TokenRows | None:
+        """Rows saved at ``prefix``, memory-mapped (read-only); None when they are not all there
+        with their records (a cut write: they are encoded again). Files that do not match their
+        sha256 raise :class:`~cvmkd_nmt.cache.CacheError`; each is hashed the first time only."""
+        from cvmkd_nmt.cache import CacheError, verified_once
+
+        paths = cls.files(prefix)
+        if not all(verified_once(path, what) for path in paths):
+            return None
+        try:
+            ids, offsets = (np.load(path, mmap_mode="r", allow_pickle=False) for path in paths)
+            return cls(ids, offsets)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{what} {prefix} is unreadable ({exc}); delete it and it is rebuilt") from None
