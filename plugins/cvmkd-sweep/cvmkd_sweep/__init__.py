@@ -334,19 +334,35 @@ def plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, path: Path) 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4))
+    # points are labelled by their arm's number and model; the key under the plots gives each
+    # arm's grid values (arm names are too long to print beside a point)
+    numbers: dict[str, int] = {}
+    for row in measured:
+        numbers.setdefault(row["arm"], len(numbers) + 1)
+    key_lines = []
+    for arm, number in numbers.items():
+        grid = next(r.get("grid") or {} for r in measured if r["arm"] == arm)
+        values = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in grid.items()) or arm
+        key_lines.append(f"{number}: {values}"[:110])
+    height = 4 + 0.17 * len(key_lines)
+    figure = Figure(figsize=(10, height))
     FigureCanvasAgg(figure)
     for axis, key, label in (
         (figure.add_subplot(1, 2, 1), "size_mb", "file size, MB"),
         (figure.add_subplot(1, 2, 2), "latency_ms", "latency at batch 1, ms"),
     ):
         for row in measured:
+            number = numbers[row["arm"]]
             marker = "*" if row is chosen else ("o" if row["pareto"] else "x")
-            axis.scatter(row[key], row["bleu"], marker=marker, s=120 if row is chosen else 40)
-            axis.annotate(f"{row['arm']} {row['model']}", (row[key], row["bleu"]), fontsize=6)
+            color = f"C{(number - 1) % 10}"
+            axis.scatter(row[key], row["bleu"], marker=marker, s=140 if row is chosen else 40, color=color)
+            axis.annotate(f"{number} {row['model']}", (row[key], row["bleu"]), fontsize=7, color=color,
+                          xytext=(4, 2), textcoords="offset points")  # fmt: skip
         axis.set_xlabel(label)
         axis.set_ylabel("test BLEU")
         axis.grid(True, alpha=0.3)
+    figure.text(0.02, 0.01, "\n".join(key_lines), fontsize=7, va="bottom", family="monospace")
+    figure.subplots_adjust(bottom=(0.12 * 4 + 0.17 * len(key_lines)) / height, top=0.88, wspace=0.25)
     figure.suptitle("Sweep: quality against size and latency (o Pareto, * chosen, x dominated)")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
