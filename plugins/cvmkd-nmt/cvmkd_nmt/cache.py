@@ -4,10 +4,13 @@ record of what each cached file held when it was written: ``<file>.sha256`` besi
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 from cvmkd_core.errors import CvmkdError
 from cvmkd_core.files import atomic_write_text, sha256_file
+
+log = logging.getLogger("cvmkd")
 
 
 class CacheError(CvmkdError):
@@ -67,8 +70,10 @@ def _identity(path: Path, digest: str) -> str:
 def mark_checked(path: str | Path, digest: str) -> None:
     """Note that ``path`` holds the content its record names (it was just written, or hashed)."""
     path = Path(path)
-    with contextlib.suppress(OSError):  # a read-only cache is checked again next time, no more
+    try:
         atomic_write_text(path.with_name(path.name + CHECKED_SUFFIX), _identity(path, digest))
+    except OSError as exc:  # a full disk, a read-only cache: the file is hashed again next time, no more
+        log.warning("%s; %s is hashed again when it is next read", exc, path.name)
 
 
 def verified_once(path: str | Path, what: str) -> bool:
