@@ -120,3 +120,25 @@ def test_saved_rows_come_back_memory_mapped_and_checked(tmp_path: Path) -> None:
     offsets_file.with_name(offsets_file.name + ".sha256").unlink()  # a write cut before its record
     ids_file.unlink()
     assert TokenRows.load(prefix, "cached token ids") is None
+
+
+def test_a_checked_note_that_cannot_be_written_is_a_warning_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    import cvmkd_nmt.cache as cache
+    from cvmkd_core.errors import WriteError
+
+    def full(path: Path, text: str) -> None:
+        raise WriteError(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    TokenRows.from_rows([[5, 6]]).save(tmp_path / "src")  # written and noted as checked
+    monkeypatch.setattr(cache, "atomic_write_text", full)
+    (tmp_path / "src.ids.npy.checked").unlink()
+    with caplog.at_level("WARNING", logger="cvmkd"):
+        assert TokenRows.load(tmp_path / "src", "cached token ids") == [[5, 6]]  # hashed, used
+    assert any(
+        "cannot write" in r.message and "src.ids.npy.checked: No space left on device" in r.message
+        for r in caplog.records
+    )
