@@ -403,7 +403,9 @@ class TeacherCache:
             for entry in index["shards"]:
                 file = directory / entry["file"]
                 if not verified_once(file, "cached teacher outputs"):
-                    raise ModelError(f"teacher cache {file} is missing or has no recorded sha256: rebuild it")
+                    raise ModelError(
+                        f"teacher cache {file} is missing or has no recorded sha256; delete {directory} and it is rebuilt"
+                    )
                 meta, tensors = _mapped(file)
                 if meta.get("fingerprint") != found or meta.get("n_pairs") != str(entry["n_pairs"]):
                     raise ModelError(f"teacher cache {file} belongs to another cache: rebuild it")
