@@ -23,18 +23,11 @@ from itertools import islice
 from typing import Any
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``), in MB."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -61,7 +54,7 @@ def arm(kind: str, pairs: int) -> dict[str, Any]:
     base = load_bible_pairs("fr-en")
     src = [base[i % len(base)][0] for i in range(pairs)]
     tgt = [base[i % len(base)][1] for i in range(pairs)]
-    before = rss_mb()
+    before = status_mb("VmRSS")
     reset_peak()
     started = time.perf_counter()
     if kind == "lists":
@@ -70,7 +63,7 @@ def arm(kind: str, pairs: int) -> dict[str, Any]:
     else:
         src_ids, tgt_ids = TokenRows.encode(tokenizer.encode, src), TokenRows.encode(tokenizer.encode, tgt)
     seconds = time.perf_counter() - started
-    grown, peak = rss_mb() - before, peak_mb() - before
+    grown, peak = status_mb("VmRSS") - before, status_mb("VmHWM") - before
     stream = BatchStream(src_ids, tgt_ids, 0, 1, 2, batch_size=32, max_len=256, seed=1)
     started = time.perf_counter()
     digest = hashlib.sha256()
